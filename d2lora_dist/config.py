@@ -1,0 +1,271 @@
+"""The experiment file: typed schema, `--set a.b=c` overrides and cross-field validation.
+
+Every hyper-parameter lives here and in the experiment file; the rest of the code reads
+these objects and has no defaults of its own. Field docs are the `help` metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from d2lora_dist.schema import ConfigError, build, to_dict
+
+Method = Literal["sft", "dpo", "orpo"]
+Init = Literal["lora", "d2lora"]
+PREFERENCE_METHODS = ("dpo", "orpo")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _help("Hub id, local HF directory, or asset:smollm2 for the offline default.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _help(
+        "Weights dtype. bfloat16 halves memory on GPUs; CPUs need float32.", default="bfloat16")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _help(
+        "auto = flash_attention_2 when installed and on CUDA, else sdpa. The choice is logged.",
+        default="auto")
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in backward: less memory, about 30% slower.", default=False)
+
+
+@dataclass
+class LoraConfig:
+    r: int = _help("LoRA rank; higher = more trainable parameters and memory.", default=16)
+    alpha: int = _help("LoRA scaling numerator (scale = alpha / r).", default=16)
+    dropout: float = _help("Dropout on the LoRA input.", default=0.05)
+    target_modules: list[str] = _help(
+        "Module names that get adapters.",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class DatasetRef:
+    name: str = _help("Registered dataset name (see `d2lora data check --help`).")
+    data_files: list[str] | str | None = _help(
+        "Local json/jsonl/parquet files or one saved HF dataset dir, instead of the hub "
+        "(asset:NAME paths point into the offline cache).", default=None)
+    split: str | None = _help("Split to read; default: the registry's.", default=None)
+    columns: dict[str, str] = _help(
+        "Rename map: schema field -> column in this dataset (e.g. {title: paper_title}).",
+        default_factory=dict)
+    strict: bool = _help("Stop at the first bad row instead of skipping and reporting it.", default=False)
+
+
+@dataclass
+class TrainSettings:
+    learning_rate: float = _help("Peak learning rate.")
+    epochs: float = _help("Passes over the training set (ignored when max_steps > 0).")
+    max_steps: int = _help("Optimizer steps; -1 = derive from epochs.", default=-1)
+    per_device_batch_size: int = _help("Micro-batch per rank; higher uses more memory.", default=1)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    lr_scheduler: str = _help("transformers scheduler name.", default="linear")
+    warmup_ratio: float = _help("Fraction of steps with linear LR warm-up.", default=0.0)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+    max_length: int = _help("Max tokens of prompt + response; longer rows are truncated.", default=1024)
+    beta: float | None = _help("DPO/ORPO beta (required for those methods).", default=None)
+    reference: Literal["init", "base"] = _help(
+        "DPO reference policy: init = the starting policy (the warm-up adapter for D2LoRA), "
+        "base = the base model with adapters disabled.", default="init")
+    logging_steps: int = _help("Log every k optimizer steps.", default=10)
+    save_steps: int = _help("Checkpoint every k optimizer steps (for resuming).", default=100)
+
+
+@dataclass
+class WarmupConfig:
+    dataset: DatasetRef = _help("General SFT data (the paper: orpo-dpo-mix-40k chosen answers).")
+    n: int | None = _help("Use the first n rows of the seeded permutation; null = all.", default=None)
+    train: TrainSettings = _help("Warm-up optimisation settings (paper: lr 1e-7, 1 epoch).")
+
+
+@dataclass
+class TaskConfig:
+    dataset: DatasetRef = _help("Task data; SFT and preference methods read it through the registry.")
+    holdout: int = _help("Rows reserved for evaluation and never trained on (titles: 100).", default=0)
+    suites: list[str] = _help("Evaluation suites: the task metric first, then forgetting suites.")
+
+
+@dataclass
+class SuiteConfig:
+    kind: Literal["gsm8k", "titles", "arc"] = _help("Metric family of the suite.")
+    dataset: DatasetRef | None = _help("Evaluation data; null = the task's holdout rows.", default=None)
+    limit: int | None = _help("Evaluate only the first k items (null = all).", default=None)
+    batch_size: int = _help("Prompts per generation / scoring batch per rank.", default=8)
+    max_new_tokens: int = _help("Generation budget (gsm8k, titles).", default=256)
+
+
+@dataclass
+class GridBlock:
+    task: str = _help("Task name (a key of `tasks`).")
+    methods: list[Method] = _help("Adaptation methods.")
+    inits: list[Init] = _help("lora = fresh adapter, d2lora = start from the warm-up adapter.",
+                              default_factory=lambda: ["lora", "d2lora"])
+    n: list[int] = _help("Task-example counts; 0 = no task training.")
+    seeds: list[int] = _help("Training seeds.", default_factory=lambda: [0])
+
+
+@dataclass
+class LaunchConfig:
+    accelerate_config: str | None = _help(
+        "accelerate config file for `accelerate launch` (null = one plain process).", default=None)
+    num_processes: int = _help("Ranks per node.", default=1)
+    deepspeed_config: str | None = _help("DeepSpeed JSON (ZeRO stage, offload).", default=None)
+    main_process_port: int = _help("Rendezvous port; 0 = pick a free one.", default=0)
+
+
+@dataclass
+class TrackingConfig:
+    project: str = _help("W&B project (WANDB_PROJECT overrides).", default="d2lora")
+    entity: str | None = _help("W&B entity (WANDB_ENTITY overrides).", default=None)
+    mode: Literal["auto", "online", "offline", "disabled"] = _help(
+        "auto = online with credentials, else offline into the run directory.", default="auto")
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = _help("Nodes for the warm-up job (cells use one node).", default=1)
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    time: str = "04:00:00"
+    constraint: str | None = None
+    max_parallel: int = _help("Array throttle: cells running at once.", default=8)
+    signal_seconds: int = _help("Seconds before the time limit when USR1 asks to checkpoint.", default=300)
+    extra_sbatch: list[str] = _help("Extra `#SBATCH` lines, verbatim.", default_factory=list)
+    setup: list[str] = _help("Shell lines run before the job (module load, venv activate).",
+                             default_factory=list)
+
+
+@dataclass
+class Experiment:
+    name: str = _help("Experiment name: run directory and W&B group.")
+    output_dir: str = _help("Runs live in output_dir/name.", default="runs")
+    data_seed: int = _help("Seed of the fixed permutation that nested n-subsets take prefixes of.",
+                           default=1234)
+    model: ModelConfig = _help("Base model.")
+    lora: LoraConfig = _help("Adapter shape (shared by warm-up and every cell).",
+                             default_factory=LoraConfig)
+    warmup: WarmupConfig | None = _help("Phase 1; required when any cell uses init d2lora.", default=None)
+    tasks: dict[str, TaskConfig] = _help("Task name -> data and suites.")
+    suites: dict[str, SuiteConfig] = _help("Suite name -> evaluation settings.")
+    methods: dict[str, TrainSettings] = _help("Method name (sft|dpo|orpo) -> phase-2 settings.")
+    grid: list[GridBlock] = _help("Cells to run: the union of the blocks' products.")
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides (values parsed as YAML) to a copy of the raw config."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"--set {item!r}: expected KEY=VALUE, e.g. methods.dpo.beta=0.2"], "--set")
+        dotted, raw = item.split("=", 1)
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else node[part]
+            if not isinstance(node[part], dict):
+                raise ConfigError([f"--set {dotted}: {part!r} is not a mapping"], "--set")
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, override, type-check and cross-validate an experiment file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"experiment file not found: {path}"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], str(path)) from e
+    exp = build(Experiment, apply_overrides(raw, overrides or []), str(path))
+    problems = validate(exp)
+    if problems:
+        raise ConfigError(problems, str(path))
+    return exp
+
+
+def experiment_from_dict(data: dict[str, Any], source: str = "<dict>") -> Experiment:
+    exp = build(Experiment, data, source)
+    problems = validate(exp)
+    if problems:
+        raise ConfigError(problems, source)
+    return exp
+
+
+def validate(exp: Experiment) -> list[str]:
+    """Cross-field checks, all collected (no model is loaded before these pass)."""
+    from d2lora_dist.data.registry import supports  # late: data imports config types
+
+    problems: list[str] = []
+    for name, suite in exp.suites.items():
+        if suite.dataset is None and not any(name in t.suites and t.holdout > 0 for t in exp.tasks.values()):
+            problems.append(f"suites.{name}.dataset: null means the task holdout, but no task with "
+                            f"holdout > 0 lists suite {name!r}")
+    for tname, task in exp.tasks.items():
+        for s in task.suites:
+            if s not in exp.suites:
+                problems.append(f"tasks.{tname}.suites: unknown suite {s!r} (defined: {sorted(exp.suites)})")
+        if task.holdout < 0:
+            problems.append(f"tasks.{tname}.holdout: must be >= 0, got {task.holdout}")
+    for mname, settings in exp.methods.items():
+        if mname not in ("sft", "dpo", "orpo"):
+            problems.append(f"methods.{mname}: unknown method (valid: sft, dpo, orpo)")
+        if mname in PREFERENCE_METHODS and settings.beta is None:
+            problems.append(f"methods.{mname}.beta: required for {mname} (the paper uses 0.1)")
+        problems += _train_problems(f"methods.{mname}", settings)
+    if exp.warmup is not None:
+        problems += _train_problems("warmup.train", exp.warmup.train)
+    for i, block in enumerate(exp.grid):
+        key = f"grid[{i}]"
+        task = exp.tasks.get(block.task)
+        if task is None:
+            problems.append(f"{key}.task: unknown task {block.task!r} (defined: {sorted(exp.tasks)})")
+        for m in block.methods:
+            if m not in exp.methods:
+                problems.append(f"{key}.methods: {m!r} has no settings under `methods`")
+            elif task is not None and not supports(task.dataset.name, "preference" if m != "sft" else "sft"):
+                problems.append(f"{key}.methods: dataset {task.dataset.name!r} of task {block.task!r} "
+                                f"has no {'preference' if m != 'sft' else 'SFT'} form for method {m!r}")
+        if "d2lora" in block.inits and exp.warmup is None:
+            problems.append(f"{key}.inits: d2lora needs a `warmup` section")
+        problems += [f"{key}.n: {n} must be >= 0" for n in block.n if n < 0]
+    if exp.launch.num_processes < 1:
+        problems.append(f"launch.num_processes: must be >= 1, got {exp.launch.num_processes}")
+    return problems
+
+
+def _train_problems(key: str, t: TrainSettings) -> list[str]:
+    problems = []
+    if t.learning_rate <= 0:
+        problems.append(f"{key}.learning_rate: must be > 0, got {t.learning_rate}")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        problems.append(f"{key}: set epochs > 0 or max_steps > 0")
+    for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
+                 "save_steps"):
+        if getattr(t, name) < 1:
+            problems.append(f"{key}.{name}: must be >= 1, got {getattr(t, name)}")
+    return problems

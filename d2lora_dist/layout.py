@@ -1,0 +1,69 @@
+"""Where everything of one experiment lives on disk (one run directory, shared storage).
+
+Nothing here is shared and mutable between cells: each cell writes only below its own
+directory, so many array tasks can run at once against one run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @property
+    def experiment_file(self) -> Path:
+        return self.root / "experiment.yaml"
+
+    @property
+    def plan_file(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def warmup_dir(self) -> Path:
+        return self.root / "warmup"
+
+    @property
+    def warmup_adapter(self) -> Path:
+        return self.warmup_dir / "adapter"
+
+    @property
+    def warmup_result(self) -> Path:
+        return self.warmup_dir / "result.json"
+
+    def cell_dir(self, cell_id: str) -> Path:
+        return self.root / "cells" / cell_id
+
+    def cell_adapter(self, cell_id: str) -> Path:
+        return self.cell_dir(cell_id) / "adapter"
+
+    def cell_subset(self, cell_id: str) -> Path:
+        return self.cell_dir(cell_id) / "subset.json"
+
+    def cell_checkpoints(self, cell_id: str) -> Path:
+        return self.cell_dir(cell_id) / "checkpoints"
+
+    def cell_predictions(self, cell_id: str, suite: str) -> Path:
+        return self.cell_dir(cell_id) / "predictions" / f"{suite}.jsonl"
+
+    def cell_result(self, cell_id: str) -> Path:
+        return self.cell_dir(cell_id) / "result.json"
+
+    @property
+    def cells_dir(self) -> Path:
+        return self.root / "cells"
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def wandb_dir(self) -> Path:
+        return self.root / "wandb"

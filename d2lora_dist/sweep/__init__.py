@@ -1,0 +1,1 @@
+"""The adaptation grid: cells, running one cell idempotently, executors and status."""

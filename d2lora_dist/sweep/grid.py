@@ -1,0 +1,70 @@
+"""The grid of cells: task x method x init x n x seed, with stable readable ids.
+
+n = 0 cells train nothing, so they do not depend on the method (or the seed): they are
+planned once per (task, init) with method "none" and every method's table uses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from d2lora_dist.config import Experiment
+
+NO_TRAINING = "none"
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    task: str
+    method: str  # sft | dpo | orpo | none (n = 0)
+    init: str  # lora | d2lora
+    n: int
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}-{self.method}-{self.init}-n{self.n}-s{self.seed}"
+
+    @property
+    def trains(self) -> bool:
+        return self.n > 0
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Cell:
+        return cls(task=data["task"], method=data["method"], init=data["init"], n=int(data["n"]),
+                   seed=int(data["seed"]))
+
+
+def plan_cells(exp: Experiment) -> list[Cell]:
+    """Every cell of the experiment, deduplicated, in a stable order."""
+    cells: dict[str, Cell] = {}
+    for block in exp.grid:
+        for init in block.inits:
+            for n in block.n:
+                if n == 0:
+                    cell = Cell(block.task, NO_TRAINING, init, 0, 0)
+                    cells.setdefault(cell.id, cell)
+                    continue
+                for method in block.methods:
+                    for seed in block.seeds:
+                        cell = Cell(block.task, method, init, n, seed)
+                        cells.setdefault(cell.id, cell)
+    return sorted(cells.values(), key=_order)
+
+
+def _order(cell: Cell) -> tuple:
+    return (cell.task, cell.n, cell.method, cell.init, cell.seed)
+
+
+def find_cell(exp: Experiment, cell_id: str) -> Cell:
+    for cell in plan_cells(exp):
+        if cell.id == cell_id:
+            return cell
+    raise KeyError(f"cell {cell_id!r} is not in the plan of experiment {exp.name!r}")
+
+
+def needs_warmup(cells: list[Cell]) -> bool:
+    return any(c.init == "d2lora" for c in cells)

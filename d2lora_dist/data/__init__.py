@@ -1,0 +1,1 @@
+"""Datasets: registry (hub id or local files -> normalised records), subsets, bad-row policy."""

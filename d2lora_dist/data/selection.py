@@ -1,0 +1,36 @@
+"""What a phase trains on and what a suite evaluates, from the experiment's datasets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from d2lora_dist.config import DatasetRef, Experiment
+from d2lora_dist.data.loading import DataError, load_table, normalize
+from d2lora_dist.data.subsets import Subset, holdout_indices, records_of, take_subset
+
+
+def training_records(ref: DatasetRef, form: str, n: int | None, data_seed: int,
+                     holdout: int = 0) -> tuple[list[dict[str, Any]], Subset]:
+    """First n usable rows of the fixed permutation (all usable rows when n is None)."""
+    data = normalize(ref, form)
+    subset = take_subset(data, n, data_seed, holdout)
+    return records_of(data, subset.indices), subset
+
+
+def task_records(exp: Experiment, task: str, form: str, n: int) -> tuple[list[dict[str, Any]], Subset]:
+    cfg = exp.tasks[task]
+    return training_records(cfg.dataset, form, n, exp.data_seed, cfg.holdout)
+
+
+def suite_items(exp: Experiment, suite: str, task: str | None) -> list[dict[str, Any]]:
+    """Evaluation items; a suite without a dataset evaluates the task's held-out rows."""
+    cfg = exp.suites[suite]
+    if cfg.dataset is not None:
+        data = normalize(cfg.dataset, "eval")
+        return list(data.records.values())
+    if task is None or exp.tasks[task].holdout <= 0:
+        raise DataError(f"suite {suite!r} evaluates a task holdout, but task {task!r} holds none out")
+    tcfg = exp.tasks[task]
+    table = load_table(tcfg.dataset)
+    data = normalize(tcfg.dataset, "eval", table=table)
+    return records_of(data, holdout_indices(data.total_rows, exp.data_seed, tcfg.holdout))

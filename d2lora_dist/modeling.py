@@ -1,0 +1,123 @@
+"""Base model and tokenizer loading (dtype, attention, ZeRO-3-aware) and LoRA attachment."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d2lora_dist.config import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model/tokenizer that cannot be used as configured."""
+
+
+def model_path(cfg: ModelConfig) -> str:
+    from d2lora_dist.assets import resolve_asset_uri
+
+    return resolve_asset_uri(cfg.name_or_path)
+
+
+def attention_implementation(requested: str) -> str:
+    """flash_attention_2 only when installed and on CUDA; asking for it explicitly otherwise stops."""
+    flash_ok = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not flash_ok:
+        raise ModelError("model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package "
+                         "(pip install '.[cuda]'); use auto or sdpa")
+    choice = ("flash_attention_2" if flash_ok else "sdpa") if requested == "auto" else requested
+    log.info("attention implementation: %s (requested %s)", choice, requested)
+    return choice
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = model_path(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise ModelError(f"tokenizer of {path} has no chat template; prompts and responses are rendered "
+                         "through it (use an instruct model or add one to tokenizer_config.json)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig, training: bool) -> Any:
+    """Load the frozen base model; under ZeRO-3 (arguments built first) weights load partitioned."""
+    from transformers import AutoModelForCausalLM
+
+    if not torch.cuda.is_available() and cfg.dtype != "float32":
+        raise ModelError(f"model.dtype: {cfg.dtype} on CPU is not supported here; use float32")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path(cfg), dtype=_DTYPES[cfg.dtype],
+        attn_implementation=attention_implementation(cfg.attn_implementation))
+    model.config.use_cache = not training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def peft_lora_config(cfg: LoraConfig) -> Any:
+    import peft
+
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                           target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+
+
+def attach_lora(model: Any, cfg: LoraConfig, state_dict: dict[str, torch.Tensor] | None = None) -> Any:
+    """A fresh LoRA (B = 0), or one warm-started from `state_dict`, trainable either way."""
+    import peft
+
+    from d2lora_dist.distributed import peft_model_kwargs
+
+    peft_model = peft.get_peft_model(model, peft_lora_config(cfg), **peft_model_kwargs())
+    if state_dict is not None:
+        result = peft.set_peft_model_state_dict(peft_model, state_dict, adapter_name="default")
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+        if unexpected or missing:
+            raise ModelError(f"adapter does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return peft_model
+
+
+def base_fingerprint(cfg: ModelConfig) -> dict[str, str]:
+    """Name, config hash and a cheap weights fingerprint of the base model.
+
+    Weights: size plus the first and last 4 MiB of every weights file, hashed. Reading all of
+    an 8B model's 16 GB per check would cost minutes; different checkpoints differ there.
+    """
+    root = _local_model_dir(model_path(cfg))
+    config = json.loads((root / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    config.pop("transformers_version", None)
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    weights = hashlib.sha256()
+    for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        weights.update(f.name.encode())
+        weights.update(str(f.stat().st_size).encode())
+        with f.open("rb") as fh:
+            weights.update(fh.read(4 << 20))
+            fh.seek(max(0, f.stat().st_size - (4 << 20)))
+            weights.update(fh.read(4 << 20))
+    return {"name": cfg.name_or_path, "config_sha256": config_sha, "weights_fingerprint": weights.hexdigest()}
+
+
+def _local_model_dir(path: str) -> Path:
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, local_files_only=True,
+                                      allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except Exception as e:
+        raise ModelError(f"base model {path!r} is neither a local directory nor in the HF cache: {e}") from e

@@ -1,0 +1,56 @@
+"""Adaptation methods as components: each maps to a TRL trainer, its config and its record form.
+
+Adding a method is one entry in METHODS; the training pipeline does not branch on names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from d2lora_dist.config import TrainSettings
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    form: str  # record form read from the registry: sft | preference
+    classes: Callable[[], tuple[type, type]]  # lazy (config class, trainer class): TRL imports are slow
+    extra_args: Callable[[TrainSettings], dict[str, Any]]
+    uses_reference: bool
+
+
+def _sft() -> tuple[type, type]:
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTConfig, SFTTrainer
+
+
+def _dpo() -> tuple[type, type]:
+    from trl import DPOConfig, DPOTrainer
+
+    return DPOConfig, DPOTrainer
+
+
+def _orpo() -> tuple[type, type]:
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    return ORPOConfig, ORPOTrainer
+
+
+METHODS: dict[str, MethodSpec] = {
+    # completion_only_loss: the loss covers the response tokens only, never the prompt.
+    "sft": MethodSpec("sft", _sft, lambda s: {"max_length": s.max_length, "completion_only_loss": True}, False),
+    "dpo": MethodSpec("preference", _dpo, lambda s: {"max_length": s.max_length, "beta": s.beta}, True),
+    "orpo": MethodSpec("preference", _orpo, lambda s: {"max_length": s.max_length, "beta": s.beta}, False),
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None

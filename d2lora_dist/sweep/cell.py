@@ -1,0 +1,108 @@
+"""Run one cell idempotently: subset -> phase-2 training -> evaluation -> result.json (last, atomic).
+
+A cell whose result.json exists is done and returns at once. A cell interrupted mid-way
+resumes: a verified adapter skips training, otherwise training resumes from its last
+checkpoint. Everything a cell writes stays below its own directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from d2lora_dist import adapters, distributed, tracking
+from d2lora_dist.config import Experiment
+from d2lora_dist.data.selection import task_records
+from d2lora_dist.evaluate.adapter_eval import evaluate_suites
+from d2lora_dist.fileio import read_json, write_json_atomic
+from d2lora_dist.layout import RunLayout
+from d2lora_dist.methods import get_method
+from d2lora_dist.sweep.grid import Cell
+from d2lora_dist.train import Phase, TrainOutcome, train_phase
+
+
+class Preempted(RuntimeError):
+    """Training stopped at a checkpoint because the job is being preempted."""
+
+
+def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    if layout.cell_result(cell.id).is_file():
+        if distributed.is_main_process():
+            print(f"[{cell.id}] already done", flush=True)
+        return read_json(layout.cell_result(cell.id))
+    start_adapter = _starting_adapter(layout, cell)
+    run = tracking.start_run(exp, layout, "adapt", cell.id, {"cell": cell.to_dict()}, tracking.cell_tags(cell))
+    tracking.use_adapter_artifact(run, tracking.warmup_artifact_name(exp) if cell.init == "d2lora" else None)
+    outcome = _train(exp, layout, cell, start_adapter, run, callbacks or []) if cell.trains else None
+    eval_adapter = layout.cell_adapter(cell.id) if cell.trains else start_adapter
+    task = exp.tasks[cell.task]
+    metrics = evaluate_suites(exp, cell.task, task.suites, eval_adapter,
+                              lambda suite: layout.cell_predictions(cell.id, suite))
+    result = None
+    if distributed.is_main_process():
+        result = _result(exp, layout, cell, metrics, outcome, eval_adapter)
+        if cell.trains:
+            tracking.log_adapter_artifact(run, layout.cell_adapter(cell.id), tracking.cell_artifact_name(exp, cell),
+                                          adapters.read_manifest(layout.cell_adapter(cell.id)))
+        write_json_atomic(layout.cell_result(cell.id), result)
+        shutil.rmtree(layout.cell_checkpoints(cell.id), ignore_errors=True)
+        print(f"[{cell.id}] done -> {layout.cell_result(cell.id)}", flush=True)
+    tracking.finish_run(run, tracking.flatten_metrics(metrics))
+    distributed.barrier()
+    return result or {}
+
+
+def _starting_adapter(layout: RunLayout, cell: Cell) -> Path | None:
+    if cell.init == "lora":
+        return None
+    if not layout.warmup_result.is_file():
+        raise FileNotFoundError(f"[{cell.id}] needs the warm-up adapter, but {layout.warmup_result} does not "
+                                "exist; run `d2lora warmup` first")
+    return layout.warmup_adapter
+
+
+def _train(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Path | None, run: Any,
+           callbacks: list[Any]) -> TrainOutcome | None:
+    adapter_dir = layout.cell_adapter(cell.id)
+    if (adapter_dir / adapters.MANIFEST).is_file():  # trained before an interruption in evaluation
+        adapters.verify_adapter(adapter_dir)
+        return None
+    method = get_method(cell.method)
+    records, subset = task_records(exp, cell.task, method.form, cell.n)
+    _save_subset(layout, cell, subset.to_dict())
+    phase = Phase(name=cell.id, method=cell.method, settings=exp.methods[cell.method], records=records,
+                  out_adapter=adapter_dir, checkpoint_dir=layout.cell_checkpoints(cell.id), seed=cell.seed,
+                  lineage={"phase": "adapt", "cell": cell.to_dict(), "init": cell.init,
+                           "data": {k: v for k, v in subset.to_dict().items() if k != "indices"}},
+                  init_adapter=start_adapter, report_to=tracking.report_to(run),
+                  callbacks=tracking.callbacks(run) + callbacks)
+    outcome = train_phase(exp, phase)
+    if outcome.stopped_early:
+        raise Preempted(f"[{cell.id}] stopped at step {outcome.steps}; checkpoint saved for resuming")
+    return outcome
+
+
+def _save_subset(layout: RunLayout, cell: Cell, subset: dict[str, Any]) -> None:
+    """Saved once; a rerun must select exactly the same rows (else the data changed)."""
+    path = layout.cell_subset(cell.id)
+    if distributed.is_main_process():
+        if path.is_file() and read_json(path)["sha256"] != subset["sha256"]:
+            raise ValueError(f"[{cell.id}] the task data changed since this cell started: {path} records "
+                             f"other rows; move the cell directory away to start it again")
+        write_json_atomic(path, subset)
+
+
+def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, Any],
+            outcome: TrainOutcome | None, eval_adapter: Path | None) -> dict[str, Any]:
+    suites = exp.tasks[cell.task].suites
+    adapter = None
+    if eval_adapter is not None:
+        manifest = adapters.read_manifest(eval_adapter)
+        adapter = {"sha256": manifest["adapter_sha256"], "path": str(eval_adapter),
+                   "parent_sha256": (manifest.get("parent") or {}).get("adapter_sha256")}
+    return {"cell": cell.to_dict(), "experiment": exp.name, "metrics": metrics,
+            "suites": {s: ("task" if i == 0 else "forgetting") for i, s in enumerate(suites)},
+            "train": outcome.summary() if outcome else None, "adapter": adapter,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -82,15 +82,15 @@ class TrainSettings:
 @dataclass
 class WarmupConfig:
     dataset: DatasetRef = _help("General SFT data (the paper: orpo-dpo-mix-40k chosen answers).")
-    n: int | None = _help("Use the first n rows of the seeded permutation; null = all.", default=None)
     train: TrainSettings = _help("Warm-up optimisation settings (paper: lr 1e-7, 1 epoch).")
+    n: int | None = _help("Use the first n rows of the seeded permutation; null = all.", default=None)
 
 
 @dataclass
 class TaskConfig:
     dataset: DatasetRef = _help("Task data; SFT and preference methods read it through the registry.")
-    holdout: int = _help("Rows reserved for evaluation and never trained on (titles: 100).", default=0)
     suites: list[str] = _help("Evaluation suites: the task metric first, then forgetting suites.")
+    holdout: int = _help("Rows reserved for evaluation and never trained on (titles: 100).", default=0)
 
 
 @dataclass
@@ -106,9 +106,9 @@ class SuiteConfig:
 class GridBlock:
     task: str = _help("Task name (a key of `tasks`).")
     methods: list[Method] = _help("Adaptation methods.")
+    n: list[int] = _help("Task-example counts; 0 = no task training.")
     inits: list[Init] = _help("lora = fresh adapter, d2lora = start from the warm-up adapter.",
                               default_factory=lambda: ["lora", "d2lora"])
-    n: list[int] = _help("Task-example counts; 0 = no task training.")
     seeds: list[int] = _help("Training seeds.", default_factory=lambda: [0])
 
 
@@ -150,17 +150,17 @@ class SlurmConfig:
 @dataclass
 class Experiment:
     name: str = _help("Experiment name: run directory and W&B group.")
-    output_dir: str = _help("Runs live in output_dir/name.", default="runs")
-    data_seed: int = _help("Seed of the fixed permutation that nested n-subsets take prefixes of.",
-                           default=1234)
     model: ModelConfig = _help("Base model.")
-    lora: LoraConfig = _help("Adapter shape (shared by warm-up and every cell).",
-                             default_factory=LoraConfig)
-    warmup: WarmupConfig | None = _help("Phase 1; required when any cell uses init d2lora.", default=None)
     tasks: dict[str, TaskConfig] = _help("Task name -> data and suites.")
     suites: dict[str, SuiteConfig] = _help("Suite name -> evaluation settings.")
     methods: dict[str, TrainSettings] = _help("Method name (sft|dpo|orpo) -> phase-2 settings.")
     grid: list[GridBlock] = _help("Cells to run: the union of the blocks' products.")
+    output_dir: str = _help("Runs live in output_dir/name.", default="runs")
+    data_seed: int = _help("Seed of the fixed permutation that nested n-subsets take prefixes of.",
+                           default=1234)
+    lora: LoraConfig = _help("Adapter shape (shared by warm-up and every cell).",
+                             default_factory=LoraConfig)
+    warmup: WarmupConfig | None = _help("Phase 1; required when any cell uses init d2lora.", default=None)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

@@ -17,6 +17,7 @@ from d2lora_dist import adapters, distributed
 from d2lora_dist.config import Experiment, TrainSettings
 from d2lora_dist.methods import get_method
 from d2lora_dist.modeling import attach_lora, base_fingerprint, load_base_model, load_tokenizer
+from d2lora_dist.tracking import add_throughput_callback
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: A
     _, trainer_cls = method.classes()
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=list(phase.callbacks))
+    add_throughput_callback(trainer)
     if method.uses_reference and phase.settings.reference == "base":
         # TRL keeps a frozen copy of a given adapter ("ref") as the reference; without it, the
         # reference is the model with adapters disabled, i.e. the base model.

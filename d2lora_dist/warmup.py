@@ -14,6 +14,10 @@ from d2lora_dist.train import Phase, train_phase
 WARMUP_SEED = 0
 
 
+def warmup_artifact(exp: Experiment) -> str:
+    return tracking.artifact_name(exp.name, "warmup")
+
+
 def run_warmup(exp: Experiment, layout: RunLayout) -> dict[str, Any]:
     """Train the warm-up adapter unless it is already done; return its result record."""
     if exp.warmup is None:
@@ -28,15 +32,14 @@ def run_warmup(exp: Experiment, layout: RunLayout) -> dict[str, Any]:
     phase = Phase(name="warmup", method="sft", settings=exp.warmup.train, records=records,
                   out_adapter=layout.warmup_adapter, checkpoint_dir=layout.warmup_dir / "checkpoints",
                   seed=WARMUP_SEED, lineage={"phase": "warmup", "data": subset.to_dict() | {"indices": None}},
-                  report_to=tracking.report_to(run), callbacks=tracking.callbacks(run))
+                  report_to=["wandb"] if run is not None else [])
     outcome = train_phase(exp, phase)
     result = {"phase": "warmup", "train": outcome.summary(), "data": {"dataset": subset.dataset, "n": subset.n,
               "subset_sha256": subset.sha256}, "adapter": None}
     if outcome.manifest is not None and distributed.is_main_process():
         result["adapter"] = {"sha256": outcome.manifest["adapter_sha256"], "path": str(layout.warmup_adapter)}
         write_json_atomic(layout.warmup_dir / "subset.json", subset.to_dict())
-        tracking.log_adapter_artifact(run, layout.warmup_adapter, tracking.warmup_artifact_name(exp),
-                                      outcome.manifest)
+        tracking.log_adapter_artifact(run, layout.warmup_adapter, warmup_artifact(exp), outcome.manifest)
         write_json_atomic(layout.warmup_result, result)
     tracking.finish_run(run, {"train/" + k: v for k, v in outcome.summary().items()})
     distributed.barrier()

@@ -21,6 +21,7 @@ from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
 from d2lora_dist.sweep.grid import Cell
 from d2lora_dist.train import Phase, TrainOutcome, train_phase
+from d2lora_dist.warmup import warmup_artifact
 
 
 class Preempted(RuntimeError):
@@ -33,25 +34,38 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
             print(f"[{cell.id}] already done", flush=True)
         return read_json(layout.cell_result(cell.id))
     start_adapter = _starting_adapter(layout, cell)
-    run = tracking.start_run(exp, layout, "adapt", cell.id, {"cell": cell.to_dict()}, tracking.cell_tags(cell))
-    tracking.use_adapter_artifact(run, tracking.warmup_artifact_name(exp) if cell.init == "d2lora" else None)
-    outcome = _train(exp, layout, cell, start_adapter, run, callbacks or []) if cell.trains else None
+    tags = [f"task:{cell.task}", f"method:{cell.method}", f"init:{cell.init}", f"n:{cell.n}", f"seed:{cell.seed}"]
+    outcome = None
+    if cell.trains:
+        run = tracking.start_run(exp, layout, "adapt", cell.id, cell.to_dict(), tags)
+        _declare_input(exp, run, start_adapter)
+        outcome = _train(exp, layout, cell, start_adapter, run, callbacks or [])
+        if distributed.is_main_process():
+            tracking.log_adapter_artifact(run, layout.cell_adapter(cell.id), tracking.artifact_name(exp.name, cell.id),
+                                          adapters.read_manifest(layout.cell_adapter(cell.id)))
+        tracking.finish_run(run, {"train": outcome.summary() if outcome else {}})
     eval_adapter = layout.cell_adapter(cell.id) if cell.trains else start_adapter
-    task = exp.tasks[cell.task]
-    metrics = evaluate_suites(exp, cell.task, task.suites, eval_adapter,
+    run = tracking.start_run(exp, layout, "eval", f"{cell.id}-eval", cell.to_dict(), tags)
+    _declare_input(exp, run, eval_adapter, cell_id=cell.id if cell.trains else None)
+    metrics = evaluate_suites(exp, cell.task, exp.tasks[cell.task].suites, eval_adapter,
                               lambda suite: layout.cell_predictions(cell.id, suite))
     result = None
     if distributed.is_main_process():
         result = _result(exp, layout, cell, metrics, outcome, eval_adapter)
-        if cell.trains:
-            tracking.log_adapter_artifact(run, layout.cell_adapter(cell.id), tracking.cell_artifact_name(exp, cell),
-                                          adapters.read_manifest(layout.cell_adapter(cell.id)))
         write_json_atomic(layout.cell_result(cell.id), result)
         shutil.rmtree(layout.cell_checkpoints(cell.id), ignore_errors=True)
         print(f"[{cell.id}] done -> {layout.cell_result(cell.id)}", flush=True)
-    tracking.finish_run(run, tracking.flatten_metrics(metrics))
+    tracking.finish_run(run, {"eval": metrics})
     distributed.barrier()
     return result or {}
+
+
+def _declare_input(exp: Experiment, run: Any, adapter_dir: Path | None, cell_id: str | None = None) -> None:
+    """W&B lineage: the run consumed this adapter artifact (warm-up, or the cell's own)."""
+    if run is None or adapter_dir is None:
+        return
+    name = tracking.artifact_name(exp.name, cell_id) if cell_id else warmup_artifact(exp)
+    tracking.use_adapter_artifact(run, name, adapters.read_manifest(adapter_dir)["adapter_sha256"])
 
 
 def _starting_adapter(layout: RunLayout, cell: Cell) -> Path | None:
@@ -76,8 +90,8 @@ def _train(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Path |
                   out_adapter=adapter_dir, checkpoint_dir=layout.cell_checkpoints(cell.id), seed=cell.seed,
                   lineage={"phase": "adapt", "cell": cell.to_dict(), "init": cell.init,
                            "data": {k: v for k, v in subset.to_dict().items() if k != "indices"}},
-                  init_adapter=start_adapter, report_to=tracking.report_to(run),
-                  callbacks=tracking.callbacks(run) + callbacks)
+                  init_adapter=start_adapter, report_to=["wandb"] if run is not None else [],
+                  callbacks=callbacks)
     outcome = train_phase(exp, phase)
     if outcome.stopped_early:
         raise Preempted(f"[{cell.id}] stopped at step {outcome.steps}; checkpoint saved for resuming")

@@ -1,0 +1,288 @@
+"""The `d2lora` command: parses arguments and calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, type=Path, help="experiment YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set methods.dpo.beta=0.2 (repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from d2lora_dist.config import load_experiment
+    from d2lora_dist.layout import RunLayout
+
+    exp = load_experiment(args.config, args.overrides)
+    return exp, RunLayout(exp.run_dir)
+
+
+# ---- handlers -------------------------------------------------------------------------------
+def cmd_assets(args: argparse.Namespace) -> int:
+    from d2lora_dist import assets
+
+    paths = assets.fetch_all(args.cache_dir, only=args.only or None, progress=not args.quiet)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from d2lora_dist.warmup import run_warmup
+
+    exp, layout = _load(args)
+    run_warmup(exp, layout)
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from d2lora_dist.sweep.grid import NO_TRAINING, Cell
+
+    exp, layout = _load(args)
+    cell = Cell(args.task, NO_TRAINING if args.n == 0 else args.method, args.init, args.n, 0 if args.n == 0 else args.seed)
+    _check_cell(exp, cell)
+    return _run_cell(exp, layout, cell)
+
+
+def _check_cell(exp, cell) -> None:
+    from d2lora_dist.schema import ConfigError
+
+    problems = []
+    if cell.task not in exp.tasks:
+        problems.append(f"--task {cell.task!r}: not a task of the experiment ({sorted(exp.tasks)})")
+    if cell.trains and cell.method not in exp.methods:
+        problems.append(f"--method {cell.method!r}: no settings under `methods` ({sorted(exp.methods)})")
+    if cell.init == "d2lora" and exp.warmup is None:
+        problems.append("--init d2lora: the experiment has no `warmup` section")
+    if problems:
+        raise ConfigError(problems, str(exp.name))
+
+
+def _run_cell(exp, layout, cell) -> int:
+    from d2lora_dist.sweep.cell import Preempted, run_cell
+    from d2lora_dist.sweep.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, PreemptionWatcher
+
+    watcher = PreemptionWatcher()
+    try:
+        run_cell(exp, layout, cell, callbacks=[PreemptionCallback(watcher)])
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from d2lora_dist.evaluate.adapter_eval import evaluate_suites
+
+    exp, layout = _load(args)
+    suites = args.suites or (exp.tasks[args.task].suites if args.task else sorted(exp.suites))
+    out = args.out or layout.root / "eval" / (args.adapter.name if args.adapter else "base")
+    metrics = evaluate_suites(exp, args.task, suites, args.adapter, lambda s: out / f"{s}.jsonl")
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from d2lora_dist.evaluate.scoring import score_file
+
+    metrics = score_file(args.kind, args.predictions)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from d2lora_dist.config import DatasetRef
+    from d2lora_dist.data.check import check_dataset, format_check
+
+    columns = dict(c.split("=", 1) for c in args.column)
+    ref = DatasetRef(name=args.name, data_files=args.data_files or None, split=args.split, columns=columns,
+                     strict=args.strict)
+    report = check_dataset(ref)
+    print(json.dumps(report, default=str) if args.json else format_check(report))
+    return 0
+
+
+def cmd_sweep_plan(args: argparse.Namespace) -> int:
+    from d2lora_dist.sweep.plan import estimate, measure_workload
+
+    exp, layout = _load(args)
+    rows = estimate(exp, layout, *measure_workload(exp))
+    if args.json:
+        print(json.dumps([{**r.cell.to_dict(), "done": r.done, "train_examples": r.train_examples,
+                           "train_tokens": r.train_tokens, "eval_items": r.eval_items} for r in rows], indent=2))
+        return 0
+    print(f"{exp.name}: {len(rows)} cells, {sum(r.done for r in rows)} done; run dir {layout.root}")
+    print(f"{'cell':<34} {'done':<5} {'train ex.':>10} {'~tokens':>12} {'eval items':>10}")
+    for r in rows:
+        print(f"{r.cell.id:<34} {'yes' if r.done else '-':<5} {r.train_examples:>10} {r.train_tokens:>12} "
+              f"{r.eval_items:>10}")
+    print(f"total: ~{sum(r.train_tokens for r in rows if not r.done):,} task tokens to train, "
+          f"{sum(r.eval_items for r in rows if not r.done):,} items to evaluate (cells not done)")
+    return 0
+
+
+def cmd_sweep_run(args: argparse.Namespace) -> int:
+    from d2lora_dist.report import report
+    from d2lora_dist.sweep.local import run_sweep
+    from d2lora_dist.sweep.plan import freeze_plan
+
+    exp, layout = _load(args)
+    cells = freeze_plan(exp, layout)
+    failed = run_sweep(exp, layout, cells, layout.experiment_file)
+    report(exp, layout)
+    if failed:
+        print(f"{len(failed)} cell(s) failed: {', '.join(failed)}; rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sweep_cell(args: argparse.Namespace) -> int:
+    from d2lora_dist.sweep.grid import find_cell
+    from d2lora_dist.sweep.plan import cell_at
+
+    exp, layout = _load(args)
+    cell = cell_at(layout, args.index) if args.index is not None else find_cell(exp, args.cell)
+    return _run_cell(exp, layout, cell)
+
+
+def cmd_sweep_submit(args: argparse.Namespace) -> int:
+    from d2lora_dist.sweep.plan import freeze_plan
+    from d2lora_dist.sweep.slurm import submit
+
+    exp, layout = _load(args)
+    freeze_plan(exp, layout)
+    submit(exp, layout, dry_run=args.dry_run, only_failed=args.only_failed)
+    return 0
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from d2lora_dist.sweep.status import cell_status, format_status_table
+
+    exp, layout = _load(args)
+    print(format_status_table(cell_status(exp, layout)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from d2lora_dist.report import report
+
+    exp, layout = _load(args)
+    report(exp, layout, wandb_report=args.wandb_report)
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2lora", description="D2LoRA at cluster scale: warm-up, "
+                                     "adaptation sweeps, evaluation and reports.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("assets", help="fetch the offline default model and data into the cache")
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: $D2LORA_ASSETS or ~/.cache/d2lora_dist")
+    p.add_argument("--only", nargs="*", help="asset names to fetch (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("warmup", help="phase 1: LoRA SFT on general data -> the warm-up adapter")
+    _experiment_args(p)
+    p.set_defaults(func=cmd_warmup)
+
+    p = sub.add_parser("adapt", help="phase 2 for one cell (train, evaluate, write result.json)")
+    _experiment_args(p)
+    p.add_argument("--task", required=True)
+    p.add_argument("--method", required=True, choices=["sft", "dpo", "orpo"])
+    p.add_argument("--init", required=True, choices=["lora", "d2lora"])
+    p.add_argument("--n", required=True, type=int, help="task examples; 0 trains nothing")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("eval", help="evaluate the base model or an adapter on suites")
+    _experiment_args(p)
+    p.add_argument("--adapter", type=Path, default=None, help="adapter artifact dir (default: base model)")
+    p.add_argument("--task", default=None, help="task whose suites (and holdout) to use")
+    p.add_argument("--suites", nargs="*", help="suite names (default: the task's, else all)")
+    p.add_argument("--out", type=Path, default=None, help="predictions directory")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="re-score a predictions JSONL without a model")
+    p.add_argument("kind", choices=["gsm8k", "titles"])
+    p.add_argument("predictions", type=Path)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_score)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="load, normalise and report a registered dataset")
+    p.add_argument("name")
+    p.add_argument("--data-files", nargs="*", help="local files (json/jsonl/parquet) or a saved dataset dir")
+    p.add_argument("--split", default=None)
+    p.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN", help="column map entry")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_check)
+
+    sweep = sub.add_parser("sweep", help="the adaptation grid").add_subparsers(dest="sweep_command", required=True)
+    p = sweep.add_parser("plan", help="list cells, what is done, and the work per cell")
+    _experiment_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep_plan)
+    p = sweep.add_parser("run", help="run warm-up, every unfinished cell and the report on this machine")
+    _experiment_args(p)
+    p.set_defaults(func=cmd_sweep_run)
+    p = sweep.add_parser("cell", help="run one cell of the frozen plan (what array tasks call)")
+    _experiment_args(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--index", type=int, help="index into plan.json (SLURM_ARRAY_TASK_ID)")
+    group.add_argument("--cell", help="cell id, e.g. math-dpo-d2lora-n1000-s0")
+    p.set_defaults(func=cmd_sweep_cell)
+    p = sweep.add_parser("submit", help="render sbatch scripts and submit warm-up, array and report jobs")
+    _experiment_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print scripts and sbatch lines only")
+    p.add_argument("--only-failed", action="store_true", help="resubmit only cells that are not done")
+    p.set_defaults(func=cmd_sweep_submit)
+    p = sweep.add_parser("status", help="cells joined with what Slurm says")
+    _experiment_args(p)
+    p.set_defaults(func=cmd_sweep_status)
+
+    p = sub.add_parser("report", help="tables, confidence intervals and plots from finished cells")
+    _experiment_args(p)
+    p.add_argument("--wandb-report", action="store_true", help="also publish a W&B Report (online only)")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from d2lora_dist.adapters import AdapterError
+    from d2lora_dist.data.loading import DataError
+    from d2lora_dist.modeling import ModelError
+    from d2lora_dist.schema import ConfigError
+    from d2lora_dist.sweep.plan import PlanError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, AdapterError, ModelError, PlanError, KeyError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"d2lora: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -201,16 +201,16 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], str(path)) from e
-    exp = build(Experiment, apply_overrides(raw, overrides or []), str(path))
-    problems = validate(exp)
-    if problems:
-        raise ConfigError(problems, str(path))
-    return exp
+    return experiment_from_dict(apply_overrides(raw, overrides or []), str(path))
 
 
 def experiment_from_dict(data: dict[str, Any], source: str = "<dict>") -> Experiment:
-    exp = build(Experiment, data, source)
-    problems = validate(exp)
+    """Type-check, then cross-validate; every problem of both stages is reported at once."""
+    exp, problems = build(Experiment, data, source)
+    try:
+        problems += validate(exp)
+    except (TypeError, AttributeError, KeyError):
+        pass  # cross-checks on a half-built config; the type problems above already explain it
     if problems:
         raise ConfigError(problems, source)
     return exp

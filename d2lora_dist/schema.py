@@ -110,15 +110,12 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def build(cls: type, data: dict[str, Any], source: str) -> Any:
-    """Build `cls` from `data`; raise one ConfigError listing every problem."""
-    problems: list[str] = []
+def build(cls: type, data: dict[str, Any], source: str) -> tuple[Any, list[str]]:
+    """Build `cls` from `data` as far as possible; return it with every problem found."""
     if not isinstance(data, dict):
         raise ConfigError([f"top level: expected a mapping, got {type(data).__name__}"], source)
-    obj = _build(cls, data, "", problems)
-    if problems:
-        raise ConfigError(problems, source)
-    return obj
+    problems: list[str] = []
+    return _build(cls, data, "", problems), problems
 
 
 def to_dict(obj: Any) -> Any:

@@ -1,0 +1,112 @@
+"""Experiment files: shipped presets load and plan; bad input names the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from d2lora_dist.config import experiment_from_dict, load_experiment
+from d2lora_dist.schema import ConfigError
+from d2lora_dist.sweep.grid import plan_cells
+from tests.conftest import REPO, write_experiment
+
+SHIPPED = sorted((REPO / "launch" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_experiment_loads_validates_and_plans(path: Path) -> None:
+    exp = load_experiment(path)
+    cells = plan_cells(exp)
+    assert cells, f"{path.name} plans no cells"
+    assert len({c.id for c in cells}) == len(cells)
+    for cell in cells:
+        assert cell.task in exp.tasks and (cell.n == 0 or cell.method in exp.methods)
+
+
+def test_paper_presets_carry_the_papers_values() -> None:
+    math = load_experiment(REPO / "launch/experiments/paper_math.yaml")
+    assert math.model.name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+    assert (math.lora.r, math.lora.alpha) == (16, 16)
+    assert (math.warmup.train.learning_rate, math.warmup.train.epochs) == (1e-7, 1)
+    assert (math.methods["sft"].learning_rate, math.methods["sft"].epochs) == (1e-6, 3)
+    for m in ("dpo", "orpo"):
+        assert (math.methods[m].learning_rate, math.methods[m].epochs, math.methods[m].beta) == (1e-6, 4, 0.1)
+    ns = {c.n for c in plan_cells(math)}
+    assert {0, 1000, 2000, 5000, 10000} <= ns and {n for n in ns if 0 < n < 1000}
+    # n = 0 is evaluated once per init, whatever the method
+    assert sorted(c.id for c in plan_cells(math) if c.n == 0) == ["math-none-d2lora-n0-s0", "math-none-lora-n0-s0"]
+    title = load_experiment(REPO / "launch/experiments/paper_title.yaml")
+    assert title.tasks["titles"].holdout == 100 and title.suites["titles"].dataset is None
+
+
+def test_demo_grid_has_sft_and_dpo_both_inits_n0_and_two_small_n() -> None:
+    cells = plan_cells(load_experiment(REPO / "launch/experiments/demo_cpu.yaml"))
+    assert {c.method for c in cells} >= {"sft", "dpo", "none"}
+    assert {c.init for c in cells} == {"lora", "d2lora"}
+    assert len({c.n for c in cells if c.n > 0}) >= 2 and any(c.n == 0 for c in cells)
+
+
+def test_unknown_keys_are_named_with_the_file(tiny_experiment: dict, tmp_path: Path) -> None:
+    tiny_experiment["lora"]["rank"] = 8
+    tiny_experiment["methods"]["dpo"]["betta"] = 0.2
+    path = write_experiment(tiny_experiment, tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path)
+    text = str(err.value)
+    assert str(path) in text
+    assert "lora.rank: unknown key" in text and "valid keys: alpha, dropout, r, target_modules" in text
+    assert "methods.dpo.betta: unknown key" in text  # all problems reported at once
+
+
+def test_type_and_cross_field_problems_are_all_reported(tiny_experiment: dict) -> None:
+    tiny_experiment["lora"]["r"] = "sixteen"
+    tiny_experiment["methods"]["dpo"].pop("beta")
+    tiny_experiment["tasks"]["math"]["suites"].append("mmlu")
+    tiny_experiment["grid"][0]["n"] = [-5]
+    del tiny_experiment["warmup"]
+    tiny_experiment["model"]["dtype"] = "fp8"
+    with pytest.raises(ConfigError) as err:
+        experiment_from_dict(tiny_experiment, "exp.yaml")
+    problems = err.value.problems
+    expected = ["lora.r: expected int, got 'sixteen'", "methods.dpo.beta: required", "unknown suite 'mmlu'",
+                "grid[0].n: -5 must be >= 0", "d2lora needs a `warmup` section", "model.dtype: 'fp8' is not one of"]
+    for fragment in expected:
+        assert any(fragment in p for p in problems), (fragment, problems)
+
+
+def test_missing_required_key_and_missing_file(tiny_experiment: dict, tmp_path: Path) -> None:
+    del tiny_experiment["model"]
+    with pytest.raises(ConfigError, match="model: required key is missing"):
+        experiment_from_dict(tiny_experiment)
+    with pytest.raises(ConfigError, match="experiment file not found"):
+        load_experiment(tmp_path / "nope.yaml")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment(tmp_path / "broken.yaml")
+
+
+def test_set_overrides_parse_yaml_values_and_reject_bad_syntax(tiny_experiment: dict, tmp_path: Path) -> None:
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    exp = load_experiment(path, ["methods.dpo.beta=0.25", "grid.0.n=[1]" if False else "lora.r=8",
+                                 "methods.dpo.reference=base"])
+    assert exp.methods["dpo"].beta == 0.25 and exp.lora.r == 8 and exp.methods["dpo"].reference == "base"
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_experiment(path, ["lora.r"])
+    with pytest.raises(ConfigError, match="lora.rr: unknown key"):
+        load_experiment(path, ["lora.rr=3"])
+    with pytest.raises(ConfigError, match="methods.dpo.reference: 'ref' is not one of"):
+        load_experiment(path, ["methods.dpo.reference=ref"])
+
+
+def test_preference_method_on_a_dataset_without_preference_form(tiny_experiment: dict) -> None:
+    tiny_experiment["grid"] = [{"task": "titles", "methods": ["dpo"], "n": [4]}]
+    with pytest.raises(ConfigError, match="has no preference form for method 'dpo'"):
+        experiment_from_dict(tiny_experiment)
+
+
+def test_resolved_experiment_round_trips_through_yaml(tiny_experiment: dict) -> None:
+    exp = experiment_from_dict(tiny_experiment)
+    again = experiment_from_dict(yaml.safe_load(yaml.safe_dump(exp.to_dict())))
+    assert again == exp

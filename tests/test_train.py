@@ -1,0 +1,144 @@
+"""The training pipeline on the tiny model: warm-up, warm start, DPO reference, ORPO, SFT masking."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2lora_dist import adapters
+from d2lora_dist.config import experiment_from_dict
+from d2lora_dist.data.selection import task_records
+from d2lora_dist.layout import RunLayout
+from d2lora_dist.methods import get_method
+from d2lora_dist.modeling import attach_lora, load_base_model, load_tokenizer
+from d2lora_dist.train import Phase, make_trainer, train_phase, training_arguments
+from d2lora_dist.warmup import run_warmup
+
+LN2 = math.log(2)
+
+
+@pytest.fixture
+def warmed(tiny_experiment: dict):
+    exp = experiment_from_dict(tiny_experiment)
+    layout = RunLayout(exp.run_dir)
+    result = run_warmup(exp, layout)
+    return exp, layout, result
+
+
+def _phase(exp, layout, method: str, init_adapter: Path | None, n: int = 4, **settings) -> Phase:
+    s = exp.methods[method]
+    for key, value in settings.items():
+        setattr(s, key, value)
+    records, subset = task_records(exp, "math", get_method(method).form, n)
+    name = f"{method}-{'d2lora' if init_adapter else 'lora'}"
+    return Phase(name=name, method=method, settings=s, records=records, out_adapter=layout.root / name / "adapter",
+                 checkpoint_dir=layout.root / name / "ckpt", seed=0, lineage={"phase": "adapt"},
+                 init_adapter=init_adapter)
+
+
+def test_warmup_writes_a_verified_adapter_with_lineage(warmed) -> None:
+    exp, layout, result = warmed
+    manifest = adapters.verify_adapter(layout.warmup_adapter)
+    assert result["adapter"]["sha256"] == manifest["adapter_sha256"]
+    assert manifest["phase"] == "warmup" and manifest["parent"] is None and manifest["method"] == "sft"
+    assert manifest["data"]["n"] == 8 and manifest["data"]["dataset"] == "orpo_dpo_mix"
+    assert manifest["hyperparameters"]["learning_rate"] == exp.warmup.train.learning_rate
+    assert manifest["base_model"]["name"] == exp.model.name_or_path
+    assert result["train"]["steps"] == 4 and not (layout.warmup_dir / "checkpoints" / "checkpoint-1").exists()
+    again = run_warmup(exp, layout)  # done: returns the recorded result, trains nothing
+    assert again == result
+
+
+@pytest.mark.parametrize("init", ["lora", "d2lora"])
+def test_first_dpo_loss_is_ln2_with_the_starting_policy_as_reference(warmed, init: str) -> None:
+    exp, layout, _ = warmed
+    phase = _phase(exp, layout, "dpo", layout.warmup_adapter if init == "d2lora" else None, reference="init")
+    outcome = train_phase(exp, phase)
+    first = next(h for h in outcome.log_history if "loss" in h)
+    assert first["loss"] == pytest.approx(LN2, abs=1e-4)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    manifest = adapters.verify_adapter(phase.out_adapter)
+    if init == "d2lora":
+        assert manifest["parent"]["adapter_sha256"] == adapters.read_manifest(layout.warmup_adapter)["adapter_sha256"]
+    else:
+        assert manifest["parent"] is None
+    assert not (phase.out_adapter / "ref").exists()  # only the trained adapter is published
+
+
+def test_base_reference_drops_the_frozen_copy_and_differs_from_ln2(warmed) -> None:
+    exp, layout, _ = warmed
+    phase = _phase(exp, layout, "dpo", layout.warmup_adapter, reference="base")
+    args = training_arguments(exp, phase, None)
+    state, _ = adapters.load_adapter_state(layout.warmup_adapter)
+    model = attach_lora(load_base_model(exp.model, training=True), exp.lora, state)
+    from datasets import Dataset
+
+    trainer = make_trainer(phase, model, args, Dataset.from_list(phase.records), load_tokenizer(exp.model))
+    assert "ref" not in trainer.model.peft_config and trainer.ref_model is None
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if "loss" in h)
+    assert abs(first["loss"] - LN2) > 1e-4  # the warm-up adapter already moved the policy away from base
+
+
+def test_warm_start_equals_peft_loading_the_artifact(warmed) -> None:
+    from peft import PeftModel
+
+    exp, layout, _ = warmed
+    state, _ = adapters.load_adapter_state(layout.warmup_adapter)
+    ours = attach_lora(load_base_model(exp.model, training=False), exp.lora, state).eval()
+    reference = PeftModel.from_pretrained(load_base_model(exp.model, training=False), str(layout.warmup_adapter)).eval()
+    batch = load_tokenizer(exp.model)(["Sam has 3 apples and buys 4 more."], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(ours(**batch).logits, reference(**batch).logits, atol=1e-6)
+        base = load_base_model(exp.model, training=False)(**batch).logits
+    assert not torch.allclose(ours(**batch).logits, base, atol=1e-4)  # the adapter does something
+    assert all(p.requires_grad for n, p in ours.named_parameters() if "lora_" in n)
+
+
+def test_orpo_trains_without_a_reference_and_publishes_an_adapter(warmed) -> None:
+    exp, layout, _ = warmed
+    phase = _phase(exp, layout, "orpo", layout.warmup_adapter)
+    outcome = train_phase(exp, phase)
+    assert outcome.steps == 2 and math.isfinite(outcome.final_loss)
+    assert any("odds_ratio" in k or "log_odds" in k for h in outcome.log_history for k in h)
+    adapters.verify_adapter(phase.out_adapter)
+
+
+def test_sft_loss_covers_only_the_response_and_every_adapter_weight_moves(warmed) -> None:
+    exp, layout, _ = warmed
+    phase = _phase(exp, layout, "sft", None, learning_rate=1e-2)
+    args = training_arguments(exp, phase, None)
+    model = attach_lora(load_base_model(exp.model, training=True), exp.lora)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    from datasets import Dataset
+
+    trainer = make_trainer(phase, model, args, Dataset.from_list(phase.records), load_tokenizer(exp.model))
+    row = trainer.train_dataset[0]
+    labels = row["labels"]
+    prompt_len = next(i for i, label in enumerate(labels) if label != -100)
+    assert 0 < prompt_len < len(labels) and labels[prompt_len:] == row["input_ids"][prompt_len:]
+    tokenizer = load_tokenizer(exp.model)
+    assert phase.records[0]["completion"][0]["content"] in tokenizer.decode(row["input_ids"][prompt_len:])
+    assert phase.records[0]["prompt"][0]["content"] in tokenizer.decode(row["input_ids"][:prompt_len])
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
+    assert not unchanged, unchanged
+
+
+def test_micro_batches_and_accumulation_give_the_same_update(tiny_experiment: dict) -> None:
+    """4 x 1 and 2 x 2 (micro-batch x accumulation) take the same optimizer step."""
+    results = []
+    for micro, accum in ((4, 1), (2, 2)):
+        exp = experiment_from_dict(tiny_experiment)
+        layout = RunLayout(exp.run_dir / f"{micro}x{accum}")
+        phase = _phase(exp, layout, "dpo", None, per_device_batch_size=micro, gradient_accumulation_steps=accum,
+                       max_steps=1)
+        train_phase(exp, phase)
+        state, _ = adapters.load_adapter_state(phase.out_adapter)
+        results.append(state)
+    for key in results[0]:
+        assert torch.allclose(results[0][key], results[1][key], atol=1e-6), key

@@ -1,0 +1,59 @@
+"""Report of one experiment: collect results -> tables (csv, markdown) -> plots -> W&B report.
+
+Reads `cells/<cell-id>/result.json` against the plan and writes into `report/` only the
+files it owns (results.csv, results.md, plots/*.png), each atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from d2lora_dist.config import Experiment
+from d2lora_dist.layout import RunLayout
+from d2lora_dist.report.collect import collect
+from d2lora_dist.report.files import atomic_write_text
+from d2lora_dist.report.plots import write_plots
+from d2lora_dist.report.tables import render_csv, render_markdown, table_specs
+
+__all__ = ["ReportResult", "report"]
+
+
+@dataclass
+class ReportResult:
+    planned: int
+    done: int
+    missing: list[str]
+    unplanned: list[str]
+    csv_path: Path
+    markdown_path: Path
+    markdown: str
+    plots: list[Path]
+    wandb: list[str] = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.csv_path, self.markdown_path, *self.plots]
+
+
+def report(exp: Experiment, layout: RunLayout, wandb_report: bool = False) -> ReportResult:
+    """Write results.csv, results.md and the plots; print the tables and paths."""
+    coll = collect(exp, layout)
+    specs = table_specs(exp, coll)
+    markdown = render_markdown(exp, coll, specs)
+    out = layout.report_dir
+    csv_path = atomic_write_text(out / "results.csv", render_csv(coll.rows))
+    md_path = atomic_write_text(out / "results.md", markdown)
+    plots = write_plots(coll, specs, out / "plots")
+    result = ReportResult(len(coll.planned), len(coll.done), coll.missing, coll.unplanned, csv_path, md_path,
+                          markdown, plots)
+    print(markdown)
+    print("Wrote:", *[f"  {p}" for p in result.paths], sep="\n")
+    if wandb_report:
+        from d2lora_dist.report.wandb_report import plan_report
+        from d2lora_dist.report.wandb_report import wandb_report as publish
+
+        plan = plan_report(exp, specs, markdown, plots, result.done, result.planned)
+        result.wandb = publish(exp, layout, plan)
+        print(*result.wandb, sep="\n")
+    return result

@@ -1,0 +1,128 @@
+"""Read every finished cell's result.json and line it up against the plan.
+
+A cell is done when `cells/<cell-id>/result.json` exists (it is written last, atomically);
+a planned cell without one is missing. Values are fractions in [0, 1]; anything else is a
+corrupt result and stops the report with the file and key named.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from d2lora_dist.config import Experiment
+from d2lora_dist.layout import RunLayout
+from d2lora_dist.sweep.grid import NO_TRAINING, Cell, plan_cells
+
+Role = str  # "task" | "forgetting"
+NOT_METRICS = frozenset({"items"})  # counts stored beside the metrics
+
+
+@dataclass(frozen=True)
+class Row:
+    """One cell x metric: a line of results.csv."""
+
+    cell_id: str
+    task: str
+    method: str
+    init: str
+    n: int
+    seed: int
+    suite: str
+    role: Role
+    metric: str
+    value: float
+
+    CSV_COLUMNS = ("cell_id", "task", "method", "init", "n", "seed", "suite", "role", "metric", "value")
+
+    def as_csv(self) -> list[Any]:
+        return [getattr(self, c) for c in self.CSV_COLUMNS]
+
+
+@dataclass
+class Collection:
+    planned: list[Cell]
+    finished: dict[str, Cell]
+    rows: list[Row]
+    _values: dict[tuple, dict[int, float]] = field(default_factory=dict, repr=False)
+
+    @property
+    def done(self) -> list[str]:
+        return [c.id for c in self.planned if c.id in self.finished]
+
+    @property
+    def missing(self) -> list[str]:
+        return [c.id for c in self.planned if c.id not in self.finished]
+
+    @property
+    def unplanned(self) -> list[str]:
+        planned = {c.id for c in self.planned}
+        return sorted(i for i in self.finished if i not in planned)
+
+    def cells(self) -> list[Cell]:
+        """Planned and finished cells, each once."""
+        return sorted({c.id: c for c in [*self.planned, *self.finished.values()]}.values())
+
+    def values(self, task: str, method: str, init: str, n: int, suite: str, metric: str) -> list[float]:
+        """Metric values over seeds (seed order); n = 0 cells (method none) serve every method."""
+        key_method = NO_TRAINING if n == 0 else method
+        by_seed = self._values.get((task, key_method, init, n, suite, metric), {})
+        return [by_seed[s] for s in sorted(by_seed)]
+
+    def seeds(self, task: str, method: str, init: str, n: int) -> tuple[int, int]:
+        """(finished, planned) seeds of one table cell."""
+        key_method = NO_TRAINING if n == 0 else method
+        match = [c for c in self.cells() if (c.task, c.method, c.init, c.n) == (task, key_method, init, n)]
+        planned = {c.id for c in self.planned}
+        return (sum(c.id in self.finished for c in match), sum(c.id in planned for c in match))
+
+
+def collect(exp: Experiment, layout: RunLayout) -> Collection:
+    planned = plan_cells(exp)
+    finished: dict[str, Cell] = {}
+    rows: list[Row] = []
+    cells_dir = layout.cells_dir
+    for cell_dir in sorted(cells_dir.iterdir()) if cells_dir.is_dir() else []:
+        path = cell_dir / "result.json"
+        if not path.is_file():
+            continue  # not done (yet): the plan lists it as missing
+        cell, cell_rows = read_result(path, exp)
+        finished[cell.id] = cell
+        rows.extend(cell_rows)
+    values: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        values[(r.task, r.method, r.init, r.n, r.suite, r.metric)][r.seed] = r.value
+    return Collection(planned, finished, rows, dict(values))
+
+
+def read_result(path: Path, exp: Experiment) -> tuple[Cell, list[Row]]:
+    try:
+        data = json.loads(path.read_text())
+        cell = Cell.from_dict(data["cell"])
+        metrics = data["metrics"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid result.json ({type(e).__name__}: {e}); "
+                         f"delete it to re-run the cell") from e
+    if cell.id != path.parent.name:
+        raise ValueError(f"{path}: cell.id {cell.id!r} does not match its directory {path.parent.name!r}")
+    suites_roles = data.get("suites") or {}
+    rows = []
+    for suite, values in metrics.items():
+        role = suites_roles.get(suite) or _role(exp, cell.task, suite)
+        for metric, value in values.items():
+            if metric in NOT_METRICS:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{path}: metrics.{suite}.{metric} = {value!r}; expected a fraction in [0, 1]")
+            rows.append(Row(cell.id, cell.task, cell.method, cell.init, cell.n, cell.seed, suite, role,
+                            metric, float(value)))
+    return cell, rows
+
+
+def _role(exp: Experiment, task: str, suite: str) -> Role:
+    """The experiment's convention: a task's first suite is its task metric, the rest forgetting."""
+    suites = exp.tasks[task].suites if task in exp.tasks else []
+    return "forgetting" if suite in suites[1:] else "task"

@@ -2,17 +2,48 @@
 
 The same code runs as one plain process, under `accelerate launch` with NCCL on GPUs,
 and with gloo on CPU ranks (the test suite). Each workaround says why and when it can go.
+
+Three launch modes, told apart from the environment `accelerate launch` (or torchrun) sets:
+  single     one plain process (WORLD_SIZE unset or 1)
+  deepspeed  ACCELERATE_USE_DEEPSPEED=true (an accelerate config with distributed_type DEEPSPEED)
+  ddp        any other multi-process launch (distributed_type MULTI_GPU; gloo on CPU ranks)
+
+Settings read from the environment (documented in docs/distributed.md):
+  D2LORA_PG_TIMEOUT_S              process-group timeout in seconds (default 1800): a rank
+                                   stuck in a collective because a peer died gives up after it
+  D2LORA_TEST_CRASH_RANK_AT_STEP   tests only, "RANK:STEP": that rank raises at that step
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from d2lora_dist.schema import ConfigError
 
+log = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "D2LORA_PG_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 1800
+CRASH_ENV = "D2LORA_TEST_CRASH_RANK_AT_STEP"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class LaunchError(ConfigError):
+    """A launch that cannot work as configured; each problem names the setting to change."""
+
+    def __init__(self, problems: list[str] | str, source: str = "launch"):
+        super().__init__([problems] if isinstance(problems, str) else problems, source)
+
+
+# ---- ranks ----------------------------------------------------------------------------------
 def world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
@@ -34,42 +65,160 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def deepspeed_config_file(default: str | None) -> str | None:
-    """The DeepSpeed JSON of this launch: accelerate's env when launched with it, else the experiment's."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or default
-    return None
+def launch_mode() -> str:
+    """single | deepspeed | ddp (see the module docstring)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not _deepspeed_launch():
+        return "single"
+    return "deepspeed" if _deepspeed_launch() else "ddp"
+
+
+def _deepspeed_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+# ---- process group ----------------------------------------------------------------------------
+def process_group_timeout() -> timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise LaunchError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds "
+                          f"(default {DEFAULT_TIMEOUT_S})")
+    return timedelta(seconds=seconds)
 
 
 def init_process_group() -> None:
-    """Create the process group before any model loads.
+    """Create the process group before any model loads (no-op for one process, idempotent).
 
-    Workaround: on CPU, accelerate would pick a backend DeepSpeed cannot use and, without an
-    explicit gloo group, every rank believes it is rank 0 of 1 (DeepSpeed then fails on
-    `train_batch_size`). A PartialState with backend="gloo" fixes it; on CUDA the default
-    (NCCL) is right. Goes away when accelerate defaults to gloo for CPU DeepSpeed.
+    Workarounds (accelerate 1.15, deepspeed 0.19):
+    - CPU + DeepSpeed: without an explicit gloo group, every rank believes it is rank 0 of 1
+      and DeepSpeed fails on `train_batch_size`. PartialState(backend="gloo") fixes it.
+      Goes away when accelerate picks gloo for DeepSpeed on CPU by itself.
+    - CPU + DDP: PartialState() without cpu=True initialises gloo but leaves the distributed
+      type at NO, so the Trainer never wraps the model in DDP and the ranks train separate
+      copies without syncing gradients (silently). cpu=True makes it MULTI_CPU. Goes away when
+      accelerate maps LOCAL_RANK + no accelerator to MULTI_CPU (accelerate launch only sets
+      ACCELERATE_USE_CPU for its own --cpu path).
+    The timeout (D2LORA_PG_TIMEOUT_S) bounds how long a rank waits for a dead peer.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    mode = launch_mode()
+    if mode == "single":
         return
     from accelerate import PartialState
 
-    PartialState(backend=None if torch.cuda.is_available() else "gloo")
+    timeout = process_group_timeout()
+    if torch.cuda.is_available():
+        state = PartialState(timeout=timeout)  # NCCL
+    elif mode == "deepspeed":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only silences DeepSpeed's detection warning
+        state = PartialState(backend="gloo", timeout=timeout)
+    else:
+        state = PartialState(cpu=True, backend="gloo", timeout=timeout)
+    if state.is_main_process:
+        print(f"[distributed] {mode}: {state.num_processes} ranks, backend {state.backend}, "
+              f"{state.distributed_type}, process-group timeout {timeout.total_seconds():g}s", flush=True)
 
 
+def deepspeed_config_file(default: str | None) -> str | None:
+    """The DeepSpeed JSON of this launch (absolute), or None when not launched with DeepSpeed.
+
+    accelerate passes the accelerate config's `deepspeed_config_file` as given; a relative
+    path is read from the working directory, else from the repository root (so the shipped
+    `ds_configs/...` work from any directory, e.g. a Slurm job's).
+    """
+    if not _deepspeed_launch():
+        return None
+    given = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or default
+    if not given:
+        raise LaunchError("launched with DeepSpeed but no DeepSpeed config: set deepspeed_config_file in the "
+                          "accelerate config (or launch.deepspeed_config in the experiment)")
+    for candidate in (Path(given), REPO_ROOT / given):
+        if candidate.is_file():
+            resolved = str(candidate.resolve())
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = resolved
+            return resolved
+    raise LaunchError(f"deepspeed_config_file {given!r} not found (looked in {Path.cwd()} and {REPO_ROOT}); "
+                      "fix deepspeed_config_file in the accelerate config")
+
+
+# ---- validation before any model loads ----------------------------------------------------------
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def check_launch(settings: Any, settings_key: str, ds_config: str | None) -> None:
+    """Launch vs experiment, all problems at once, before any model loads.
+
+    DeepSpeed's own messages for these come after the model has loaded and do not name our
+    settings (e.g. "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step *
+    world_size"). `settings` is a config.TrainSettings; `settings_key` its dotted key.
+    """
+    problems = launch_problems(settings, settings_key, ds_config, world_size(),
+                               torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if problems:
+        raise LaunchError(problems, ds_config or "launch")
+
+
+def launch_problems(settings: Any, key: str, ds_config: str | None, world: int, bf16_ok: bool) -> list[str]:
+    if ds_config is None:
+        return []
+    try:
+        ds = json.loads(Path(ds_config).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"deepspeed_config_file {ds_config}: cannot be read as JSON ({e})"]
+    micro, accum = settings.per_device_batch_size, settings.gradient_accumulation_steps
+    expected = {"train_micro_batch_size_per_gpu": (micro, f"{key}.per_device_batch_size"),
+                "gradient_accumulation_steps": (accum, f"{key}.gradient_accumulation_steps"),
+                "train_batch_size": (micro * accum * world,
+                                     f"{key}.per_device_batch_size ({micro}) x {key}.gradient_accumulation_steps "
+                                     f"({accum}) x world size ({world})")}
+    problems = []
+    for name in _BATCH_KEYS:
+        value = ds.get(name, "auto")
+        want, source = expected[name]
+        if value != "auto" and value != want:
+            hint = ""
+            if name == "train_batch_size" and isinstance(value, int) and value % (micro * world):
+                hint = f" (world size {world} x micro-batch {micro} does not divide {value})"
+            problems.append(f"{name}={value} in the DeepSpeed config but {source} = {want}{hint}; "
+                            f"set it to \"auto\" so the experiment file decides")
+    clip = ds.get("gradient_clipping", "auto")
+    if clip != "auto" and float(clip) != float(settings.max_grad_norm):
+        problems.append(f"gradient_clipping={clip} in the DeepSpeed config but {key}.max_grad_norm = "
+                        f"{settings.max_grad_norm}; set it to \"auto\"")
+    if (ds.get("bf16") or {}).get("enabled") is True and not bf16_ok:
+        problems.append("bf16.enabled=true in the DeepSpeed config, but this machine has no CUDA device with "
+                        "bf16; on CPU ranks use ds_configs/zero3_cpu_test.json (or bf16.enabled \"auto\")")
+    zero = ds.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if offload not in ("none", None) and "optimizer" not in ds and ds.get("zero_force_ds_cpu_optimizer", True):
+        problems.append(f"zero_optimization.offload_optimizer.device={offload} needs an \"optimizer\" section "
+                        "(DeepSpeed then uses its CPU Adam); without it DeepSpeed refuses the Trainer's "
+                        "torch AdamW after the model has loaded. See ds_configs/zero3_offload.json")
+    return problems
+
+
+# ---- trainer arguments --------------------------------------------------------------------------
 def trainer_kwargs(ds_config: str | None) -> dict[str, Any]:
     """Extra TrainingArguments so HF/TRL trainers reuse our process group and ZeRO settings.
 
-    Workarounds: (1) `use_configured_state` makes the trainer adopt the gloo PartialState
-    above instead of building its own; (2) TRL configs default to bf16=True, which CPUs
-    cannot run; (3) ACCELERATE_USE_DEEPSPEED must be set and the arguments must exist
-    before `from_pretrained`, so that zero.Init partitions the weights while they load.
-    ACCELERATE_USE_CPU is never set: it silently turns a DeepSpeed run into plain DDP.
+    Workarounds: (1) `use_configured_state` makes the trainer adopt the PartialState of
+    init_process_group instead of building its own (which on CPU would be wrong, see there);
+    (2) TRL configs default to bf16=True, which CPUs cannot run; (3) ACCELERATE_USE_DEEPSPEED
+    must be set and the arguments must exist before `from_pretrained`, so that zero.Init
+    partitions the weights while they load. ACCELERATE_USE_CPU is never set: it silently turns
+    a DeepSpeed run into plain DDP with no ZeRO at all. (4) `use_cpu` for DDP on CPU ranks,
+    matching the MULTI_CPU state. All go when accelerate handles CPU ranks like GPUs.
     """
     on_gpu = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {"bf16": on_gpu and torch.cuda.is_bf16_supported(), "fp16": False}
+    kwargs: dict[str, Any] = {"bf16": on_gpu and torch.cuda.is_bf16_supported(), "fp16": False,
+                              "ddp_timeout": int(process_group_timeout().total_seconds())}
     if world_size() > 1:
         kwargs["accelerator_config"] = {"use_configured_state": True}
         kwargs["ddp_backend"] = None if on_gpu else "gloo"
+        if not on_gpu and not ds_config:
+            kwargs["use_cpu"] = True
     if ds_config:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         kwargs["deepspeed"] = ds_config
@@ -96,16 +245,34 @@ def leave_zero3() -> None:
     Workaround: transformers keeps a global HfDeepSpeedConfig once a ZeRO-3 trainer existed,
     so a later `from_pretrained` (evaluation in the same process) would load partitioned
     weights, and generation under ZeRO-3 is unusably slow (LLaMA-Factory 5629, trl 3858).
+    Goes away if transformers scopes the config to the trainer (no upstream issue yet).
     """
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
 
 
+def release_training_state() -> None:
+    """After a phase's trainer is done: forget its accelerate state and the ZeRO-3 config.
+
+    Workarounds: (1) accelerate 1.15 refuses a second Accelerator with a DeepSpeed plugin in
+    one process ("You cannot pass in a `deepspeed_plugin` when creating a second
+    `Accelerator`"); resetting AcceleratorState (the process group, PartialState, stays) lets
+    a later phase build its trainer. Goes away when accelerate allows a fresh DeepSpeed plugin
+    per Accelerator. (2) leave_zero3(), so that whatever loads next (evaluation) loads whole.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    leave_zero3()
+
+
+# ---- collectives --------------------------------------------------------------------------------
 @contextmanager
 def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
     """Temporarily gather ZeRO-3 partitioned parameters (no-op without ZeRO-3)."""
-    if zero3_enabled():
+    if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
@@ -142,3 +309,27 @@ def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:
             full += p.numel()
             local += p.numel()
     return local, full
+
+
+# ---- test hook ----------------------------------------------------------------------------------
+def test_callbacks() -> list[Any]:
+    """Callbacks that only tests switch on (empty unless D2LORA_TEST_CRASH_RANK_AT_STEP is set).
+
+    "RANK:STEP" makes that rank raise right after optimizer step STEP, to test that the other
+    ranks exit instead of hanging and that a restart resumes from the last checkpoint.
+    """
+    raw = os.environ.get(CRASH_ENV)
+    if not raw:
+        return []
+    try:
+        crash_rank, crash_step = (int(x) for x in raw.split(":"))
+    except ValueError:
+        raise LaunchError(f"{CRASH_ENV}={raw!r}: expected RANK:STEP, e.g. 1:3") from None
+    from transformers import TrainerCallback
+
+    class CrashAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == crash_step and rank() == crash_rank:
+                raise RuntimeError(f"{CRASH_ENV}: rank {crash_rank} crashes at step {crash_step} (test hook)")
+
+    return [CrashAtStep()]

@@ -67,7 +67,7 @@ def training_arguments(exp: Experiment, phase: Phase, ds_config: str | None) -> 
         logging_steps=s.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=s.save_steps,
         save_total_limit=2, seed=phase.seed, data_seed=exp.data_seed, report_to=phase.report_to or "none",
         run_name=phase.name, gradient_checkpointing=exp.model.gradient_checkpointing,
-        include_num_input_tokens_seen="all", dataset_num_proc=None,
+        include_num_input_tokens_seen="non_padding", dataset_num_proc=None,
         **method.extra_args(s), **distributed.trainer_kwargs(ds_config))
 
 
@@ -89,6 +89,8 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
 
     distributed.init_process_group()
     ds_config = distributed.deepspeed_config_file(exp.launch.deepspeed_config)
+    settings_key = "warmup.train" if phase.lineage.get("phase") == "warmup" else f"methods.{phase.method}"
+    distributed.check_launch(phase.settings, settings_key, ds_config)  # before any model loads
     args = training_arguments(exp, phase, ds_config)
     print_plan(exp, phase)
     base = base_fingerprint(exp.model)
@@ -113,15 +115,17 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
         manifest = adapters.save_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped),
                                          phase.out_adapter, lineage)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return TrainOutcome(result.global_step, losses[0] if losses else None, losses[-1] if losses else None,
-                        time.time() - start, manifest, list(trainer.state.log_history), stopped_early)
+    outcome = TrainOutcome(result.global_step, losses[0] if losses else None, losses[-1] if losses else None,
+                           time.time() - start, manifest, list(trainer.state.log_history), stopped_early)
+    distributed.release_training_state()  # the next phase or evaluation in this process starts clean
+    return outcome
 
 
 def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: Any) -> Any:
     method = get_method(phase.method)
     _, trainer_cls = method.classes()
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          callbacks=list(phase.callbacks))
+                          callbacks=[*phase.callbacks, *distributed.test_callbacks()])
     add_throughput_callback(trainer)
     if method.uses_reference and phase.settings.reference == "base":
         # TRL keeps a frozen copy of a given adapter ("ref") as the reference; without it, the

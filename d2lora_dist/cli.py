@@ -265,12 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from d2lora_dist.adapters import AdapterError
-    from d2lora_dist.data.loading import DataError
-    from d2lora_dist.modeling import ModelError
-    from d2lora_dist.schema import ConfigError
-    from d2lora_dist.sweep.plan import PlanError
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
@@ -278,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, AdapterError, ModelError, PlanError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        # Bad input (config, data, adapter, plan, predictions file): one clear line, exit 2.
+        # Our error types all derive from ValueError; D2LORA_DEBUG=1 shows the traceback.
+        if os.environ.get("D2LORA_DEBUG"):
+            raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"d2lora: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT

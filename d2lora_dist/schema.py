@@ -41,7 +41,10 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: report X's own problems, with their keys
+            return _convert(candidates[0], value, key, problems)
+        for arg in candidates:
             trial: list[str] = []
             converted = _convert(arg, value, key, trial)
             if not trial:

@@ -46,8 +46,8 @@ def math_rows(count: int) -> list[dict[str, Any]]:
         rows.append({"dataset": "toy", "prompt": f"Sam has {a} apples and buys {b} more. How many now?",
                      "initial_reason_steps": steps, "chosen": f"Step 2: {a} + {b} = {a + b}.",
                      "rejected": f"Step 2: {a} + {b} = {a + b + 7}.",
-                     "full_chosen": f"{steps}Step 2: {a} + {b} = {a + b}.\nThe answer is {a + b}.",
-                     "full_rejected": f"{steps}Step 2: {a} + {b} = {a + b + 7}.\nThe answer is {a + b + 7}.",
+                     "full_chosen": f"Step 2: {a} + {b} = {a + b}.\nThe answer is {a + b}.",
+                     "full_rejected": f"Step 2: {a} + {b} = {a + b + 7}.\nThe answer is {a + b + 7}.",
                      "answer": str(a + b)})
     return rows
 

@@ -33,7 +33,8 @@ def test_math_step_forms(tmp_path: Path) -> None:
     ref = DatasetRef("math_step_dpo", data_files=[_jsonl(tmp_path / "m.jsonl", math_rows(3))])
     sft = normalize(ref, "sft").records[0]
     assert sft["prompt"] == [{"role": "user", "content": math_rows(3)[0]["prompt"]}]
-    assert sft["completion"][0]["content"] == math_rows(3)[0]["full_chosen"]
+    row = math_rows(3)[0]
+    assert sft["completion"][0]["content"] == row["initial_reason_steps"] + row["full_chosen"]
     pref = normalize(ref, "preference").records[0]
     row = math_rows(3)[0]
     assert pref["chosen"][0]["content"] == row["initial_reason_steps"] + row["chosen"]

@@ -100,16 +100,24 @@ def alpaca_sft(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- Math-Step-DPO-10K schema: prompt, initial_reason_steps, chosen, rejected, full_chosen, answer
+def _steps(row: dict[str, Any]) -> str:
+    steps = row.get("initial_reason_steps") or ""
+    if not isinstance(steps, str):
+        raise BadRow("initial_reason_steps is not text")
+    return steps
+
+
 def math_step_sft(row: dict[str, Any]) -> dict[str, Any]:
-    return {"prompt": _user(_text(row, "prompt")), "completion": _assistant(_text(row, "full_chosen"))}
+    # In Math-Step-DPO-10K, full_chosen continues after initial_reason_steps: the whole
+    # correct solution is their concatenation.
+    solution = _steps(row) + _text(row, "full_chosen")
+    return {"prompt": _user(_text(row, "prompt")), "completion": _assistant(solution)}
 
 
 def math_step_preference(row: dict[str, Any]) -> dict[str, Any]:
     # Step-DPO: both sides share the correct initial steps and differ in the next step; the
     # shared prefix cancels in the DPO log-ratio, so the preference is about that step.
-    steps = row.get("initial_reason_steps") or ""
-    if not isinstance(steps, str):
-        raise BadRow("initial_reason_steps is not text")
+    steps = _steps(row)
     return _pair(_user(_text(row, "prompt")), steps + _text(row, "chosen"), steps + _text(row, "rejected"))
 
 

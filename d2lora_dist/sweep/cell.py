@@ -116,7 +116,9 @@ def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, A
         manifest = adapters.read_manifest(eval_adapter)
         adapter = {"sha256": manifest["adapter_sha256"], "path": str(eval_adapter),
                    "parent_sha256": (manifest.get("parent") or {}).get("adapter_sha256")}
-    return {"cell": cell.to_dict(), "experiment": exp.name, "metrics": metrics,
+    numbers = {suite: {k: v for k, v in m.items() if isinstance(v, (int, float))} for suite, m in metrics.items()}
+    versions = {suite: m.get("prompt_version") for suite, m in metrics.items()}
+    return {"cell": cell.to_dict(), "experiment": exp.name, "metrics": numbers, "prompt_versions": versions,
             "suites": {s: ("task" if i == 0 else "forgetting") for i, s in enumerate(suites)},
             "train": outcome.summary() if outcome else None, "adapter": adapter,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

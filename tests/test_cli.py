@@ -1,0 +1,110 @@
+"""The `d2lora` command: help everywhere, clear errors (exit 2), and real runs on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from d2lora_dist.cli import build_parser, main
+from tests.conftest import REPO, write_experiment
+
+COMMANDS = [["assets"], ["warmup"], ["adapt"], ["eval"], ["score"], ["data", "check"], ["sweep", "plan"],
+            ["sweep", "run"], ["sweep", "cell"], ["sweep", "submit"], ["sweep", "status"], ["report"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: d2lora" in capsys.readouterr().out
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "d2lora_dist.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_bad_config_exits_2_naming_the_key(tiny_experiment: dict, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    tiny_experiment["warmup"]["train"]["lr"] = 0.1
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main(["warmup", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "d2lora: error:" in err and "warmup.train.lr: unknown key" in err and str(path) in err
+    assert not (tmp_path / "runs").exists()  # nothing ran, nothing written
+
+
+def test_score_reads_predictions_without_a_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = [{"completion": "so she has 18 eggs. The answer is 18.", "reference": "16 - 3 - 4 = 9\n9 * 2 = 18\n#### 18"},
+            {"completion": "The answer is $1,250.", "reference": "1250"},
+            {"completion": "I think 7", "reference": "#### 8"}]
+    path = tmp_path / "pred.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["score", "gsm8k", str(path), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["items"] == 3
+    titles = tmp_path / "titles.jsonl"
+    titles.write_text(json.dumps({"completion": "Low rank adapters", "reference": "Low rank adapters"}) + "\n")
+    assert main(["score", "titles", str(titles)]) == 0
+    assert "rougeL: 1.0000" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"completion": "x"}) + "\n")
+    assert main(["score", "gsm8k", str(tmp_path / "bad.jsonl")]) == 2
+    assert "reference" in capsys.readouterr().err
+
+
+def test_data_check_reports_counts_reasons_and_an_example(tiny_data: dict, capsys: pytest.CaptureFixture) -> None:
+    assert main(["data", "check", "math_step_dpo", "--data-files", tiny_data["math"], "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 40 and report["forms"]["preference"]["valid_rows"] == 40
+    assert report["forms"]["sft"]["example"]["prompt"][0]["role"] == "user"
+    assert main(["data", "check", "econ_abstracts", "--data-files", tiny_data["math"]]) == 2
+    assert "missing column(s) ['abstract', 'title']" in capsys.readouterr().err
+
+
+def test_warmup_then_adapt_through_the_real_command(tiny_experiment: dict, tmp_path: Path) -> None:
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    warm = _cli("warmup", "-c", str(path))
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    adapt = _cli("adapt", "-c", str(path), "--task", "math", "--method", "dpo", "--init", "d2lora", "--n", "4",
+                 "--set", "methods.dpo.beta=0.2")
+    assert adapt.returncode == 0, adapt.stderr[-3000:]
+    result = json.loads((tmp_path / "runs/tiny/cells/math-dpo-d2lora-n4-s0/result.json").read_text())
+    manifest = json.loads((tmp_path / "runs/tiny/cells/math-dpo-d2lora-n4-s0/adapter/manifest.json").read_text())
+    assert manifest["hyperparameters"]["beta"] == 0.2
+    assert result["train"]["first_loss"] == pytest.approx(0.693147, abs=1e-4)
+
+
+def test_sweep_plan_lists_cells_and_work(tiny_experiment: dict, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main(["sweep", "plan", "-c", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in rows] == ["math-none-d2lora-n0-s0", "math-none-lora-n0-s0", "math-dpo-d2lora-n4-s0",
+                                       "math-dpo-lora-n4-s0", "math-sft-d2lora-n4-s0", "math-sft-lora-n4-s0"]
+    assert all(r["eval_items"] == 8 and not r["done"] for r in rows)
+    assert rows[0]["train_tokens"] == 0 and rows[-1]["train_tokens"] > 0
+
+
+def test_sweep_run_executes_the_grid_and_reports(tiny_experiment: dict, tmp_path: Path) -> None:
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0, 4]}]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    done = _cli("sweep", "run", "-c", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    assert sorted(p.name for p in (run_dir / "cells").iterdir()) == [
+        "math-none-d2lora-n0-s0", "math-none-lora-n0-s0", "math-sft-d2lora-n4-s0", "math-sft-lora-n4-s0"]
+    assert all((run_dir / "cells" / c / "result.json").is_file() for c in os.listdir(run_dir / "cells"))
+    assert (run_dir / "report" / "results.md").is_file()
+    again = _cli("sweep", "run", "-c", str(path))
+    assert again.returncode == 0 and "4 of 4 cells done; running 0" in again.stdout
+    # the frozen experiment protects finished results from an edited config
+    changed = _cli("sweep", "run", "-c", str(path), "--set", "methods.sft.learning_rate=0.5")
+    assert changed.returncode == 2 and "was frozen with other settings" in changed.stderr
+
+

@@ -1,0 +1,440 @@
+"""Slurm executor: the sweep as three jobs rendered by pure functions, then a thin submit.
+
+    warm-up (multi-node capable) --afterok--> cell array (task i = cell i of plan.json)
+                                  --afterany--> report
+
+Rendering (`render_warmup`, `render_cell_array`, `render_report`, `array_spec`) is pure:
+experiment + layout (+ cell indices) -> script text, tested against recorded files in
+tests/fixtures/slurm/. The templates are plain text in slurm/ with `@name` placeholders
+(`@` rather than `$`: the scripts are full of shell variables). Dependencies are given on
+the sbatch command line, not in the scripts, because job ids exist only at submission;
+the scripts stay valid for a manual `sbatch`. `submit` writes the scripts, calls
+`sbatch --parsable` and appends a record to slurm/jobs.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+
+from d2lora_dist.config import Experiment
+from d2lora_dist.layout import RunLayout
+from d2lora_dist.sweep.grid import Cell, needs_warmup, plan_cells
+from d2lora_dist.sweep.preemption import PREEMPTED_EXIT_CODE
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
+WARMUP_SCRIPT = "warmup.sbatch"
+ARRAY_SCRIPT = "cell_array.sbatch"
+REPORT_SCRIPT = "report.sbatch"
+# Experiment sections a resubmission may change: they say where and how jobs run, not
+# what is computed (the cells read the frozen experiment.yaml).
+MUTABLE_SECTIONS = ("slurm", "launch", "tracking")
+
+
+class _ShellTemplate(Template):
+    delimiter = "@"
+
+
+# ---------------------------------------------------------------- paths and commands
+
+
+def logs_dir(layout: RunLayout) -> Path:
+    return layout.slurm_dir / "logs"
+
+
+def marker_dir(layout: RunLayout) -> Path:
+    return layout.slurm_dir / "preempted"
+
+
+def jobs_file(layout: RunLayout) -> Path:
+    return layout.slurm_dir / "jobs.json"
+
+
+def log_path(layout: RunLayout, step: str, job_id: str, index: int | None = None, ext: str = "err") -> Path:
+    """The log Slurm writes for a job (the patterns of `_log_lines`)."""
+    name = f"cell-{job_id}_{index}" if step == "array" else f"{step}-{job_id}"
+    return _abs(logs_dir(layout)) / f"{name}.{ext}"
+
+
+def _abs(path: Path) -> Path:
+    # absolute, not resolved: keep the shared-storage path the user gave (no symlink games)
+    return path.absolute()
+
+
+def _q(path: Path) -> str:
+    return shlex.quote(str(_abs(path)))
+
+
+def warmup_command(layout: RunLayout) -> str:
+    return f"d2lora warmup -c {_q(layout.experiment_file)}"
+
+
+def cell_command(layout: RunLayout) -> str:
+    # $SLURM_ARRAY_TASK_ID expands in the step: the plan index of this task's cell
+    return f"d2lora sweep cell -c {_q(layout.experiment_file)} --index $SLURM_ARRAY_TASK_ID"
+
+
+def report_command(layout: RunLayout) -> str:
+    return f"d2lora report -c {_q(layout.experiment_file)}"
+
+
+# ---------------------------------------------------------------- rendering (pure)
+
+
+def index_ranges(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (Slurm's array index syntax)."""
+    idx = sorted(set(indices))
+    if not idx:
+        raise ValueError("no array indices: nothing to run")
+    parts, start, prev = [], idx[0], idx[0]
+    for i in [*idx[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
+
+
+def array_spec(indices: Sequence[int], max_parallel: int) -> str:
+    """Plan indices -> `--array` value: index ranges and the `%M` throttle."""
+    if max_parallel < 1:
+        raise ValueError(f"slurm.max_parallel: must be >= 1, got {max_parallel}")
+    return f"{index_ranges(indices)}%{max_parallel}"
+
+
+def _resource_lines(exp: Experiment, nodes: int, gpus: bool) -> list[str]:
+    s = exp.slurm
+    lines = [f"--partition={s.partition}" if s.partition else None,
+             f"--account={s.account}" if s.account else None,
+             f"--qos={s.qos}" if s.qos else None,
+             f"--nodes={nodes}",
+             "--ntasks-per-node=1",  # one launcher per node; it starts the node's ranks
+             f"--gpus-per-node={s.gpus_per_node}" if gpus and s.gpus_per_node else None,
+             f"--cpus-per-task={s.cpus_per_task}" if s.cpus_per_task else None,
+             f"--mem={s.mem}" if s.mem else None,
+             f"--time={s.time}",
+             f"--constraint={s.constraint}" if gpus and s.constraint else None]
+    return [line for line in lines if line]
+
+
+def _preemptible_lines(exp: Experiment) -> list[str]:
+    _check_signal_time(exp)
+    return ["--requeue",
+            f"--signal=B:USR1@{exp.slurm.signal_seconds}",
+            "--open-mode=append"]  # a requeued run appends to, not truncates, the log
+
+
+def _log_lines(layout: RunLayout, stem: str) -> list[str]:
+    base = _abs(logs_dir(layout))
+    return [f"--output={base}/{stem}.out", f"--error={base}/{stem}.err"]
+
+
+def _header(exp: Experiment, lines: list[str]) -> str:
+    extra = [x if x.startswith("#SBATCH") else f"#SBATCH {x}" for x in exp.slurm.extra_sbatch]
+    return "\n".join([f"#SBATCH {x}" for x in lines] + extra)
+
+
+def _setup(exp: Experiment) -> str:
+    return "\n".join(exp.slurm.setup) if exp.slurm.setup else "# (no slurm.setup lines)"
+
+
+def _srun_options(exp: Experiment) -> str:
+    # srun does not inherit --cpus-per-task from sbatch since Slurm 22.05: say it again
+    return f" --cpus-per-task={exp.slurm.cpus_per_task}" if exp.slurm.cpus_per_task else ""
+
+
+def _launch(exp: Experiment, command: str, multinode: bool) -> str:
+    """The per-node step: launcher (or the plain command) with USR1 ignored by the launcher."""
+    lc = exp.launch
+    if lc.accelerate_config is None:
+        launched = command
+    elif multinode:
+        # accelerate's --num_processes is the total over all machines; ours is per node
+        launched = (f"accelerate launch --config_file {shlex.quote(lc.accelerate_config)}"
+                    " --num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID"
+                    " --main_process_ip $MAIN_PROCESS_IP --main_process_port $MAIN_PROCESS_PORT"
+                    f" --num_processes $((SLURM_NNODES * {lc.num_processes}))"
+                    # "standard" = torchrun per node; the default "pdsh" would ssh to the others
+                    " --deepspeed_multinode_launcher standard"
+                    f" --no_python {command}")
+    else:
+        # port 0: accelerate picks a free one, so cells sharing a node do not collide
+        launched = (f"accelerate launch --config_file {shlex.quote(lc.accelerate_config)}"
+                    f" --num_machines 1 --num_processes {lc.num_processes}"
+                    f" --main_process_port {lc.main_process_port} --no_python {command}")
+    # `trap "" USR1` is inherited through exec: the launcher ignores USR1, ranks handle it
+    return shlex.quote(f'trap "" USR1; exec {launched}')
+
+
+def _preemption_block(layout: RunLayout) -> str:
+    text = (TEMPLATE_DIR / "preemption.sh").read_text().rstrip("\n")
+    return _ShellTemplate(text).substitute(preempted_exit_code=PREEMPTED_EXIT_CODE,
+                                           marker_dir=_q(marker_dir(layout)))
+
+
+def _main_port(exp: Experiment) -> str:
+    if exp.launch.main_process_port:
+        return f"MAIN_PROCESS_PORT={exp.launch.main_process_port}"
+    # all nodes must agree on the port: pick a free one here, on the first node
+    return ("MAIN_PROCESS_PORT=$(python3 -c 'import socket; s = socket.socket(); "
+            's.bind(("", 0)); print(s.getsockname()[1])\')')
+
+
+def _render(name: str, **values: str) -> str:
+    path = TEMPLATE_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"Slurm template {path} not found: the slurm/ directory ships with "
+                                "the repository (install with `pip install -e .`)")
+    return _ShellTemplate(path.read_text()).substitute(values)
+
+
+def render_warmup(exp: Experiment, layout: RunLayout, command: str | None = None) -> str:
+    """warmup.sbatch: one srun task per node, each starting `accelerate launch` for its ranks."""
+    nodes = exp.slurm.nodes
+    if nodes > 1 and exp.launch.accelerate_config is None:
+        raise ValueError(f"slurm.nodes: {nodes} nodes need launch.accelerate_config (a plain command "
+                         "would run the whole warm-up once per node); set it or use slurm.nodes=1")
+    header = _header(exp, [f"--job-name=d2lora-{exp.name}-warmup",
+                           *_resource_lines(exp, nodes, gpus=True), *_preemptible_lines(exp),
+                           *_log_lines(layout, "warmup-%j")])
+    return _render(WARMUP_SCRIPT, experiment=exp.name, header=header, setup=_setup(exp),
+                   preemption=_preemption_block(layout), main_port=_main_port(exp),
+                   srun_options=_srun_options(exp),
+                   step=_launch(exp, command or warmup_command(layout), multinode=True))
+
+
+def render_cell_array(exp: Experiment, layout: RunLayout, indices: Sequence[int],
+                      command: str | None = None) -> str:
+    """cell_array.sbatch: array task i runs cell i of the frozen plan, one node each."""
+    header = _header(exp, [f"--job-name=d2lora-{exp.name}-cells",
+                           f"--array={array_spec(indices, exp.slurm.max_parallel)}",
+                           *_resource_lines(exp, 1, gpus=True), *_preemptible_lines(exp),
+                           *_log_lines(layout, "cell-%A_%a")])
+    return _render(ARRAY_SCRIPT, experiment=exp.name, plan_file=str(_abs(layout.plan_file)),
+                   header=header, setup=_setup(exp), preemption=_preemption_block(layout),
+                   srun_options=_srun_options(exp),
+                   step=_launch(exp, command or cell_command(layout), multinode=False))
+
+
+def render_report(exp: Experiment, layout: RunLayout, command: str | None = None) -> str:
+    """report.sbatch: one CPU task after the array (no GPUs, not requeued)."""
+    header = _header(exp, [f"--job-name=d2lora-{exp.name}-report",
+                           *_resource_lines(exp, 1, gpus=False), *_log_lines(layout, "report-%j")])
+    return _render(REPORT_SCRIPT, experiment=exp.name, header=header, setup=_setup(exp),
+                   command=command or report_command(layout))
+
+
+def _check_signal_time(exp: Experiment) -> None:
+    limit = _slurm_seconds(exp.slurm.time)
+    if limit is not None and exp.slurm.signal_seconds >= limit:
+        raise ValueError(f"slurm.signal_seconds: {exp.slurm.signal_seconds} s is not shorter than "
+                         f"slurm.time={exp.slurm.time!r}: the checkpoint signal would never come in time")
+
+
+def _slurm_seconds(value: str) -> int | None:
+    """Seconds of a Slurm time ([D-]HH:MM:SS, MM:SS, MM, D-HH[:MM]); None if not understood."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if not m:
+        return None
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:
+        return a * 3600 + b * 60 + c
+    if b is not None:
+        return a * 60 + b
+    return a * 60
+
+
+# ---------------------------------------------------------------- the frozen plan
+
+
+def load_plan(layout: RunLayout) -> list[Cell]:
+    """The frozen cell order: array index i is cell i (a list of cell dicts, or {"cells": [...]})."""
+    data = json.loads(layout.plan_file.read_text())
+    rows = data["cells"] if isinstance(data, dict) else data
+    return [Cell.from_dict(row) for row in rows]
+
+
+def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
+    """Write plan.json and experiment.yaml once; afterwards check they still match `exp`.
+
+    Submitted array tasks find their cell by index, so a changed plan would silently
+    run other cells: that is an error, as is a change outside MUTABLE_SECTIONS.
+    """
+    cells = plan_cells(exp)
+    if layout.plan_file.exists():
+        frozen = load_plan(layout)
+        if [c.id for c in frozen] != [c.id for c in cells]:
+            raise ValueError(f"{layout.plan_file}: the experiment's grid differs from the frozen plan "
+                             f"({len(frozen)} frozen cells, {len(cells)} now); submitted array indices "
+                             "would point at other cells. Use a new experiment name for a new grid.")
+        cells = frozen
+    else:
+        _write_atomic(layout.plan_file, json.dumps([c.to_dict() for c in cells], indent=1) + "\n")
+    current = exp.to_dict()
+    if layout.experiment_file.exists():
+        frozen_exp = yaml.safe_load(layout.experiment_file.read_text()) or {}
+        changed = sorted(k for k in set(frozen_exp) | set(current)
+                         if k not in MUTABLE_SECTIONS and frozen_exp.get(k) != current.get(k))
+        if changed:
+            raise ValueError(f"{layout.experiment_file}: sections {changed} differ from the frozen "
+                             f"experiment (only {list(MUTABLE_SECTIONS)} may change between "
+                             "submissions); use a new experiment name")
+    else:
+        _write_atomic(layout.experiment_file, yaml.safe_dump(current, sort_keys=False))
+    return cells
+
+
+def unfinished_indices(layout: RunLayout, cells: Sequence[Cell]) -> list[int]:
+    """Plan indices of cells without result.json (the --only-failed array)."""
+    return [i for i, c in enumerate(cells) if not layout.cell_result(c.id).exists()]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- submission
+
+
+@dataclass(frozen=True)
+class Step:
+    """One job to submit: its script and what it waits for ((kind, step name) or None)."""
+
+    name: str  # warmup | array | report
+    script: Path
+    text: str
+    after: tuple[str, str] | None = None
+
+
+@dataclass
+class SubmitResult:
+    steps: list[Step]
+    indices: list[int]
+    commands: list[list[str]]
+    jobs: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False
+
+    def describe(self, scripts: bool = False) -> str:
+        out = []
+        # strict=False: after a failed sbatch there are fewer commands than steps
+        for step, argv in zip(self.steps, self.commands, strict=False):
+            if scripts:
+                out += [f"# ---- {step.script}", step.text.rstrip("\n"), ""]
+            job = f"  -> job {self.jobs[step.name]}" if step.name in self.jobs else ""
+            out.append(f"{shlex.join(argv)}{job}")
+        out += [f"# {name} not submitted: {why}" for name, why in self.skipped.items()]
+        return "\n".join(out)
+
+
+def plan_submission(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], indices: Sequence[int],
+                    commands: dict[str, str] | None = None) -> tuple[list[Step], dict[str, str]]:
+    """The jobs to submit for these plan indices, and why any stage is left out."""
+    commands = commands or {}
+    skipped: dict[str, str] = {}
+    steps: list[Step] = []
+    if not indices:
+        return [], {"array": "every cell has result.json", "report": "no new cells"}
+    d = layout.slurm_dir
+    if layout.warmup_result.exists():
+        skipped["warmup"] = f"done ({layout.warmup_result} exists)"
+    elif not needs_warmup([cells[i] for i in indices]):
+        skipped["warmup"] = "no submitted cell uses init d2lora"
+    else:
+        steps.append(Step("warmup", d / WARMUP_SCRIPT, render_warmup(exp, layout, commands.get("warmup"))))
+    array_after = ("afterok", "warmup") if steps else None
+    steps.append(Step("array", d / ARRAY_SCRIPT,
+                      render_cell_array(exp, layout, indices, commands.get("cell")), array_after))
+    steps.append(Step("report", d / REPORT_SCRIPT, render_report(exp, layout, commands.get("report")),
+                      ("afterany", "array")))
+    return steps, skipped
+
+
+def sbatch_argv(step: Step, jobs: dict[str, str]) -> list[str]:
+    """`sbatch --parsable [--dependency=KIND:ID] SCRIPT`; unknown ids print as <name-job-id>."""
+    argv = ["sbatch", "--parsable"]
+    if step.after:
+        kind, on = step.after
+        argv.append(f"--dependency={kind}:{jobs.get(on, f'<{on}-job-id>')}")
+    return [*argv, str(_abs(step.script))]
+
+
+def submit(exp: Experiment, layout: RunLayout, dry_run: bool = False, only_failed: bool = False,
+           commands: dict[str, str] | None = None) -> SubmitResult:
+    """Freeze the plan, write the scripts, sbatch warm-up -> array -> report, record job ids.
+
+    `commands` overrides the step commands ({"warmup"|"cell"|"report": shell text}), for tests.
+    A dry run prints the scripts and sbatch lines and writes nothing.
+    """
+    cells = _plan_for(exp, layout, dry_run)
+    indices = unfinished_indices(layout, cells) if only_failed else list(range(len(cells)))
+    steps, skipped = plan_submission(exp, layout, cells, indices, commands)
+    result = SubmitResult(steps, indices, [], skipped=skipped, dry_run=dry_run)
+    if dry_run:
+        result.commands = [sbatch_argv(s, {}) for s in steps]
+        print(result.describe(scripts=True))
+        return result
+    for path in (logs_dir(layout), marker_dir(layout)):  # Slurm does not create log directories
+        path.mkdir(parents=True, exist_ok=True)
+    try:
+        for step in steps:
+            _write_atomic(step.script, step.text)
+            argv = sbatch_argv(step, result.jobs)
+            result.commands.append(argv)
+            result.jobs[step.name] = _sbatch(argv)
+    finally:  # record what was submitted even when a later sbatch fails
+        if result.jobs:
+            _append_record(layout, result, only_failed)
+    return result
+
+
+def _plan_for(exp: Experiment, layout: RunLayout, dry_run: bool) -> list[Cell]:
+    if not dry_run:
+        return freeze_plan(exp, layout)
+    return load_plan(layout) if layout.plan_file.exists() else plan_cells(exp)  # writes nothing
+
+
+def _sbatch(argv: list[str]) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout.strip().split(";")[0]  # --parsable prints "ID" or "ID;CLUSTER"
+
+
+def _append_record(layout: RunLayout, result: SubmitResult, only_failed: bool) -> None:
+    """Append this submission to jobs.json; earlier records are never rewritten."""
+    records = read_records(layout)
+    array = any(s.name == "array" for s in result.steps)
+    records.append({
+        "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "only_failed": only_failed,
+        "indices": result.indices,
+        "array": index_ranges(result.indices) if array else None,
+        "jobs": {name: result.jobs.get(name) for name in ("warmup", "array", "report")},
+        "skipped": result.skipped,
+        "commands": result.commands,
+    })
+    _write_atomic(jobs_file(layout), json.dumps(records, indent=1) + "\n")
+
+
+def read_records(layout: RunLayout) -> list[dict[str, Any]]:
+    path = jobs_file(layout)
+    return json.loads(path.read_text()) if path.exists() else []

@@ -1,0 +1,213 @@
+"""Rendering of the sbatch scripts (pure functions) and the submission plan, no cluster needed.
+
+The recorded scripts in tests/fixtures/slurm/ were reviewed by eye; re-record after an
+intended template change with D2LORA_RECORD_SLURM_FIXTURES=1 and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from d2lora_dist.config import experiment_from_dict
+from d2lora_dist.layout import RunLayout
+from d2lora_dist.sweep import slurm
+from d2lora_dist.sweep.preemption import PREEMPTED_EXIT_CODE
+from tests.slurm_cluster import experiment_dict
+
+FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
+RUN = RunLayout(Path("/shared/runs/paper_math"))
+
+
+def paper_two_nodes(**launch: object):
+    """2 nodes x 8 GPUs for the warm-up, one 8-GPU node per cell, ZeRO-3 through accelerate."""
+    data = experiment_dict(
+        "paper_math", "/shared/runs", partition="gpu", account="proj123", qos="normal", nodes=2,
+        gpus_per_node=8, cpus_per_task=64, mem="480G", time="12:00:00", constraint="h100",
+        max_parallel=4, signal_seconds=600, extra_sbatch=["--exclusive", "#SBATCH --mail-type=FAIL"],
+        setup=["module load cuda/12.4", "source /shared/venvs/d2lora/bin/activate"])
+    data["launch"] = {"accelerate_config": "launch/accelerate/zero3.yaml", "num_processes": 8, **launch}
+    return experiment_from_dict(data)
+
+
+def check_fixture(name: str, text: str) -> None:
+    path = FIXTURES / name
+    if os.environ.get("D2LORA_RECORD_SLURM_FIXTURES"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} differs from the recorded file (see module docstring)"
+
+
+def sbatch_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("#SBATCH")]
+
+
+def test_warmup_two_nodes_matches_recording_line_by_line():
+    text = slurm.render_warmup(paper_two_nodes(), RUN)
+    check_fixture("warmup_2x8.sbatch", text)
+    assert sbatch_lines(text) == [
+        "#SBATCH --job-name=d2lora-paper_math-warmup", "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj123", "#SBATCH --qos=normal", "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=64",
+        "#SBATCH --mem=480G", "#SBATCH --time=12:00:00", "#SBATCH --constraint=h100", "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@600", "#SBATCH --open-mode=append",
+        "#SBATCH --output=/shared/runs/paper_math/slurm/logs/warmup-%j.out",
+        "#SBATCH --error=/shared/runs/paper_math/slurm/logs/warmup-%j.err",
+        "#SBATCH --exclusive", "#SBATCH --mail-type=FAIL"]
+    lines = text.splitlines()
+    # setup lines come after the header and before anything runs
+    assert lines.index("module load cuda/12.4") < lines.index("source /shared/venvs/d2lora/bin/activate") \
+        < lines.index("set -uo pipefail")
+    assert 'MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
+    assert any(x.startswith("MAIN_PROCESS_PORT=$(python3 -c 'import socket;") for x in lines)
+    sruns = [x for x in lines if x.startswith("srun ")]
+    assert sruns == ['srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 '
+                     '--cpus-per-task=64 \\']  # one srun, one task per node
+    step = lines[lines.index(sruns[0]) + 1]
+    # single quotes: $SLURM_NODEID expands per node, not in the batch shell
+    assert step.startswith("  bash -c 'trap \"\" USR1; exec accelerate launch ") and step.endswith("' &")
+    for part in ("--config_file launch/accelerate/zero3.yaml", "--num_machines $SLURM_NNODES",
+                 "--machine_rank $SLURM_NODEID", "--main_process_ip $MAIN_PROCESS_IP",
+                 "--main_process_port $MAIN_PROCESS_PORT", "--num_processes $((SLURM_NNODES * 8))",
+                 "--deepspeed_multinode_launcher standard",
+                 "--no_python d2lora warmup -c /shared/runs/paper_math/experiment.yaml'"):
+        assert part in step, part
+    assert f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE}" in lines
+    assert lines[-1] == 'wait_step "$SLURM_JOB_ID"'
+
+
+def test_cell_array_matches_recording_line_by_line():
+    text = slurm.render_cell_array(paper_two_nodes(), RUN, [0, 1, 2, 3, 5, 7, 8])
+    check_fixture("cell_array_2x8.sbatch", text)
+    head = sbatch_lines(text)
+    assert head[:2] == ["#SBATCH --job-name=d2lora-paper_math-cells", "#SBATCH --array=0-3,5,7-8%4"]
+    assert "#SBATCH --nodes=1" in head and "#SBATCH --gpus-per-node=8" in head
+    assert {"#SBATCH --requeue", "#SBATCH --signal=B:USR1@600", "#SBATCH --open-mode=append",
+            "#SBATCH --output=/shared/runs/paper_math/slurm/logs/cell-%A_%a.out",
+            "#SBATCH --error=/shared/runs/paper_math/slurm/logs/cell-%A_%a.err"} <= set(head)
+    lines = text.splitlines()
+    step = lines[lines.index("srun --nodes=1 --ntasks=1 --cpus-per-task=64 \\") + 1]
+    assert step == ("  bash -c 'trap \"\" USR1; exec accelerate launch --config_file "
+                    "launch/accelerate/zero3.yaml --num_machines 1 --num_processes 8 --main_process_port 0 "
+                    "--no_python d2lora sweep cell -c /shared/runs/paper_math/experiment.yaml "
+                    "--index $SLURM_ARRAY_TASK_ID' &")
+    assert lines[-1] == 'wait_step "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"'
+    assert 'export D2LORA_PREEMPT_MARKER=/shared/runs/paper_math/slurm/preempted/"$SLURM_JOB_ID"' in lines
+
+
+def test_report_matches_recording():
+    text = slurm.render_report(paper_two_nodes(), RUN)
+    check_fixture("report.sbatch", text)
+    head = sbatch_lines(text)
+    assert "#SBATCH --nodes=1" in head and not any("gpus" in x or "requeue" in x or "signal" in x
+                                                    for x in head)
+    assert text.splitlines()[-1] == "d2lora report -c /shared/runs/paper_math/experiment.yaml"
+
+
+def test_plain_command_without_accelerate_config():
+    exp = experiment_from_dict(experiment_dict("demo", "/r", time="1:00:00", signal_seconds=60))
+    text = slurm.render_cell_array(exp, RunLayout(Path("/r/demo")), [0, 1])
+    assert "bash -c 'trap \"\" USR1; exec d2lora sweep cell -c /r/demo/experiment.yaml " \
+           "--index $SLURM_ARRAY_TASK_ID' &" in text
+    assert "--gpus-per-node" not in text and "(no slurm.setup lines)" in text
+    fixed = experiment_dict("demo", "/r", nodes=1)
+    fixed["launch"] = {"accelerate_config": "a.yaml", "main_process_port": 29512}
+    assert "\nMAIN_PROCESS_PORT=29512\n" in slurm.render_warmup(experiment_from_dict(fixed), RUN)
+
+
+def test_multi_node_without_launcher_is_refused():
+    exp = experiment_from_dict(experiment_dict("demo", "/r", nodes=2))
+    with pytest.raises(ValueError, match="slurm.nodes: 2 nodes need launch.accelerate_config"):
+        slurm.render_warmup(exp, RUN)
+
+
+def test_signal_must_come_before_the_time_limit():
+    exp = experiment_from_dict(experiment_dict("demo", "/r", time="00:05:00", signal_seconds=300))
+    with pytest.raises(ValueError, match="slurm.signal_seconds: 300 s is not shorter"):
+        slurm.render_cell_array(exp, RUN, [0])
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("04:00:00", 14400), ("30", 1800), ("10:30", 630),
+                                                ("1-00:00:00", 86400), ("2-12", 216000), ("unlimited", None)])
+def test_slurm_time_formats(value, seconds):
+    assert slurm._slurm_seconds(value) == seconds
+
+
+def test_array_spec():
+    assert slurm.array_spec([3, 7], 8) == "3,7%8"
+    assert slurm.array_spec([5, 0, 1, 2, 2, 9, 10], 2) == "0-2,5,9-10%2"
+    with pytest.raises(ValueError, match="no array indices"):
+        slurm.array_spec([], 2)
+
+
+def test_submission_plan_dependencies_and_skips(tmp_path):
+    exp = experiment_from_dict(experiment_dict("demo", str(tmp_path)))
+    layout = RunLayout(exp.run_dir)
+    cells = slurm.freeze_plan(exp, layout)
+    steps, skipped = slurm.plan_submission(exp, layout, cells, range(4))
+    assert [(s.name, s.after) for s in steps] == [("warmup", None), ("array", ("afterok", "warmup")),
+                                                 ("report", ("afterany", "array"))]
+    jobs = {"warmup": "11", "array": "12"}
+    assert [slurm.sbatch_argv(s, jobs)[2] for s in steps[1:]] == ["--dependency=afterok:11",
+                                                                   "--dependency=afterany:12"]
+    lora_only = [i for i, c in enumerate(cells) if c.init == "lora"]
+    steps, skipped = slurm.plan_submission(exp, layout, cells, lora_only)
+    assert [s.name for s in steps] == ["array", "report"] and steps[0].after is None
+    assert skipped == {"warmup": "no submitted cell uses init d2lora"}
+    layout.warmup_dir.mkdir(parents=True)
+    layout.warmup_result.write_text("{}")
+    steps, skipped = slurm.plan_submission(exp, layout, cells, range(4))
+    assert [s.name for s in steps] == ["array", "report"] and "done" in skipped["warmup"]
+
+
+def test_only_failed_lists_cells_without_result(tmp_path):
+    exp = experiment_from_dict(experiment_dict("demo", str(tmp_path)))
+    layout = RunLayout(exp.run_dir)
+    cells = slurm.freeze_plan(exp, layout)
+    for i in (0, 2):
+        layout.cell_dir(cells[i].id).mkdir(parents=True)
+        layout.cell_result(cells[i].id).write_text("{}")
+    layout.cell_checkpoints(cells[1].id).mkdir(parents=True)  # started is not done
+    assert slurm.unfinished_indices(layout, cells) == [1, 3]
+
+
+def test_dry_run_prints_scripts_and_commands_and_writes_nothing(tmp_path, capsys):
+    exp = experiment_from_dict(experiment_dict("demo", str(tmp_path)))
+    layout = RunLayout(exp.run_dir)
+    result = slurm.submit(exp, layout, dry_run=True)
+    out = capsys.readouterr().out
+    assert not layout.root.exists()
+    assert result.jobs == {} and result.indices == [0, 1, 2, 3]
+    assert f"sbatch --parsable {layout.slurm_dir}/warmup.sbatch" in out
+    assert f"sbatch --parsable '--dependency=afterok:<warmup-job-id>' {layout.slurm_dir}/cell_array.sbatch" in out
+    assert f"sbatch --parsable '--dependency=afterany:<array-job-id>' {layout.slurm_dir}/report.sbatch" in out
+    assert "#SBATCH --array=0-3%8" in out and out.count("#!/bin/bash") == 3
+
+
+def test_freeze_plan_refuses_a_changed_grid_or_experiment(tmp_path):
+    data = experiment_dict("demo", str(tmp_path))
+    layout = RunLayout(experiment_from_dict(data).run_dir)
+    cells = slurm.freeze_plan(experiment_from_dict(data), layout)
+    assert json.loads(layout.plan_file.read_text())[0] == cells[0].to_dict()
+    data["slurm"] = {"max_parallel": 2}  # where/how it runs may change
+    assert slurm.freeze_plan(experiment_from_dict(data), layout) == cells
+    data["grid"][0]["seeds"] = [0, 1, 2]
+    with pytest.raises(ValueError, match="grid differs from the frozen plan"):
+        slurm.freeze_plan(experiment_from_dict(data), layout)
+    data["grid"][0]["seeds"] = [0, 1]
+    data["methods"]["sft"]["learning_rate"] = 1.0
+    with pytest.raises(ValueError, match=r"sections \['methods'\] differ"):
+        slurm.freeze_plan(experiment_from_dict(data), layout)
+
+
+def test_rendered_scripts_are_valid_bash(tmp_path):
+    import subprocess
+
+    exp = paper_two_nodes()
+    for name, text in (("w", slurm.render_warmup(exp, RUN)), ("a", slurm.render_cell_array(exp, RUN, [0])),
+                       ("r", slurm.render_report(exp, RUN))):
+        (tmp_path / name).write_text(text)
+        proc = subprocess.run(["bash", "-n", str(tmp_path / name)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr

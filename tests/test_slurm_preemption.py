@@ -41,7 +41,7 @@ def test_watcher_outside_the_main_thread_warns_and_does_not_install():
 
     def body():
         with pytest.warns(UserWarning, match="not in the main thread"):
-            out["w"] = PreemptionWatcher().install()
+            out["w"] = PreemptionWatcher()
 
     t = threading.Thread(target=body)
     t.start()
@@ -52,7 +52,7 @@ def test_watcher_outside_the_main_thread_warns_and_does_not_install():
 def test_exit_if_preempted_writes_marker_and_exits_with_the_code(tmp_path, monkeypatch):
     marker = tmp_path / "preempted" / "123"
     monkeypatch.setenv(MARKER_ENV, str(marker))
-    watcher = PreemptionWatcher()
+    watcher = PreemptionWatcher(install=False)
     exit_if_preempted(watcher)  # not preempted: returns
     watcher.request()
     with pytest.raises(SystemExit) as e:
@@ -60,7 +60,7 @@ def test_exit_if_preempted_writes_marker_and_exits_with_the_code(tmp_path, monke
     assert e.value.code == PREEMPTED_EXIT_CODE == 75 and marker.exists()
 
 
-def test_usr1_during_training_saves_checkpoint_at_step_and_stops(tmp_path):
+def test_usr1_during_training_saves_checkpoint_at_step_and_stops(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
 
@@ -71,6 +71,8 @@ def test_usr1_during_training_saves_checkpoint_at_step_and_stops(tmp_path):
             if state.global_step == 2:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
+    marker = tmp_path / "preempted" / "42"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
@@ -89,3 +91,4 @@ def test_usr1_during_training_saves_checkpoint_at_step_and_stops(tmp_path):
     assert trainer.state.global_step == 2  # stopped, not 10
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
+    assert marker.exists()  # written once the checkpoint was saved, before any exit

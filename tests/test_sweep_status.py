@@ -13,6 +13,7 @@ from pathlib import Path
 from d2lora_dist.config import experiment_from_dict
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep import slurm
+from d2lora_dist.sweep.plan import freeze_plan
 from d2lora_dist.sweep.status import cell_status, format_status_table, parse_scontrol
 from tests.slurm_cluster import experiment_dict
 
@@ -35,7 +36,7 @@ def run_dir(tmp_path: Path, records: list[dict], **grid: object):
     data["grid"][0].update(grid)
     exp = experiment_from_dict(data)
     layout = RunLayout(exp.run_dir)
-    cells = slurm.freeze_plan(exp, layout)
+    cells = freeze_plan(exp, layout)
     layout.slurm_dir.mkdir(parents=True)
     slurm.jobs_file(layout).write_text(json.dumps(records))
     return exp, layout, cells

@@ -15,8 +15,9 @@ The chain (tested end to end on a real Slurm cluster in tests/test_slurm_cluster
    save a checkpoint and stop at the next optimizer step, once every rank agrees (one
    all-reduce of a scalar per step: ranks that stopped at different steps would deadlock
    in the next collective).
-4. After `trainer.train()` returns, the caller calls `exit_if_preempted(watcher)`: it writes
-   the marker file named by $D2LORA_PREEMPT_MARKER and exits with PREEMPTED_EXIT_CODE.
+4. Once that checkpoint is saved the callback writes the marker file named by
+   $D2LORA_PREEMPT_MARKER; after `trainer.train()` returns, the caller calls
+   `exit_if_preempted(watcher)`, which waits for every rank and exits PREEMPTED_EXIT_CODE.
    The marker exists because accelerate/torchrun report any failed rank as exit 1.
 5. The batch shell sees the exit code or the marker and runs `scontrol requeue`; the
    requeued run finds the checkpoint and resumes (Slurm makes it eligible about 2 minutes
@@ -24,10 +25,13 @@ The chain (tested end to end on a real Slurm cluster in tests/test_slurm_cluster
 
 Usage in a phase entry:
 
-    watcher = PreemptionWatcher().install()
+    watcher = PreemptionWatcher()              # installs the SIGUSR1 handler
     trainer.add_callback(PreemptionCallback(watcher))
     trainer.train(resume_from_checkpoint=last_checkpoint_or_none)
     exit_if_preempted(watcher)   # before destroying the process group
+
+The callback also writes the marker once the checkpoint is saved, so a caller that exits
+its own way (e.g. returning PREEMPTED_EXIT_CODE from the CLI) is still requeued.
 """
 
 from __future__ import annotations
@@ -52,13 +56,17 @@ MARKER_ENV = "D2LORA_PREEMPT_MARKER"
 class PreemptionWatcher:
     """Turns SIGUSR1 into a flag the training loop polls; chains any previous handler."""
 
-    def __init__(self, signum: int = signal.SIGUSR1):
+    def __init__(self, signum: int = signal.SIGUSR1, install: bool = True):
         self.signum = signum
         self._preempted = False
         self._previous: Any = None
         self.installed = False
+        if install:  # the watcher exists to catch the signal: catching it is the default
+            self.install()
 
     def install(self) -> PreemptionWatcher:
+        if self.installed:
+            return self
         # Python only lets the main thread set handlers; elsewhere we cannot see the signal.
         if threading.current_thread() is not threading.main_thread():
             warnings.warn("PreemptionWatcher: not in the main thread, SIGUSR1 is not watched; "
@@ -88,7 +96,7 @@ class PreemptionWatcher:
         return self._preempted
 
     def __enter__(self) -> PreemptionWatcher:
-        return self.install()
+        return self.install()  # a no-op when the constructor installed it
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
@@ -116,14 +124,23 @@ def exit_if_preempted(watcher: PreemptionWatcher) -> None:
     """After train(): write the marker and exit PREEMPTED_EXIT_CODE when preempted."""
     if not watcher.preempted:
         return
-    marker = os.environ.get(MARKER_ENV)
-    if marker:  # every rank writes the same file: whichever survives, the shell sees it
-        Path(marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(marker).write_text(f"preempted pid {os.getpid()} rank {os.environ.get('RANK', '0')}\n")
+    write_marker()
     _barrier()
     print(f"[d2lora] preempted: checkpoint saved, exiting {PREEMPTED_EXIT_CODE} for requeue",
           file=sys.stderr, flush=True)
     raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def write_marker() -> None:
+    """Tell the batch shell this step was preempted (file named by $D2LORA_PREEMPT_MARKER).
+
+    Every rank writes the same file, so the copy on the batch host (where rank 0 runs) is
+    seen even on shared storage with attribute caching; outside Slurm there is no marker.
+    """
+    marker = os.environ.get(MARKER_ENV)
+    if marker:
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(marker).write_text(f"preempted pid {os.getpid()} rank {os.environ.get('RANK', '0')}\n")
 
 
 def _barrier() -> None:
@@ -162,6 +179,13 @@ def _callback_class() -> type:
             control.should_save = True
             control.should_training_stop = True
             control.should_evaluate = False  # the grace period is for the checkpoint, not an eval
+            return control
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            # The checkpoint is on disk: from here a requeue resumes, however the process
+            # exits (accelerate reports a rank's 75 as 1, so the shell also reads the marker).
+            if self.stopped_at_step is not None:
+                write_marker()
             return control
 
     return PreemptionCallback

@@ -26,20 +26,16 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-import yaml
-
 from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep.grid import Cell, needs_warmup, plan_cells
+from d2lora_dist.sweep.plan import freeze_plan
 from d2lora_dist.sweep.preemption import PREEMPTED_EXIT_CODE
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
 WARMUP_SCRIPT = "warmup.sbatch"
 ARRAY_SCRIPT = "cell_array.sbatch"
 REPORT_SCRIPT = "report.sbatch"
-# Experiment sections a resubmission may change: they say where and how jobs run, not
-# what is computed (the cells read the frozen experiment.yaml).
-MUTABLE_SECTIONS = ("slurm", "launch", "tracking")
 
 
 class _ShellTemplate(Template):
@@ -263,40 +259,10 @@ def _slurm_seconds(value: str) -> int | None:
 
 
 def load_plan(layout: RunLayout) -> list[Cell]:
-    """The frozen cell order: array index i is cell i (a list of cell dicts, or {"cells": [...]})."""
+    """The frozen cell order (sweep.plan.freeze_plan writes it): array index i is cell i."""
     data = json.loads(layout.plan_file.read_text())
     rows = data["cells"] if isinstance(data, dict) else data
     return [Cell.from_dict(row) for row in rows]
-
-
-def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
-    """Write plan.json and experiment.yaml once; afterwards check they still match `exp`.
-
-    Submitted array tasks find their cell by index, so a changed plan would silently
-    run other cells: that is an error, as is a change outside MUTABLE_SECTIONS.
-    """
-    cells = plan_cells(exp)
-    if layout.plan_file.exists():
-        frozen = load_plan(layout)
-        if [c.id for c in frozen] != [c.id for c in cells]:
-            raise ValueError(f"{layout.plan_file}: the experiment's grid differs from the frozen plan "
-                             f"({len(frozen)} frozen cells, {len(cells)} now); submitted array indices "
-                             "would point at other cells. Use a new experiment name for a new grid.")
-        cells = frozen
-    else:
-        _write_atomic(layout.plan_file, json.dumps([c.to_dict() for c in cells], indent=1) + "\n")
-    current = exp.to_dict()
-    if layout.experiment_file.exists():
-        frozen_exp = yaml.safe_load(layout.experiment_file.read_text()) or {}
-        changed = sorted(k for k in set(frozen_exp) | set(current)
-                         if k not in MUTABLE_SECTIONS and frozen_exp.get(k) != current.get(k))
-        if changed:
-            raise ValueError(f"{layout.experiment_file}: sections {changed} differ from the frozen "
-                             f"experiment (only {list(MUTABLE_SECTIONS)} may change between "
-                             "submissions); use a new experiment name")
-    else:
-        _write_atomic(layout.experiment_file, yaml.safe_dump(current, sort_keys=False))
-    return cells
 
 
 def unfinished_indices(layout: RunLayout, cells: Sequence[Cell]) -> list[int]:
@@ -407,7 +373,7 @@ def submit(exp: Experiment, layout: RunLayout, dry_run: bool = False, only_faile
 
 
 def _plan_for(exp: Experiment, layout: RunLayout, dry_run: bool) -> list[Cell]:
-    if not dry_run:
+    if not dry_run:  # idempotent; refuses an experiment that differs from the frozen one
         return freeze_plan(exp, layout)
     return load_plan(layout) if layout.plan_file.exists() else plan_cells(exp)  # writes nothing
 

@@ -1,0 +1,308 @@
+"""Generation, log-likelihood scoring, sharding and the suite runner on a tiny random Llama."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from evaluate_fixtures import build_tiny_llama, build_tiny_tokenizer
+
+from d2lora_dist import fileio
+from d2lora_dist.config import SuiteConfig
+from d2lora_dist.evaluate import suites
+from d2lora_dist.evaluate.generation import encode_prompt, generate, stop_token_ids
+from d2lora_dist.evaluate.loglik import choice_logliks
+from d2lora_dist.evaluate.scoring import score_file
+from d2lora_dist.evaluate.sharding import gather_in_order, shard
+from d2lora_dist.evaluate.suites import run_suite
+
+PROMPTS = [
+    "hi",
+    "The quick answer is a long prompt about json, regular expressions and paths on disk.",
+    "Question: Janet has 16 eggs. How many are left?",
+    "x",
+    "A train travels 120 km in 2 hours.",
+]
+GSM8K_ITEMS = [{"id": f"g{i}", "question": f"Tom has {i} apples and buys {i + 2} more. How many now?",
+                "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"} for i in range(5)]
+TITLE_ITEMS = [{"id": f"t{i}", "abstract": f"We study low rank adapters number {i} for language models.",
+                "title": f"Low rank adapters {i}"} for i in range(4)]
+ARC_ITEMS = [{"id": f"a{i}", "question": q, "choices": c, "answer_index": g} for i, (q, c, g) in enumerate([
+    ("Which gas do plants take in?", ["carbon dioxide", "oxygen", "helium", "neon"], 0),
+    ("What is 2 + 2?", ["3", "4", "five"], 1),
+    ("Which is a mammal?", ["shark", "trout", "whale", "eel"], 2),
+])]
+ROW_KEYS = {
+    "gsm8k": {"id", "prompt", "completion", "extracted", "reference", "correct"},
+    "titles": {"id", "prompt", "completion", "extracted", "reference", "score"},
+    "arc": {"id", "prompt", "choices", "logliks", "pred", "pred_norm", "gold", "correct", "correct_norm"},
+}
+ITEMS = {"gsm8k": GSM8K_ITEMS, "titles": TITLE_ITEMS, "arc": ARC_ITEMS}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    return build_tiny_llama(tokenizer)
+
+
+def settings(kind: str, **overrides) -> SuiteConfig:
+    return SuiteConfig(**{"kind": kind, "batch_size": 2, "max_new_tokens": 8, **overrides})
+
+
+def greedy_ids(model, tokenizer, prompt: str, n: int) -> list[int]:
+    """Reference greedy continuation of one unpadded prompt, straight from HF generate."""
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+# --- stop tokens ---------------------------------------------------------------------
+
+def test_stop_token_ids_collects_eos_and_turn_end_tokens(tokenizer, model):
+    assert stop_token_ids(tokenizer, model) == [tokenizer.eos_token_id]
+    chat_tok = copy.deepcopy(tokenizer)
+    chat_tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>", "<|eot_id|>"]})
+    ids = stop_token_ids(chat_tok, model)
+    assert ids == [tokenizer.eos_token_id, *chat_tok.convert_tokens_to_ids(["<|eot_id|>", "<|im_end|>"])]
+
+
+def test_stop_token_ids_reads_generation_config_lists(tokenizer):
+    chat_model = copy.deepcopy(build_tiny_llama(tokenizer))
+    chat_model.generation_config.eos_token_id = [7, tokenizer.eos_token_id]
+    assert stop_token_ids(tokenizer, chat_model) == [7, tokenizer.eos_token_id]
+
+
+# --- generation ------------------------------------------------------------------------
+
+def test_left_padding_gives_the_same_greedy_output_alone_and_in_a_batch(model, tokenizer):
+    alone = generate(model, tokenizer, ["x"], max_new_tokens=12, batch_size=1, progress=False)
+    batched = generate(model, tokenizer, [PROMPTS[1], "x", PROMPTS[2]], max_new_tokens=12, batch_size=3,
+                       progress=False)
+    assert batched[1] == alone[0]
+    # and it matches HF generate on the unpadded prompt, token for token
+    assert alone[0] == tokenizer.decode(greedy_ids(model, tokenizer, "x", 12), skip_special_tokens=True)
+
+
+def test_output_order_equals_input_order(model, tokenizer):
+    one_by_one = [generate(model, tokenizer, [p], 10, 1, progress=False)[0] for p in PROMPTS]
+    assert generate(model, tokenizer, PROMPTS, 10, batch_size=2, progress=False) == one_by_one
+    assert len(set(one_by_one)) > 1  # a constant model would make the order check vacuous
+
+
+def test_generation_stops_at_a_stop_token(model, tokenizer):
+    # A greedy position k >= 2 whose token has not appeared before: declaring that token
+    # an eos must cut the completion to exactly the k tokens before it.
+    greedy = {p: greedy_ids(model, tokenizer, p, 10) for p in PROMPTS}
+    prompt, ids, k = next((p, ids, k) for p, ids in greedy.items() for k in range(2, len(ids))
+                          if ids[k] not in ids[:k])
+    stopping = copy.deepcopy(model)
+    stopping.generation_config.eos_token_id = [tokenizer.eos_token_id, ids[k]]
+    out = generate(stopping, tokenizer, [prompt, PROMPTS[1]], 10, batch_size=2, progress=False)
+    assert out[0] == tokenizer.decode(ids[:k], skip_special_tokens=True)
+    assert out[0] != tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_generation_respects_max_new_tokens_and_drops_special_tokens(model, tokenizer, monkeypatch):
+    new_lengths = []
+    original = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        new_lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    outputs = generate(model, tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, progress=False)
+    assert new_lengths and max(new_lengths) <= 5
+    assert not any(t in o for o in outputs for t in ("<pad>", "</s>", "<s>", "<|assistant|>"))
+
+
+def test_generation_leaves_tokenizer_and_model_mode_alone(model, tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = "right"
+    tok.pad_token = None
+    model.train()
+    try:
+        out = generate(model, tok, PROMPTS[:3], 6, batch_size=3, progress=False)
+        assert model.training
+    finally:
+        model.eval()
+    assert tok.padding_side == "right" and tok.pad_token is None
+    assert out == generate(model, tokenizer, PROMPTS[:3], 6, batch_size=3, progress=False)
+
+
+# --- log-likelihood ---------------------------------------------------------------------
+
+def manual_loglik(model, tokenizer, context: str, continuation: str) -> float:
+    ctx = encode_prompt(tokenizer, context)
+    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logprobs = model(torch.tensor([ctx + cont])).logits[0].float().log_softmax(-1)
+    return sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+
+
+def test_choice_logliks_match_a_manual_forward_pass(model, tokenizer):
+    contexts = ["Question: Which gas do plants take in?\nAnswer:", "Question: 2 + 2?\nAnswer:"]
+    continuations = [[" carbon dioxide", " oxygen", " a very long answer about noble gases"], [" 4", " five"]]
+    result = choice_logliks(model, tokenizer, contexts, continuations, batch_size=2)
+    assert [len(r) for r in result] == [3, 2]
+    for context, choices, scored in zip(contexts, continuations, result, strict=True):
+        for choice, (loglik, n_chars) in zip(choices, scored, strict=True):
+            assert n_chars == len(choice)
+            assert math.isclose(loglik, manual_loglik(model, tokenizer, context, choice), abs_tol=1e-4)
+            assert loglik < 0
+
+
+def test_choice_logliks_do_not_depend_on_batch_size(model, tokenizer):
+    contexts = ["Question: a?\nAnswer:", "Question: a much longer question about json files?\nAnswer:"]
+    continuations = [[" yes", " no"], [" maybe", " certainly not today"]]
+    one = choice_logliks(model, tokenizer, contexts, continuations, batch_size=1)
+    four = choice_logliks(model, tokenizer, contexts, continuations, batch_size=4)
+    for a, b in zip(sum(one, []), sum(four, []), strict=True):
+        assert math.isclose(a[0], b[0], abs_tol=1e-4)
+
+
+# --- sharding --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, world", [(7, 3), (2, 4), (6, 2), (5, 1)])
+def test_shard_covers_every_item_once(n, world):
+    items = list(range(n))
+    shards = [shard(items, r, world) for r in range(world)]
+    assert sorted(sum(shards, [])) == items
+
+
+def test_gather_in_order_single_process_and_bad_rank():
+    assert gather_in_order([1, 2, 3], 0, 1) == [1, 2, 3]
+    with pytest.raises(ValueError, match="rank"):
+        shard([1, 2], 2, 2)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        gather_in_order([1], 0, 2)
+
+
+# --- run_suite ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gsm8k", "titles", "arc"])
+def test_run_suite_writes_one_row_per_item_and_metrics_in_range(kind, model, tokenizer, tmp_path):
+    out = tmp_path / "predictions" / f"{kind}.jsonl"
+    metrics = run_suite(kind, ITEMS[kind], model, tokenizer, settings(kind), out, progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [item["id"] for item in ITEMS[kind]]
+    assert all(ROW_KEYS[kind] <= set(r) for r in rows)
+    assert metrics["items"] == len(ITEMS[kind])
+    assert metrics["prompt_version"] == suites.SUITES[kind].prompt_version
+    assert set(metrics) == {*suites.SUITES[kind].metrics, "prompt_version"}
+    numbers = {k: v for k, v in metrics.items() if k not in ("items", "prompt_version")}
+    assert numbers and all(0.0 <= v <= 1.0 for v in numbers.values())
+    # the predictions file alone reproduces the metrics
+    rescored = score_file(kind, out)
+    assert all(math.isclose(rescored[k], metrics[k]) for k in suites.SUITES[kind].metrics)
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
+
+
+def test_run_suite_rows_hold_what_the_prompts_and_scores_say(model, tokenizer, tmp_path):
+    out = tmp_path / "gsm8k.jsonl"
+    run_suite("gsm8k", GSM8K_ITEMS[:2], model, tokenizer, settings("gsm8k"), out, progress=False)
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["prompt"].startswith("<|user|>\n") and row["prompt"].endswith("<|assistant|>\n")
+    assert GSM8K_ITEMS[0]["question"] in row["prompt"] and "The answer is N." in row["prompt"]
+    assert row["reference"] == GSM8K_ITEMS[0]["answer"]
+    arc_out = tmp_path / "arc.jsonl"
+    run_suite("arc", ARC_ITEMS, model, tokenizer, settings("arc"), arc_out, progress=False)
+    arc_row = json.loads(arc_out.read_text().splitlines()[1])
+    assert arc_row["prompt"] == "Question: What is 2 + 2?\nAnswer:"
+    assert arc_row["gold"] == 1 and len(arc_row["logliks"]) == 3
+    assert arc_row["correct"] == (arc_row["pred"] == 1)
+
+
+def test_run_suite_applies_limit(model, tokenizer, tmp_path):
+    out = tmp_path / "titles.jsonl"
+    metrics = run_suite("titles", TITLE_ITEMS, model, tokenizer, settings("titles", limit=2), out,
+                        progress=False)
+    assert metrics["items"] == 2
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["t0", "t1"]
+
+
+def test_run_suite_without_a_chat_template_uses_plain_text(model, tokenizer, tmp_path):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    out = tmp_path / "titles.jsonl"
+    run_suite("titles", TITLE_ITEMS[:1], model, plain, settings("titles"), out, progress=False)
+    assert json.loads(out.read_text())["prompt"].startswith("Write a")
+
+
+@pytest.mark.parametrize("kind, items, overrides, message", [
+    ("gsm8k", [{"id": 1, "question": "q"}], {}, "lacks key 'answer'"),
+    ("arc", [{**ARC_ITEMS[0], "answer_index": 9}], {}, "outside its 4 choices"),
+    ("gsm8k", [], {}, "no items"),
+    ("gsm8k", GSM8K_ITEMS, {"limit": 0}, "limit must be >= 1"),
+    ("mmlu", GSM8K_ITEMS, {}, "unknown suite kind"),
+])
+def test_run_suite_rejects_bad_input_before_generating(kind, items, overrides, message, tmp_path):
+    cfg = settings(kind if kind in suites.SUITES else "gsm8k", **overrides)
+    with pytest.raises(ValueError, match=message):
+        run_suite(kind, items, None, None, cfg, tmp_path / "p.jsonl", progress=False)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_run_suite_kind_must_match_settings(tmp_path):
+    with pytest.raises(ValueError, match="settings are for kind 'titles'"):
+        run_suite("gsm8k", GSM8K_ITEMS, None, None, settings("titles"), tmp_path / "p.jsonl")
+
+
+def test_failed_run_keeps_the_existing_predictions_file(model, tokenizer, tmp_path, monkeypatch):
+    out = tmp_path / "gsm8k.jsonl"
+    out.write_text('{"old": true}\n')
+
+    def disk_full(fd):  # the rows are written to the temp file; flushing them to disk fails
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fileio.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        run_suite("gsm8k", GSM8K_ITEMS[:2], model, tokenizer, settings("gsm8k"), out, progress=False)
+    assert out.read_text() == '{"old": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["gsm8k.jsonl"]
+
+
+# --- two ranks (gloo) -------------------------------------------------------------------
+
+def _two_rank_worker(rank: int, world: int, workdir: str) -> None:
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world)
+    try:
+        local = shard(list(range(7)), rank, world)
+        gathered = gather_in_order([x * 10 for x in local], rank, world)
+        assert gathered == ([x * 10 for x in range(7)] if rank == 0 else None)
+        tokenizer = AutoTokenizer.from_pretrained(f"{workdir}/tiny")
+        model = AutoModelForCausalLM.from_pretrained(f"{workdir}/tiny")
+        metrics = run_suite("gsm8k", GSM8K_ITEMS, model, tokenizer, settings("gsm8k"),
+                            Path(workdir) / "dist.jsonl", progress=False)
+        Path(workdir, f"metrics-{rank}.json").write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_give_the_single_process_predictions(model, tokenizer, tmp_path):
+    import torch.multiprocessing as mp
+
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    mp.spawn(_two_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    single = run_suite("gsm8k", GSM8K_ITEMS, model, tokenizer, settings("gsm8k"), tmp_path / "single.jsonl",
+                       progress=False)
+    assert (tmp_path / "dist.jsonl").read_text() == (tmp_path / "single.jsonl").read_text()
+    for rank in (0, 1):  # every rank returns the same metrics
+        assert json.loads((tmp_path / f"metrics-{rank}.json").read_text()) == single

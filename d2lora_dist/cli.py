@@ -40,8 +40,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     from d2lora_dist.warmup import run_warmup
 
     exp, layout = _load(args)
-    run_warmup(exp, layout)
-    return 0
+    return _preemptible(lambda callbacks: run_warmup(exp, layout, callbacks=callbacks))
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -68,15 +67,23 @@ def _check_cell(exp, cell) -> None:
 
 
 def _run_cell(exp, layout, cell) -> int:
-    from d2lora_dist.sweep.cell import Preempted, run_cell
-    from d2lora_dist.sweep.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, PreemptionWatcher
+    from d2lora_dist.sweep.cell import run_cell
+
+    return _preemptible(lambda callbacks: run_cell(exp, layout, cell, callbacks=callbacks))
+
+
+def _preemptible(phase) -> int:
+    """Run a training phase so that SIGUSR1 (Slurm's warning) checkpoints it and exits 75."""
+    from d2lora_dist.sweep.preemption import PreemptionCallback, PreemptionWatcher, exit_if_preempted
+    from d2lora_dist.train import Preempted
 
     watcher = PreemptionWatcher()
     try:
-        run_cell(exp, layout, cell, callbacks=[PreemptionCallback(watcher)])
+        phase([PreemptionCallback(watcher)])
     except Preempted as e:
         print(str(e), file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+        exit_if_preempted(watcher)  # waits for every rank, then exits PREEMPTED_EXIT_CODE
+        raise
     return 0
 
 
@@ -160,12 +167,12 @@ def cmd_sweep_cell(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_submit(args: argparse.Namespace) -> int:
-    from d2lora_dist.sweep.plan import freeze_plan
     from d2lora_dist.sweep.slurm import submit
 
     exp, layout = _load(args)
-    freeze_plan(exp, layout)
-    submit(exp, layout, dry_run=args.dry_run, only_failed=args.only_failed)
+    result = submit(exp, layout, dry_run=args.dry_run, only_failed=args.only_failed)
+    if not args.dry_run:
+        print(result.describe())
     return 0
 
 

@@ -22,6 +22,10 @@ from d2lora_dist.tracking import add_throughput_callback
 log = logging.getLogger(__name__)
 
 
+class Preempted(RuntimeError):
+    """Training stopped at a checkpoint before its last step (the job is being preempted)."""
+
+
 @dataclass
 class Phase:
     """Everything one training run needs; built by the warm-up or the cell runner."""
@@ -47,7 +51,6 @@ class TrainOutcome:
     runtime_s: float
     manifest: dict[str, Any] | None
     log_history: list[dict[str, Any]]
-    stopped_early: bool
 
     def summary(self) -> dict[str, Any]:
         return {"steps": self.steps, "first_loss": self.first_loss, "final_loss": self.final_loss,
@@ -106,17 +109,17 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
         print(f"[{phase.name}] resuming from {resume}", flush=True)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    stopped_early = result.global_step < trainer.state.max_steps
-    manifest = None
-    if not stopped_early:
-        lineage = {**phase.lineage, "base_model": base, "lora": lora, "method": phase.method,
-                   "hyperparameters": _as_dict(phase.settings), "seed": phase.seed,
-                   "parent": _parent_ref(phase.init_adapter, parent)}
-        manifest = adapters.save_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped),
-                                         phase.out_adapter, lineage)
+    if result.global_step < trainer.state.max_steps:  # a callback (preemption) stopped it
+        raise Preempted(f"[{phase.name}] stopped at step {result.global_step} of {trainer.state.max_steps}; "
+                        f"the checkpoint in {phase.checkpoint_dir} resumes it")
+    lineage = {**phase.lineage, "base_model": base, "lora": lora, "method": phase.method,
+               "hyperparameters": _as_dict(phase.settings), "seed": phase.seed,
+               "parent": _parent_ref(phase.init_adapter, parent)}
+    manifest = adapters.save_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped),
+                                     phase.out_adapter, lineage)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     outcome = TrainOutcome(result.global_step, losses[0] if losses else None, losses[-1] if losses else None,
-                           time.time() - start, manifest, list(trainer.state.log_history), stopped_early)
+                           time.time() - start, manifest, list(trainer.state.log_history))
     distributed.release_training_state()  # the next phase or evaluation in this process starts clean
     return outcome
 

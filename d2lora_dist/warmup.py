@@ -18,7 +18,7 @@ def warmup_artifact(exp: Experiment) -> str:
     return tracking.artifact_name(exp.name, "warmup")
 
 
-def run_warmup(exp: Experiment, layout: RunLayout) -> dict[str, Any]:
+def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train the warm-up adapter unless it is already done; return its result record."""
     if exp.warmup is None:
         raise ValueError(f"experiment {exp.name!r} has no `warmup` section")
@@ -32,7 +32,7 @@ def run_warmup(exp: Experiment, layout: RunLayout) -> dict[str, Any]:
     phase = Phase(name="warmup", method="sft", settings=exp.warmup.train, records=records,
                   out_adapter=layout.warmup_adapter, checkpoint_dir=layout.warmup_dir / "checkpoints",
                   seed=WARMUP_SEED, lineage={"phase": "warmup", "data": subset.to_dict() | {"indices": None}},
-                  report_to=["wandb"] if run is not None else [])
+                  report_to=["wandb"] if run is not None else [], callbacks=callbacks or [])
     outcome = train_phase(exp, phase)
     result = {"phase": "warmup", "train": outcome.summary(), "data": {"dataset": subset.dataset, "n": subset.n,
               "subset_sha256": subset.sha256}, "adapter": None}

@@ -205,13 +205,3 @@ def test_multi_rank_warmup_under_accelerate_is_preempted_and_resumes(cluster: Lo
         assert ranks == ["rank=0"] * runs + ["rank=1"] * runs, (what, events)
     assert all("node_id=0" in e for e in events if e.startswith("warmup"))  # expanded in the task
     assert [row.state for row in cell_status(exp, layout)] == ["done"]
-
-
-def test_d2lora_end_to_end_submission_todo_integrator():
-    """Real warm-up + 4 cells + report through `d2lora sweep submit` on the local cluster.
-
-    To be finished once `d2lora warmup`, `d2lora sweep cell --index` and `d2lora report`
-    exist: submit launch/experiments/demo_cpu.yaml (4 cells) with commands=None, wait, and
-    assert result.json for every cell and report/results.csv.
-    """
-    pytest.skip("needs the d2lora warmup / sweep cell / report commands (integrator)")

@@ -24,10 +24,6 @@ from d2lora_dist.train import Phase, TrainOutcome, train_phase
 from d2lora_dist.warmup import warmup_artifact
 
 
-class Preempted(RuntimeError):
-    """Training stopped at a checkpoint because the job is being preempted."""
-
-
 def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any] | None = None) -> dict[str, Any]:
     if layout.cell_result(cell.id).is_file():
         if distributed.is_main_process():
@@ -92,10 +88,7 @@ def _train(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Path |
                            "data": {k: v for k, v in subset.to_dict().items() if k != "indices"}},
                   init_adapter=start_adapter, report_to=["wandb"] if run is not None else [],
                   callbacks=callbacks)
-    outcome = train_phase(exp, phase)
-    if outcome.stopped_early:
-        raise Preempted(f"[{cell.id}] stopped at step {outcome.steps}; checkpoint saved for resuming")
-    return outcome
+    return train_phase(exp, phase)
 
 
 def _save_subset(layout: RunLayout, cell: Cell, subset: dict[str, Any]) -> None:

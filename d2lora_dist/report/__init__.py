@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.fileio import write_text_atomic as atomic_write_text
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.report.collect import collect
-from d2lora_dist.report.files import atomic_write_text
 from d2lora_dist.report.plots import write_plots
 from d2lora_dist.report.tables import render_csv, render_markdown, table_specs
 

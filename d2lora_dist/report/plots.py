@@ -18,8 +18,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from d2lora_dist.fileio import write_atomic as atomic_write
 from d2lora_dist.report.collect import Collection
-from d2lora_dist.report.files import atomic_write
 from d2lora_dist.report.stats import mean_std
 from d2lora_dist.report.tables import INITS, METHOD_LABELS, TableSpec
 from d2lora_dist.sweep.grid import NO_TRAINING

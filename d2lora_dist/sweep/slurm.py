@@ -15,7 +15,6 @@ the scripts stay valid for a manual `sbatch`. `submit` writes the scripts, calls
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -27,6 +26,7 @@ from string import Template
 from typing import Any
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.fileio import write_text_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep.grid import Cell, needs_warmup, plan_cells
 from d2lora_dist.sweep.plan import freeze_plan
@@ -270,13 +270,6 @@ def unfinished_indices(layout: RunLayout, cells: Sequence[Cell]) -> list[int]:
     return [i for i, c in enumerate(cells) if not layout.cell_result(c.id).exists()]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------- submission
 
 
@@ -362,7 +355,7 @@ def submit(exp: Experiment, layout: RunLayout, dry_run: bool = False, only_faile
         path.mkdir(parents=True, exist_ok=True)
     try:
         for step in steps:
-            _write_atomic(step.script, step.text)
+            write_text_atomic(step.script, step.text)
             argv = sbatch_argv(step, result.jobs)
             result.commands.append(argv)
             result.jobs[step.name] = _sbatch(argv)
@@ -398,7 +391,7 @@ def _append_record(layout: RunLayout, result: SubmitResult, only_failed: bool) -
         "skipped": result.skipped,
         "commands": result.commands,
     })
-    _write_atomic(jobs_file(layout), json.dumps(records, indent=1) + "\n")
+    write_text_atomic(jobs_file(layout), json.dumps(records, indent=1) + "\n")
 
 
 def read_records(layout: RunLayout) -> list[dict[str, Any]]:

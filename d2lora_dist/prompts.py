@@ -4,7 +4,7 @@ Training and evaluation must ask the same question in the same words, so both im
 """
 
 TITLE_PROMPT_VERSION = "titles-v1"
-GSM8K_PROMPT_VERSION = "gsm8k-zeroshot-v1"
+GSM8K_PROMPT_VERSION = "gsm8k-zeroshot-v2"
 
 
 def title_prompt(abstract: str) -> str:
@@ -13,5 +13,6 @@ def title_prompt(abstract: str) -> str:
 
 
 def gsm8k_prompt(question: str) -> str:
-    return (f"{question.strip()}\n\nSolve the problem step by step, then give the final answer on the last "
-            "line as 'The answer is N.'")
+    # v1 ended with "as 'The answer is N.'", which small models copied literally.
+    return (f"{question.strip()}\n\nSolve the problem step by step. Finish with a last line that says "
+            "\"The answer is\" followed by the final number.")

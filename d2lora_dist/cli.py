@@ -126,6 +126,7 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     from d2lora_dist.sweep.plan import estimate, measure_workload
 
     exp, layout = _load(args)
+    _refuse_oversized(exp)
     rows = estimate(exp, layout, *measure_workload(exp))
     if args.json:
         print(json.dumps([{**r.cell.to_dict(), "done": r.done, "train_examples": r.train_examples,
@@ -147,6 +148,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     from d2lora_dist.sweep.plan import freeze_plan
 
     exp, layout = _load(args)
+    _refuse_oversized(exp)
     cells = freeze_plan(exp, layout)
     failed = run_sweep(exp, layout, cells, layout.experiment_file)
     report(exp, layout)
@@ -155,6 +157,15 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _refuse_oversized(exp) -> None:
+    from d2lora_dist.data.loading import DataError
+    from d2lora_dist.sweep.plan import oversized_cells
+
+    problems = oversized_cells(exp)
+    if problems:
+        raise DataError("cells ask for more task data than exists:\n  - " + "\n  - ".join(problems))
 
 
 def cmd_sweep_cell(args: argparse.Namespace) -> int:

@@ -108,3 +108,14 @@ def test_sweep_run_executes_the_grid_and_reports(tiny_experiment: dict, tmp_path
     assert changed.returncode == 2 and "was frozen with other settings" in changed.stderr
 
 
+
+
+def test_sweep_refuses_cells_larger_than_the_data_before_loading_a_model(tiny_experiment: dict, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    tiny_experiment["grid"][0]["n"] = [4, 41, 500]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main(["sweep", "run", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "math-dpo-lora-n41-s0: n=41 but task 'math' has only 40 usable preference rows" in err
+    assert "math-sft-d2lora-n500-s0" in err and "-n4-" not in err
+    assert not (tmp_path / "runs").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -281,9 +282,24 @@ def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None)
         yield
 
 
+def device() -> torch.device:
+    """This rank's device: its GPU (accelerate sets the current device per rank), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _group_ready() -> bool:
+    """True when collectives must run; a launch without a process group is a bug, said loudly."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("launched with WORLD_SIZE > 1 but no process group: call "
+                           "d2lora_dist.distributed.init_process_group() before any collective")
+    return False
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Send a picklable object (e.g. an adapter state dict) from `src` to every rank."""
-    if world_size() <= 1 or not torch.distributed.is_initialized():
+    if not _group_ready():
         return obj
     holder = [obj if rank() == src else None]
     torch.distributed.broadcast_object_list(holder, src=src)
@@ -291,7 +307,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
-    if world_size() <= 1 or not torch.distributed.is_initialized():
+    if not _group_ready():
         return [obj]
     out: list[Any] = [None] * world_size()
     torch.distributed.all_gather_object(out, obj)
@@ -315,21 +331,31 @@ def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:
 def test_callbacks() -> list[Any]:
     """Callbacks that only tests switch on (empty unless D2LORA_TEST_CRASH_RANK_AT_STEP is set).
 
-    "RANK:STEP" makes that rank raise right after optimizer step STEP, to test that the other
-    ranks exit instead of hanging and that a restart resumes from the last checkpoint.
+    "RANK:STEP" makes that rank raise right after optimizer step STEP (a crashed rank: the
+    others must exit, not hang); "RANK:STEP:hang" makes it stop responding there instead (a
+    stuck rank: the others must give up after D2LORA_PG_TIMEOUT_S). Either way the run dies
+    after its last checkpoint, and a restart must resume from it.
     """
     raw = os.environ.get(CRASH_ENV)
     if not raw:
         return []
+    parts = raw.split(":")
     try:
-        crash_rank, crash_step = (int(x) for x in raw.split(":"))
-    except ValueError:
-        raise LaunchError(f"{CRASH_ENV}={raw!r}: expected RANK:STEP, e.g. 1:3") from None
+        crash_rank, crash_step, how = int(parts[0]), int(parts[1]), (parts[2:] or ["raise"])[0]
+    except (ValueError, IndexError):
+        how = ""
+    if len(parts) > 3 or how not in ("raise", "hang"):
+        raise LaunchError(f"{CRASH_ENV}={raw!r}: expected RANK:STEP or RANK:STEP:hang, e.g. 1:3")
     from transformers import TrainerCallback
 
     class CrashAtStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == crash_step and rank() == crash_rank:
-                raise RuntimeError(f"{CRASH_ENV}: rank {crash_rank} crashes at step {crash_step} (test hook)")
+            if state.global_step != crash_step or rank() != crash_rank:
+                return
+            message = f"{CRASH_ENV}: rank {crash_rank} {'hangs' if how == 'hang' else 'crashes'} at step {crash_step}"
+            if how == "raise":
+                raise RuntimeError(message + " (test hook)")
+            print(message + " (test hook)", flush=True)
+            time.sleep(24 * 3600)
 
     return [CrashAtStep()]

@@ -14,6 +14,7 @@ from d2lora_dist.modeling import attach_lora, base_fingerprint, load_base_model,
 
 def load_for_eval(exp: Experiment, adapter_dir: Path | None) -> tuple[Any, Any]:
     """Full model on every rank (generation under ZeRO-3 is unusably slow); adapter verified."""
+    distributed.init_process_group()  # under `accelerate launch` the ranks split the items
     distributed.leave_zero3()
     gc.collect()
     tokenizer = load_tokenizer(exp.model)
@@ -23,7 +24,7 @@ def load_for_eval(exp: Experiment, adapter_dir: Path | None) -> tuple[Any, Any]:
 
         state, _ = adapters.load_adapter_state(adapter_dir, base_fingerprint(exp.model), lora_summary(exp))
         model = attach_lora(model, exp.lora, state)
-    model.eval()
+    model.to(distributed.device()).eval()
     return model, tokenizer
 
 

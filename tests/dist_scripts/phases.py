@@ -1,0 +1,185 @@
+"""Multi-rank probe of the training pipeline (launched by tests/test_distributed_*.py).
+
+    accelerate launch --config_file launch/accelerate/cpu_2proc_zero3.yaml \
+        tests/dist_scripts/phases.py -c EXP.yaml --out DIR [--warmup] [--phases sft,dpo:base,orpo] [--logits]
+
+Runs the library's own entry points (run_warmup, train_phase, load_for_eval) and records,
+per rank, into DIR/rank-R.json what the tests assert:
+  broadcast    checksum of the warm-up adapter state each rank received, and which files under
+               the adapter directory each rank opened (Python audit hook: Python-level opens)
+  phases       per phase: first/final loss, steps, trainer.ref_model, adapter names, parameters
+               held by this rank (after zero.Init load and inside training), checksum of the
+               trained adapter as this rank holds it after training
+  eval_params  after leave_zero3: are the evaluation model's parameters whole on every rank?
+With --logits, rank 0 also saves the logits of the warm-started model on a fixed batch at the
+start of the first phase (inside the training engine, before any update) to DIR/logits.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+
+FIXED_TEXTS = ["Sam has 3 apples and buys 4 more. How many now?", "Name a number bigger than 5."]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("-c", "--config", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--warmup", action="store_true", help="run the warm-up first (else it must exist)")
+    p.add_argument("--phases", default="", help="comma list of METHOD[:REFERENCE] trained from the warm-up")
+    p.add_argument("--n", type=int, default=4, help="task examples per phase")
+    p.add_argument("--logits", action="store_true")
+    return p.parse_args()
+
+
+def watch_opens(directory: Path) -> list[str]:
+    """Record every Python-level open of a file below `directory` (sha256, manifest reads)."""
+    opened: list[str] = []
+    prefix = str(directory.resolve())
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], str | os.PathLike):
+            path = os.path.abspath(os.fspath(args[0]))
+            if path.startswith(prefix):
+                opened.append(os.path.relpath(path, prefix))
+
+    sys.addaudithook(hook)
+    return opened
+
+
+class Recorder:
+    """Captures each trainer the pipeline builds and probes it at the start of training."""
+
+    def __init__(self, want_logits: bool, out: Path, tokenizer) -> None:
+        self.records: list[dict] = []
+        self.want_logits = want_logits
+        self.out = out
+        self.tokenizer = tokenizer
+        self.trainers: list = []
+
+    def wrap_make_trainer(self, train_module) -> None:
+        from d2lora_dist.distributed import local_shard_numel
+
+        original = train_module.make_trainer
+
+        def make_trainer(phase, model, args, dataset, tokenizer):
+            base = [p for n, p in model.named_parameters() if "lora_" not in n]
+            local, full = _numel(base)
+            trainer = original(phase, model, args, dataset, tokenizer)
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            self.trainers.append(trainer)
+            self.records.append({"phase": phase.name, "ref_model_is_none": trainer.ref_model is None
+                                 if hasattr(trainer, "ref_model") else None,
+                                 "adapters": sorted(unwrapped.peft_config),
+                                 "base_at_load": [local, full]})
+            trainer.add_callback(self.callback(local_shard_numel))
+            return trainer
+
+        train_module.make_trainer = make_trainer
+
+    def callback(self, local_shard_numel):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class Probe(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                record = recorder.records[-1]
+                record["model_in_training"] = list(local_shard_numel(model))
+                base = [p for n, p in model.named_parameters() if "lora_" not in n]
+                record["base_in_training"] = list(_numel(base))
+                if recorder.want_logits and len(recorder.records) == 1:
+                    recorder.save_logits(model)
+
+        return Probe()
+
+    def save_logits(self, model) -> None:
+        import torch
+
+        from d2lora_dist import distributed
+
+        batch = self.tokenizer(FIXED_TEXTS, return_tensors="pt", padding=True)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():  # collective under ZeRO-3: every rank runs it
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        model.train(was_training)
+        if distributed.is_main_process():
+            torch.save({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                        "logits": logits.detach().cpu()}, self.out / "logits.pt")
+
+
+def _numel(params) -> tuple[int, int]:
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    return local, full
+
+
+def main() -> int:
+    args = parse_args()
+    from d2lora_dist import adapters, distributed, train
+    from d2lora_dist.config import load_experiment
+    from d2lora_dist.data.selection import task_records
+    from d2lora_dist.layout import RunLayout
+    from d2lora_dist.methods import get_method
+    from d2lora_dist.modeling import load_tokenizer
+    from d2lora_dist.warmup import run_warmup
+
+    exp = load_experiment(args.config)
+    layout = RunLayout(exp.run_dir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    distributed.init_process_group()
+    report: dict = {"rank": distributed.rank(), "world": distributed.world_size(), "mode": distributed.launch_mode()}
+    recorder = Recorder(args.logits, args.out, load_tokenizer(exp.model))
+    recorder.wrap_make_trainer(train)
+
+    if args.warmup:
+        run_warmup(exp, layout)
+    opened = watch_opens(layout.warmup_adapter)
+    state, _ = adapters.load_adapter_state(layout.warmup_adapter)
+    report["broadcast"] = {"checksum": adapters.state_checksum(state), "opened": sorted(set(opened))}
+
+    phases = []
+    for spec in filter(None, args.phases.split(",")):
+        method, _, reference = spec.partition(":")
+        settings = exp.methods[method]
+        if reference:
+            settings.reference = reference
+        records, _ = task_records(exp, "math", get_method(method).form, args.n)
+        name = f"{method}-{reference or 'default'}"
+        phase = train.Phase(name=name, method=method, settings=settings, records=records,
+                            out_adapter=args.out / name / "adapter", checkpoint_dir=args.out / name / "ckpt",
+                            seed=0, lineage={"phase": "adapt"}, init_adapter=layout.warmup_adapter)
+        outcome = train.train_phase(exp, phase)
+        trainer = recorder.trainers[-1]
+        trained = adapters.gathered_state_dict(trainer.accelerator.unwrap_model(trainer.model_wrapped))
+        phases.append({**recorder.records[-1], "first_loss": outcome.first_loss, "final_loss": outcome.final_loss,
+                       "steps": outcome.steps, "max_steps": trainer.state.max_steps,
+                       "trained_checksum": adapters.state_checksum(trained),
+                       "ln2": math.log(2)})
+        recorder.trainers.clear()
+    report["phases"] = phases
+
+    if phases:
+        from d2lora_dist.evaluate.adapter_eval import load_for_eval
+
+        model, _ = load_for_eval(exp, args.out / phases[-1]["phase"] / "adapter")
+        report["eval_params"] = {"zero3_enabled": distributed.zero3_enabled(),
+                                 "partitioned": sum(hasattr(p, "ds_id") for p in model.parameters()),
+                                 "empty": sum(p.numel() == 0 for p in model.parameters()),
+                                 "numel": sum(p.numel() for p in model.parameters())}
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (args.out / f"rank-{distributed.rank()}.json").write_text(json.dumps(report, indent=2))
+    distributed.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), the real commands on the tiny model.
+
+One warm-up per module (`d2lora warmup` under accelerate), then phase 2 from it: the probe
+script (tests/dist_scripts/phases.py) for what only a rank can see, and `d2lora adapt` for the
+command path, whose in-process evaluation must equal a one-process evaluation item by item.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from d2lora_dist import adapters
+from d2lora_dist.layout import RunLayout
+from tests.conftest import write_experiment
+from tests.dist_scripts.launching import CLI, PHASES_SCRIPT, experiment_dict, launch, read_jsonl, run
+
+pytestmark = pytest.mark.distributed
+ZERO3 = "cpu_2proc_zero3.yaml"
+
+
+def plain_lora_model(exp, adapter_dir: Path):
+    """The warm-started model as one plain process builds it."""
+    from d2lora_dist.modeling import attach_lora, load_base_model
+
+    state, _ = adapters.load_adapter_state(adapter_dir)
+    return attach_lora(load_base_model(exp.model, training=False), exp.lora, state).eval()
+
+
+@pytest.fixture(scope="module")
+def z3(tiny_model_dir: Path, tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    from d2lora_dist.config import load_experiment
+
+    root = tmp_path_factory.mktemp("zero3")
+    path = write_experiment(experiment_dict(tiny_model_dir, tiny_data, root), root / "exp.yaml")
+    warmup = run(launch(ZERO3, [*CLI, "warmup", "-c", str(path)]), root / "warmup.log")
+    exp = load_experiment(path)
+    return SimpleNamespace(root=root, config=path, exp=exp, layout=RunLayout(exp.run_dir), warmup=warmup)
+
+
+def test_warmup_saves_the_gathered_adapter_once(z3) -> None:
+    assert z3.warmup.code == 0, z3.warmup.tail()
+    log = z3.warmup.log
+    assert "[distributed] deepspeed: 2 ranks, backend gloo" in log
+    assert "effective batch 4 (2 x 1 accum x 2 ranks)" in log
+    assert log.count("attention implementation: sdpa (requested sdpa)") == 2  # logged by each rank
+    assert log.count("[warmup] sft:") == 1  # rank-0 output only
+    manifest = adapters.verify_adapter(z3.layout.warmup_adapter)
+    assert not list(z3.layout.warmup_dir.glob(".adapter.tmp-*"))  # one writer, renamed into place
+
+    # Reload in this plain process: complete tensors, trained, and they fit the base model.
+    from safetensors.torch import load_file
+
+    state = load_file(str(z3.layout.warmup_adapter / adapters.WEIGHTS))
+    assert {k: list(v.shape) for k, v in state.items()} == manifest["tensors"]
+    kv_dim = 2 * (64 // 4)  # tiny Llama: 2 kv heads x head dim 16
+    for key, tensor in state.items():
+        out_dim = kv_dim if "v_proj" in key else 64
+        assert list(tensor.shape) == ([4, 64] if "lora_A" in key else [out_dim, 4]), key
+        if "lora_B" in key:
+            assert tensor.abs().sum() > 0, f"{key} is still zero: the warm-up did not train it"
+    model = plain_lora_model(z3.exp, z3.layout.warmup_adapter)
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(state) == 8
+
+
+@pytest.fixture(scope="module")
+def probe(z3) -> SimpleNamespace:
+    assert z3.warmup.code == 0, "warm-up failed; see test_warmup_saves_the_gathered_adapter_once"
+    out = z3.root / "probe"
+    result = run(launch(ZERO3, [PHASES_SCRIPT, "-c", str(z3.config), "--out", str(out), "--logits",
+                                "--phases", "dpo:init,dpo:base,orpo,sft"]), z3.root / "probe.log")
+    assert result.code == 0, result.tail()
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    return SimpleNamespace(out=out, ranks=ranks, result=result)
+
+
+def test_rank0_reads_the_adapter_once_and_every_rank_gets_the_same_tensors(z3, probe) -> None:
+    from safetensors.torch import load_file
+
+    on_disk = adapters.state_checksum(load_file(str(z3.layout.warmup_adapter / adapters.WEIGHTS)))
+    assert [r["broadcast"]["checksum"] for r in probe.ranks] == [on_disk, on_disk]
+    assert adapters.WEIGHTS in probe.ranks[0]["broadcast"]["opened"]
+    assert probe.ranks[1]["broadcast"]["opened"] == []  # rank 1 never opened a file of the adapter
+
+
+def test_each_rank_holds_half_of_the_base_model(probe) -> None:
+    for report in probe.ranks:
+        for phase in report["phases"]:
+            for key in ("base_at_load", "base_in_training", "model_in_training"):
+                local, full = phase[key]
+                # ZeRO-3 pads each parameter to a multiple of the world size: at most 1 extra per tensor
+                assert full / 2 <= local <= full / 2 + 64, (report["rank"], phase["phase"], key, local, full)
+
+
+def test_warm_started_logits_under_zero3_equal_a_one_process_load(z3, probe) -> None:
+    saved = torch.load(probe.out / "logits.pt")
+    model = plain_lora_model(z3.exp, z3.layout.warmup_adapter)
+    with torch.no_grad():
+        expected = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
+    torch.testing.assert_close(saved["logits"], expected, rtol=1e-5, atol=1e-5)
+    from d2lora_dist.modeling import load_base_model
+
+    with torch.no_grad():
+        base = load_base_model(z3.exp.model, training=False).eval()(
+            input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
+    assert (base - saved["logits"]).abs().max() > 1e-3  # the adapter really was loaded (peft 2884)
+
+
+def test_dpo_and_orpo_references_under_zero3(probe) -> None:
+    for report in probe.ranks:
+        phases = {p["phase"]: p for p in report["phases"]}
+        init, base = phases["dpo-init"], phases["dpo-base"]
+        assert init["ref_model_is_none"] and base["ref_model_is_none"]  # no second base model
+        assert init["adapters"] == ["default", "ref"]  # TRL's frozen copy of the warm-up adapter
+        assert base["adapters"] == ["default"]  # reference = adapters disabled = base model
+        assert init["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+        assert math.isfinite(base["first_loss"]) and math.isfinite(phases["orpo-default"]["first_loss"])
+        for phase in report["phases"]:
+            assert phase["steps"] == phase["max_steps"] == 1
+    by_phase = [{p["phase"]: p for p in report["phases"]} for report in probe.ranks]
+    assert sorted(by_phase[0]) == ["dpo-base", "dpo-init", "orpo-default", "sft-default"]
+    for name in by_phase[0]:
+        assert by_phase[0][name]["trained_checksum"] == by_phase[1][name]["trained_checksum"], name
+        manifest = adapters.verify_adapter(probe.out / name / "adapter")
+        assert manifest["parent"]["phase"] == "warmup"
+
+
+def test_evaluation_after_zero3_training_loads_whole_weights(probe) -> None:
+    for report in probe.ranks:
+        assert report["eval_params"] == {"zero3_enabled": False, "partitioned": 0, "empty": 0,
+                                         "numel": report["eval_params"]["numel"]}
+        assert report["eval_params"]["numel"] == report["phases"][-1]["model_in_training"][1]  # base + LoRA
+
+
+def test_adapt_command_trains_and_evaluates_like_one_process(z3) -> None:
+    assert z3.warmup.code == 0, "warm-up failed; see test_warmup_saves_the_gathered_adapter_once"
+    result = run(launch(ZERO3, [*CLI, "adapt", "-c", str(z3.config), "--task", "math", "--method", "dpo",
+                                "--init", "d2lora", "--n", "4"]), z3.root / "adapt.log")
+    assert result.code == 0, result.tail()
+    cell = "math-dpo-d2lora-n4-s0"
+    record = json.loads(z3.layout.cell_result(cell).read_text())
+    assert record["train"]["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    warm_sha = adapters.read_manifest(z3.layout.warmup_adapter)["adapter_sha256"]
+    assert record["adapter"]["parent_sha256"] == warm_sha
+
+    # The ranks evaluated in the training process (after leave_zero3), each on its shard;
+    # one plain process must produce the same predictions, item by item.
+    from d2lora_dist.evaluate.adapter_eval import evaluate_suites
+
+    one = z3.root / "one-process"
+    metrics = evaluate_suites(z3.exp, "math", ["gsm8k", "arc_easy"], z3.layout.cell_adapter(cell),
+                              lambda suite: one / f"{suite}.jsonl", progress=False)
+    for suite in ("gsm8k", "arc_easy"):
+        two_ranks = read_jsonl(z3.layout.cell_predictions(cell, suite))
+        assert len(two_ranks) == 5
+        assert two_ranks == read_jsonl(one / f"{suite}.jsonl"), suite
+    for suite, recorded in record["metrics"].items():
+        assert recorded == {k: v for k, v in metrics[suite].items() if k in recorded}, suite

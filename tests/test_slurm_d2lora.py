@@ -21,7 +21,7 @@ local_slurm = slurm_cluster.local_slurm
 cluster = slurm_cluster.cluster
 
 pytestmark = pytest.mark.slurm
-SLOW_CELL = "math-sft-lora-n48-s0"  # 24 steps at batch 2: long enough to be killed mid-training
+SLOW_CELL = "math-sft-lora-n36-s0"  # 18 steps at batch 2: long enough to be killed mid-training
 
 
 def _d2lora(*args: str) -> subprocess.CompletedProcess:
@@ -33,13 +33,14 @@ def _d2lora(*args: str) -> subprocess.CompletedProcess:
 
 def test_submit_warmup_cells_report_then_only_failed_resumes(cluster: LocalSlurm, tiny_experiment: dict,
                                                              tmp_path: Path) -> None:
-    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0, 4, 48]}]
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0, 4, 36]}]
     tiny_experiment["slurm"] = {"time": "00:20:00", "signal_seconds": 60, "max_parallel": 2,
                                 "setup": [f"export PATH={Path(sys.executable).parent}:$PATH"]}
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
     run_dir = tmp_path / "runs" / "tiny"
     submitted = _d2lora("sweep", "submit", "-c", str(path))
-    assert "--array=0-5%2" in submitted.stdout and "--dependency=afterok:" in submitted.stdout
+    assert "--dependency=afterok:" in submitted.stdout and "--dependency=afterany:" in submitted.stdout
+    assert "#SBATCH --array=0-5%2" in (run_dir / "slurm" / "cell_array.sbatch").read_text()
 
     plan = [c["id"] for c in json.loads((run_dir / "plan.json").read_text())["cells"]]
     slow = plan.index(SLOW_CELL)
@@ -57,10 +58,32 @@ def test_submit_warmup_cells_report_then_only_failed_resumes(cluster: LocalSlurm
     assert SLOW_CELL in status and any(w in status for w in ("cancelled", "failed"))
 
     again = _d2lora("sweep", "submit", "-c", str(path), "--only-failed")
-    assert f"--array={slow}%2" in again.stdout and "sbatch" in again.stdout
+    assert f"#SBATCH --array={slow}%2" in (run_dir / "slurm" / "cell_array.sbatch").read_text()
     assert "# warmup not submitted: done" in again.stdout
     cluster.wait_until("the resubmitted cell", lambda: not cluster.queued_ids(), timeout=420)
     result = json.loads((run_dir / "cells" / SLOW_CELL / "result.json").read_text())
-    assert result["train"]["steps"] == 24
+    assert result["train"]["steps"] == 18
     logs = "".join(p.read_text() for p in (run_dir / "slurm" / "logs").glob("cell-*"))
+    assert f"[{SLOW_CELL}] resuming from" in logs
+
+
+def test_usr1_on_a_real_cell_checkpoints_requeues_and_resumes(cluster: LocalSlurm, tiny_experiment: dict,
+                                                              tmp_path: Path) -> None:
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora"], "n": [36]}]
+    tiny_experiment["slurm"] = {"time": "00:20:00", "signal_seconds": 60,
+                                "setup": [f"export PATH={Path(sys.executable).parent}:$PATH"]}
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    run_dir = tmp_path / "runs" / "tiny"
+    _d2lora("sweep", "submit", "-c", str(path))
+    task = f"{read_records(RunLayout(run_dir))[0]['jobs']['array']}_0"
+    checkpoints = run_dir / "cells" / SLOW_CELL / "checkpoints"
+    cluster.wait_until("the cell's first checkpoint", (checkpoints / "checkpoint-2").is_dir, timeout=300)
+    cluster.run("scancel", "--batch", "--signal=USR1", task)
+    cluster.wait_until("every job to finish", lambda: not cluster.queued_ids(), timeout=420)
+    job = cluster.jobs(task)[0]
+    assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1")
+    result = json.loads((run_dir / "cells" / SLOW_CELL / "result.json").read_text())
+    assert result["train"]["steps"] == 18
+    logs = "".join(p.read_text() for p in (run_dir / "slurm" / "logs").glob("cell-*"))
+    assert "stopped at step" in logs and "scontrol requeue" in logs
     assert f"[{SLOW_CELL}] resuming from" in logs

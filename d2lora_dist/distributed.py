@@ -95,12 +95,15 @@ def init_process_group() -> None:
 
     Workarounds (accelerate 1.15, deepspeed 0.19):
     - CPU + DeepSpeed: without an explicit gloo group, every rank believes it is rank 0 of 1
-      and DeepSpeed fails on `train_batch_size`. PartialState(backend="gloo") fixes it.
-      Goes away when accelerate picks gloo for DeepSpeed on CPU by itself.
+      and DeepSpeed fails on `train_batch_size ... world_size` (the symptom of DeepSpeed 4703
+      and 3982; accelerate launch has no backend option, accelerate 2759).
+      PartialState(backend="gloo") fixes it. Goes away when accelerate picks gloo for
+      DeepSpeed on CPU by itself.
     - CPU + DDP: PartialState() without cpu=True initialises gloo but leaves the distributed
       type at NO, so the Trainer never wraps the model in DDP and the ranks train separate
-      copies without syncing gradients (silently). cpu=True makes it MULTI_CPU. Goes away when
-      accelerate maps LOCAL_RANK + no accelerator to MULTI_CPU (accelerate launch only sets
+      copies without syncing gradients, silently (found here, no upstream issue yet; caught by
+      tests/test_distributed_ddp.py). cpu=True makes it MULTI_CPU. Goes away when accelerate
+      maps LOCAL_RANK without an accelerator to MULTI_CPU (accelerate launch only sets
       ACCELERATE_USE_CPU for its own --cpu path).
     The timeout (D2LORA_PG_TIMEOUT_S) bounds how long a rank waits for a dead peer.
     """
@@ -246,7 +249,7 @@ def leave_zero3() -> None:
     Workaround: transformers keeps a global HfDeepSpeedConfig once a ZeRO-3 trainer existed,
     so a later `from_pretrained` (evaluation in the same process) would load partitioned
     weights, and generation under ZeRO-3 is unusably slow (LLaMA-Factory 5629, trl 3858).
-    Goes away if transformers scopes the config to the trainer (no upstream issue yet).
+    Goes away when transformers offers a per-load opt-out (transformers 28106, open).
     """
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -258,9 +261,10 @@ def release_training_state() -> None:
 
     Workarounds: (1) accelerate 1.15 refuses a second Accelerator with a DeepSpeed plugin in
     one process ("You cannot pass in a `deepspeed_plugin` when creating a second
-    `Accelerator`"); resetting AcceleratorState (the process group, PartialState, stays) lets
-    a later phase build its trainer. Goes away when accelerate allows a fresh DeepSpeed plugin
-    per Accelerator. (2) leave_zero3(), so that whatever loads next (evaluation) loads whole.
+    `Accelerator`", transformers 35073); resetting AcceleratorState (the process group,
+    PartialState, stays) lets a later phase build its trainer. Goes away when accelerate
+    allows a fresh DeepSpeed plugin per Accelerator. (2) leave_zero3(), so that whatever
+    loads next (evaluation) loads whole.
     """
     from accelerate.state import AcceleratorState, GradientState
 

@@ -37,7 +37,9 @@ def z3(tiny_model_dir: Path, tiny_data: dict, tmp_path_factory: pytest.TempPathF
     from d2lora_dist.config import load_experiment
 
     root = tmp_path_factory.mktemp("zero3")
-    path = write_experiment(experiment_dict(tiny_model_dir, tiny_data, root), root / "exp.yaml")
+    data = experiment_dict(tiny_model_dir, tiny_data, root)
+    data["model"]["gradient_checkpointing"] = True  # as the paper presets: PEFT + ZeRO-3 + checkpointing
+    path = write_experiment(data, root / "exp.yaml")
     warmup = run(launch(ZERO3, [*CLI, "warmup", "-c", str(path)]), root / "warmup.log")
     exp = load_experiment(path)
     return SimpleNamespace(root=root, config=path, exp=exp, layout=RunLayout(exp.run_dir), warmup=warmup)

@@ -17,7 +17,6 @@ Settings read from the environment (documented in docs/distributed.md):
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from contextlib import contextmanager
@@ -28,8 +27,6 @@ from typing import Any
 import torch
 
 from d2lora_dist.schema import ConfigError
-
-log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "D2LORA_PG_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800

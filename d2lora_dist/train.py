@@ -130,6 +130,7 @@ def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: A
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[*phase.callbacks, *distributed.test_callbacks()])
     add_throughput_callback(trainer)
+    _check_rows_kept(phase, len(dataset), len(trainer.train_dataset))
     if method.uses_reference and phase.settings.reference == "base":
         # TRL keeps a frozen copy of a given adapter ("ref") as the reference; without it, the
         # reference is the model with adapters disabled, i.e. the base model.
@@ -138,6 +139,16 @@ def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: A
             unwrapped.delete_adapter("ref")
             unwrapped.set_adapter("default")
     return trainer
+
+
+def _check_rows_kept(phase: Phase, given: int, kept: int) -> None:
+    """TRL drops rows whose response is truncated away; with none left it fails cryptically."""
+    if kept == 0:
+        raise ValueError(f"[{phase.name}] all {given} training rows were dropped by truncation to "
+                         f"max_length={phase.settings.max_length}; raise max_length for method {phase.method!r}")
+    if kept < given and distributed.is_main_process():
+        print(f"[{phase.name}] {given - kept} of {given} rows dropped: longer than max_length="
+              f"{phase.settings.max_length}", flush=True)
 
 
 def lora_summary(exp: Experiment) -> dict[str, Any]:

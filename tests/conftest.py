@@ -86,9 +86,14 @@ def _train(lr: float = 1e-3, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def tiny_experiment(tiny_model_dir: Path, tiny_data: dict[str, str], tmp_path: Path) -> dict[str, Any]:
-    """A complete, valid experiment dict on the tiny model; tests deep-copy and tweak it."""
+    """A complete, valid experiment dict on the tiny model; tests tweak their own copy."""
+    return tiny_experiment_dict(tiny_model_dir, tiny_data, tmp_path)
+
+
+def tiny_experiment_dict(model_dir: Path, data: dict[str, str], root: Path) -> dict[str, Any]:
+    tiny_model_dir, tiny_data = model_dir, data
     return copy.deepcopy({
-        "name": "tiny", "output_dir": str(tmp_path / "runs"), "data_seed": 7,
+        "name": "tiny", "output_dir": str(root / "runs"), "data_seed": 7,
         "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "warmup": {"dataset": {"name": "orpo_dpo_mix", "data_files": [tiny_data["warmup"]]}, "n": 8,

@@ -142,3 +142,10 @@ def test_micro_batches_and_accumulation_give_the_same_update(tiny_experiment: di
         results.append(state)
     for key in results[0]:
         assert torch.allclose(results[0][key], results[1][key], atol=1e-6), key
+
+
+def test_rows_all_truncated_away_stop_with_the_setting_to_change(warmed) -> None:
+    exp, layout, _ = warmed
+    phase = _phase(exp, layout, "dpo", None, max_length=8)
+    with pytest.raises(ValueError, match=r"all 4 training rows were dropped by truncation to max_length=8"):
+        train_phase(exp, phase)

@@ -28,9 +28,9 @@ PG_TIMEOUT_S = 60
 def experiment_dict(tiny_model_dir: Path, tiny_data: dict, root: Path) -> dict:
     """conftest's tiny experiment (one definition) for module-scoped runs; 5 eval items per
     suite, so 2 ranks get uneven shards (3 + 2)."""
-    from tests.conftest import tiny_experiment
+    from tests.conftest import tiny_experiment_dict
 
-    data = tiny_experiment.__wrapped__(tiny_model_dir, tiny_data, root)
+    data = tiny_experiment_dict(tiny_model_dir, tiny_data, root)
     data["suites"]["gsm8k"]["limit"] = 5
     data["suites"]["arc_easy"]["limit"] = 5
     return data

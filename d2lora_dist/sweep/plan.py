@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from d2lora_dist.config import Experiment, experiment_from_dict
+from d2lora_dist.config import Experiment
 from d2lora_dist.fileio import read_json, write_json_atomic, write_text_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep.grid import Cell, plan_cells
@@ -41,14 +41,13 @@ def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
     return cells
 
 
-def load_frozen(layout: RunLayout) -> tuple[Experiment, list[Cell]]:
-    exp = experiment_from_dict(yaml.safe_load(layout.experiment_file.read_text()), str(layout.experiment_file))
-    cells = [Cell.from_dict(c) for c in read_json(layout.plan_file)["cells"]]
-    return exp, cells
+def load_plan(layout: RunLayout) -> list[Cell]:
+    """The frozen cell order: array index i is cell i."""
+    return [Cell.from_dict(row) for row in read_json(layout.plan_file)["cells"]]
 
 
 def cell_at(layout: RunLayout, index: int) -> Cell:
-    cells = [Cell.from_dict(c) for c in read_json(layout.plan_file)["cells"]]
+    cells = load_plan(layout)
     if not 0 <= index < len(cells):
         raise PlanError(f"array index {index} outside the frozen plan of {len(cells)} cells ({layout.plan_file})")
     return cells[index]

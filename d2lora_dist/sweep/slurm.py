@@ -29,7 +29,7 @@ from d2lora_dist.config import Experiment
 from d2lora_dist.fileio import write_text_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep.grid import Cell, needs_warmup, plan_cells
-from d2lora_dist.sweep.plan import freeze_plan
+from d2lora_dist.sweep.plan import freeze_plan, load_plan
 from d2lora_dist.sweep.preemption import PREEMPTED_EXIT_CODE
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
@@ -253,16 +253,6 @@ def _slurm_seconds(value: str) -> int | None:
     if b is not None:
         return a * 60 + b
     return a * 60
-
-
-# ---------------------------------------------------------------- the frozen plan
-
-
-def load_plan(layout: RunLayout) -> list[Cell]:
-    """The frozen cell order (sweep.plan.freeze_plan writes it): array index i is cell i."""
-    data = json.loads(layout.plan_file.read_text())
-    rows = data["cells"] if isinstance(data, dict) else data
-    return [Cell.from_dict(row) for row in rows]
 
 
 def unfinished_indices(layout: RunLayout, cells: Sequence[Cell]) -> list[int]:

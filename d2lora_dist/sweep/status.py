@@ -17,8 +17,9 @@ from typing import Any
 from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep.grid import Cell, plan_cells
+from d2lora_dist.sweep.plan import load_plan
 from d2lora_dist.sweep.preemption import PREEMPTED_EXIT_CODE
-from d2lora_dist.sweep.slurm import load_plan, log_path, read_records
+from d2lora_dist.sweep.slurm import log_path, read_records
 
 # One `scontrol -o` record: {"JobState": "RUNNING", ...}; None = Slurm does not know the job.
 JobQuery = Callable[[str], "list[dict[str, str]] | None"]

@@ -1,4 +1,5 @@
-"""Scoring: ROUGE on known strings, GSM8K/ARC aggregation, predictions-file validation."""
+"""Scoring: ROUGE on known strings, GSM8K (both answer filters) and ARC aggregation,
+per-item scores, predictions-file validation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from d2lora_dist.evaluate.scoring import (
+    ITEM_SCORES,
     arc_predictions,
+    item_scores,
     rouge_f1,
     score_arc,
     score_file,
@@ -48,20 +51,64 @@ def test_score_titles_means_and_extracts_the_title():
     assert metrics == {"rouge1": 0.5, "rouge2": 0.5, "rougeL": 0.5, "items": 2}
 
 
-def test_score_gsm8k():
-    rows = [{"completion": "The answer is 18.", "reference": "x\n#### 18"},
-            {"completion": "The answer is 1,234.0", "reference": "#### 1,234"},
-            {"completion": "I give up", "reference": "#### 3"}]
-    assert score_gsm8k(rows) == {"accuracy": 2 / 3, "items": 3, "correct": 2}
+# strict: 2 of 4 (rows 0 and 1); flexible: 3 of 4 (row 2 has no marker but ends on the answer)
+GSM8K_ROWS = [
+    {"id": "q0", "completion": "The answer is 18.", "reference": "x\n#### 18"},
+    {"id": "q1", "completion": "The answer is 1,234.0", "reference": "#### 1,234"},
+    {"id": "q2", "completion": "So 9 * 2 = 18", "reference": "#### 18"},
+    {"id": "q3", "completion": "I give up", "reference": "#### 3"},
+]
 
 
-def test_score_row():
-    assert score_row("gsm8k", "so 17.0", "#### 17") == ("17", True)
-    assert score_row("gsm8k", "nothing", "#### 17") == (None, False)
-    title, scores = score_row("titles", '"Run Models"', "running model")
-    assert title == "Run Models" and scores["rouge1"] == 1.0
+def test_score_gsm8k_reports_both_filters_and_the_flexible_headline_by_default():
+    assert score_gsm8k(GSM8K_ROWS) == {"accuracy": 3 / 4, "strict_accuracy": 2 / 4, "flexible_accuracy": 3 / 4,
+                                       "items": 4, "correct": 3}
+
+
+def test_score_gsm8k_strict_filter_makes_the_strict_accuracy_the_headline():
+    assert score_gsm8k(GSM8K_ROWS, "strict") == {"accuracy": 2 / 4, "strict_accuracy": 2 / 4,
+                                                 "flexible_accuracy": 3 / 4, "items": 4, "correct": 2}
+
+
+def test_score_gsm8k_unknown_filter_is_an_error():
+    with pytest.raises(ValueError, match=r"answer_filter must be one of \['flexible', 'strict'\], got 'exact'"):
+        score_gsm8k(GSM8K_ROWS, "exact")  # type: ignore[arg-type]
+
+
+def test_score_row_gsm8k_gives_both_filters_and_the_headline():
+    both = {"extracted_strict": None, "correct_strict": False, "extracted_flexible": "17", "correct_flexible": True}
+    assert score_row("gsm8k", "so 17.0", "#### 17") == {"extracted": "17", "correct": True, **both}
+    assert score_row("gsm8k", "so 17.0", "#### 17", "strict") == {"extracted": None, "correct": False, **both}
+    assert score_row("gsm8k", "nothing", "#### 17") == {
+        "extracted": None, "correct": False, "extracted_strict": None, "correct_strict": False,
+        "extracted_flexible": None, "correct_flexible": False}
+
+
+def test_score_row_titles_and_unknown_kind():
+    scored = score_row("titles", '"Run Models"', "running model")
+    assert scored["extracted"] == "Run Models" and scored["score"]["rouge1"] == 1.0
     with pytest.raises(ValueError, match="kind"):
         score_row("arc", "a", "b")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("answer_filter", ["strict", "flexible"])
+def test_gsm8k_item_scores_average_to_the_metrics(answer_filter):
+    # The report's paired intervals resample ITEM_SCORES: their means must be the metrics.
+    rows = [{**row, **score_row("gsm8k", row["completion"], row["reference"], answer_filter)} for row in GSM8K_ROWS]
+    per_item = item_scores("gsm8k", rows)
+    metrics = score_gsm8k(GSM8K_ROWS, answer_filter)
+    assert set(per_item) == set(ITEM_SCORES["gsm8k"]) == {"accuracy", "strict_accuracy", "flexible_accuracy"}
+    for metric, scores in per_item.items():
+        assert list(scores) == ["q0", "q1", "q2", "q3"]
+        assert math.isclose(sum(scores.values()) / len(scores), metrics[metric]), metric
+
+
+def test_gsm8k_item_scores_read_each_metrics_own_row_field():
+    row = {"id": 7, "correct": True, "correct_strict": False, "correct_flexible": True}
+    assert item_scores("gsm8k", [row]) == {"accuracy": {"7": 1.0}, "strict_accuracy": {"7": 0.0},
+                                           "flexible_accuracy": {"7": 1.0}}
+    row = {"id": 7, "correct": False, "correct_strict": False, "correct_flexible": True}
+    assert item_scores("gsm8k", [row])["accuracy"] == {"7": 0.0}
 
 
 def test_arc_normalised_prediction_divides_by_choice_characters():
@@ -83,9 +130,26 @@ def test_score_file_gsm8k_and_titles(tmp_path):
         "",  # blank lines are tolerated
         {"id": "b", "completion": "The answer is 4", "reference": "#### 5"},
     ])
-    assert score_file("gsm8k", gsm) == {"accuracy": 0.5, "items": 2, "correct": 1}
+    assert score_file("gsm8k", gsm) == {"accuracy": 0.5, "strict_accuracy": 0.5, "flexible_accuracy": 0.5,
+                                        "items": 2, "correct": 1}
     titles = write_jsonl(tmp_path / "titles.jsonl", [{"completion": "a b", "reference": "a b"}])
     assert score_file("titles", titles)["rougeL"] == 1.0
+
+
+def test_score_file_gsm8k_rescores_completions_and_takes_the_headline_filter(tmp_path):
+    # Stored extracted/correct fields are ignored: a changed extractor rescores old files.
+    stale = {"extracted": "5", "correct": False, "correct_strict": False, "correct_flexible": False}
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", [{**row, **stale} for row in GSM8K_ROWS])
+    assert score_file("gsm8k", path) == score_gsm8k(GSM8K_ROWS)
+    assert score_file("gsm8k", path, answer_filter="strict") == score_gsm8k(GSM8K_ROWS, "strict")
+    assert score_file("gsm8k", path)["accuracy"] == 3 / 4
+    assert score_file("gsm8k", path, answer_filter="strict")["accuracy"] == 2 / 4
+
+
+def test_score_file_answer_filter_is_for_gsm8k_only(tmp_path):
+    titles = write_jsonl(tmp_path / "titles.jsonl", [{"completion": "a b", "reference": "a b"}])
+    with pytest.raises(ValueError, match="answer_filter applies to gsm8k only, got it for kind 'titles'"):
+        score_file("titles", titles, answer_filter="strict")
 
 
 @pytest.mark.parametrize("lines, message", [

@@ -14,6 +14,7 @@ from evaluate_fixtures import build_tiny_llama, build_tiny_tokenizer
 from d2lora_dist import fileio
 from d2lora_dist.config import SuiteConfig
 from d2lora_dist.evaluate import suites
+from d2lora_dist.evaluate.answers import ANSWER_RULES_VERSION
 from d2lora_dist.evaluate.generation import encode_prompt, generate, stop_token_ids
 from d2lora_dist.evaluate.loglik import choice_logliks
 from d2lora_dist.evaluate.scoring import score_file
@@ -37,11 +38,15 @@ ARC_ITEMS = [{"id": f"a{i}", "question": q, "choices": c, "answer_index": g} for
     ("Which is a mammal?", ["shark", "trout", "whale", "eel"], 2),
 ])]
 ROW_KEYS = {
-    "gsm8k": {"id", "prompt", "completion", "extracted", "reference", "correct"},
+    "gsm8k": {"id", "prompt", "completion", "extracted", "reference", "correct", "extracted_strict",
+              "extracted_flexible", "correct_strict", "correct_flexible"},
     "titles": {"id", "prompt", "completion", "extracted", "reference", "score"},
     "arc": {"id", "prompt", "choices", "logliks", "pred", "pred_norm", "gold", "correct", "correct_norm"},
 }
 ITEMS = {"gsm8k": GSM8K_ITEMS, "titles": TITLE_ITEMS, "arc": ARC_ITEMS}
+# String entries of run_suite's metrics besides the numbers, per kind.
+LABELS = {"gsm8k": {"prompt_version", "answer_filter", "answer_rules"}, "titles": {"prompt_version"},
+          "arc": {"prompt_version"}}
 
 
 @pytest.fixture(scope="session")
@@ -201,8 +206,9 @@ def test_run_suite_writes_one_row_per_item_and_metrics_in_range(kind, model, tok
     assert all(ROW_KEYS[kind] <= set(r) for r in rows)
     assert metrics["items"] == len(ITEMS[kind])
     assert metrics["prompt_version"] == suites.SUITES[kind].prompt_version
-    assert set(metrics) == {*suites.SUITES[kind].metrics, "prompt_version"}
-    numbers = {k: v for k, v in metrics.items() if k not in ("items", "prompt_version")}
+    assert set(metrics) == {*suites.SUITES[kind].metrics, *LABELS[kind]}
+    assert all(isinstance(metrics[k], str) for k in LABELS[kind])
+    numbers = {k: v for k, v in metrics.items() if k != "items" and k not in LABELS[kind]}
     assert numbers and all(0.0 <= v <= 1.0 for v in numbers.values())
     # the predictions file alone reproduces the metrics
     rescored = score_file(kind, out)
@@ -223,6 +229,69 @@ def test_run_suite_rows_hold_what_the_prompts_and_scores_say(model, tokenizer, t
     assert arc_row["prompt"] == "Question: What is 2 + 2?\nAnswer:"
     assert arc_row["gold"] == 1 and len(arc_row["logliks"]) == 3
     assert arc_row["correct"] == (arc_row["pred"] == 1)
+
+
+# --- gsm8k answer filters ----------------------------------------------------------------
+
+# One question asked twice with two references: the completion the model is taught has
+# no answer marker and ends on 4, so s0 is right under flexible only and s1 is wrong.
+FILTER_ITEMS = [{"id": "s0", "question": "Tom has 1 apple and buys 3 more. How many now?", "answer": "#### 4"},
+                {"id": "s1", "question": "Tom has 1 apple and buys 3 more. How many now?", "answer": "#### 3"}]
+TAUGHT_COMPLETION = "He has 1 + 3 = 4 apples."
+
+
+def teach(model, tokenizer, prompt: str, completion: str, max_steps: int = 300) -> None:
+    """Fit the model to answer `prompt` with exactly `completion` and then stop (eos), so
+    greedy generation writes a known text: the suite, not the model, is under test."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + completion_ids])
+    labels = torch.tensor([[-100] * len(prompt_ids) + completion_ids])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(max_steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        if loss.item() < 0.05:  # a clear greedy margin on every token
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def taught_model(tokenizer):
+    model = build_tiny_llama(tokenizer, seed=1)
+    teach(model, tokenizer, suites.gsm8k_prompt(FILTER_ITEMS[0], tokenizer), TAUGHT_COMPLETION)
+    return model
+
+
+@pytest.mark.parametrize("answer_filter, accuracy", [("flexible", 0.5), ("strict", 0.0)])
+def test_gsm8k_rows_and_metrics_carry_both_filters_and_the_setting_picks_the_headline(
+        answer_filter, accuracy, taught_model, tokenizer, tmp_path):
+    out = tmp_path / "gsm8k.jsonl"
+    metrics = run_suite("gsm8k", FILTER_ITEMS, taught_model, tokenizer,
+                        settings("gsm8k", answer_filter=answer_filter, max_new_tokens=24), out, progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["completion"] for r in rows] == [TAUGHT_COMPLETION] * 2  # the model says what it was taught
+    assert [(r["extracted_strict"], r["correct_strict"]) for r in rows] == [(None, False), (None, False)]
+    assert [(r["extracted_flexible"], r["correct_flexible"]) for r in rows] == [("4", True), ("4", False)]
+    assert [(r["extracted"], r["correct"]) for r in rows] == [
+        (r[f"extracted_{answer_filter}"], r[f"correct_{answer_filter}"]) for r in rows]
+    assert metrics == {"accuracy": accuracy, "strict_accuracy": 0.0, "flexible_accuracy": 0.5, "items": 2,
+                       "prompt_version": suites.GSM8K_PROMPT_VERSION, "answer_filter": answer_filter,
+                       "answer_rules": ANSWER_RULES_VERSION}
+    # the file alone reproduces every number, given the headline filter
+    rescored = score_file("gsm8k", out, answer_filter=answer_filter)
+    assert {k: rescored[k] for k in suites.SUITES["gsm8k"].metrics} == {
+        k: metrics[k] for k in suites.SUITES["gsm8k"].metrics}
+
+
+def test_run_suite_rejects_an_unknown_answer_filter_before_generating(tmp_path):
+    with pytest.raises(ValueError, match=r"answer_filter must be one of \['flexible', 'strict'\], got 'loose'"):
+        run_suite("gsm8k", GSM8K_ITEMS, None, None, settings("gsm8k", answer_filter="loose"),
+                  tmp_path / "p.jsonl", progress=False)
+    assert not (tmp_path / "p.jsonl").exists()
 
 
 def test_run_suite_applies_limit(model, tokenizer, tmp_path):

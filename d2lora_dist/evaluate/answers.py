@@ -1,24 +1,39 @@
 """Answer extraction: from a model completion to the string a metric compares.
 
 GSM8K answers are compared as canonical number strings ("18", "-3", "0.5"), so
-"$1,234.50", "1234.5" and "1234.50 dollars" are one answer. Extraction tries the
-explicit answer markers first, in this priority order (most to least explicit):
+"$1,234.50", "1234.5" and "1234.50 dollars" are one answer. Two filters turn a
+completion into a number, and every GSM8K evaluation reports both (docs/evaluation.md):
 
-1. `#### N`               the GSM8K gold format; fine-tuned models imitate it
-2. `\\boxed{N}`           the LaTeX convention of math-tuned models
-3. "the final answer is N"
-4. "the answer is N" / "answer: N"   what our zero-shot prompt asks for
-5. the last number anywhere in the completion (fallback)
+strict    the answer after the LAST explicit answer marker, None without one. Markers:
+          `#### N` (the GSM8K gold format), `\\boxed{N}`, "the final answer is N" /
+          "final answer: N", "the answer is N" / "answer: N".
+flexible  the strict answer when there is one, else the last number anywhere.
 
-Within one marker the FIRST occurrence wins: text after a model's first conclusive
-answer is usually run-on (a hallucinated next question with its own answer), and
-the first marker is what the prompt asked for.
+Why the last marker and not the first: a model often restates or corrects itself
+("The answer is 5 ... wait, ... The answer is 7"), and our prompt (d2lora_dist.prompts)
+asks for a LAST line "The answer is N"; the final statement is the one it means.
+A marker whose text holds no number (a copied placeholder "The answer is N.") does not
+count as a marker.
+
+After a marker the answer is the last number of its segment: the text up to the end of
+that sentence or line (in `\\boxed{...}`: the braces). "The answer is 5 + 3 = 8." ends
+on its result, 8, and "The answer is $18. Then 4 more" stops at the sentence, 18.
+
+Bump ANSWER_RULES_VERSION whenever what these functions return changes: accuracies from
+different rules are not comparable, and the gsm8k suite reports the version with its
+metrics (`answer_rules`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from typing import Literal
+
+ANSWER_RULES_VERSION = "gsm8k-answers-v2"  # v1: first marker by priority, first number after it
+
+AnswerFilter = Literal["strict", "flexible"]
 
 # A number as people write it: optional sign and currency, thousands separators only
 # when every group has exactly three digits (so "1,2,3" is three numbers), optional
@@ -29,14 +44,21 @@ _NUMBER = re.compile(
     r"(?:\$\s?)?(?:(?<![\w)\]])(?P<sign>[-−]))?(?:\$\s?)?"
     r"(?P<num>\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 )
-_HASHES = re.compile(r"####")
-_BOXED = re.compile(r"\\boxed\s*\{")
-_FINAL_ANSWER = re.compile(r"final\s+answer\s*(?:is|:|=)", re.IGNORECASE)
-_ANSWER = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
+# Every marker kind in one pattern, so finditer yields them in text order and "final
+# answer is" is one marker, not also an "answer is" inside it. Markdown bold may close
+# the phrase before its colon ("**Final Answer**: 18") or after it ("**Answer:** 18").
+_MARKER = re.compile(
+    r"####|(?P<boxed>\\boxed\s*\{)|\b(?:final\s+)?answer\**\s*(?:is\b(?:\s*:)?|:|=)",
+    re.IGNORECASE,
+)
+# A segment ends at a line break or a sentence end; a period followed by a digit is a
+# decimal point ("$18.50"), not a sentence end.
+_SEGMENT_END = re.compile(r"\n|[.!?](?!\d)")
+_SEGMENT_LEAD = " \t\r\n*"  # skipped before a segment starts: line breaks, markdown bold
 
 
 def canonical_number(text: str) -> str | None:
-    """Canonical form of a written number ("$1,234.50" -> "1234.5"), or None.
+    """Canonical form of the first written number in `text` ("$1,234.50" -> "1234.5"), or None.
 
     Decimal (not float) so large integers and decimals compare exactly and
     18.0 == 18 == 18.00 without rounding surprises.
@@ -57,6 +79,12 @@ def _canonical(match: re.Match[str]) -> str | None:
     return format(value.normalize(), "f")
 
 
+def _last_number(text: str) -> str | None:
+    """Canonical form of the last written number in `text`, or None."""
+    numbers = list(_NUMBER.finditer(text))
+    return _canonical(numbers[-1]) if numbers else None
+
+
 def _boxed_contents(text: str, start: int) -> str:
     """The text inside the braces of `\\boxed{...}` starting at `start`, nesting-aware."""
     depth, i = 1, start
@@ -66,38 +94,46 @@ def _boxed_contents(text: str, start: int) -> str:
     return text[start : i - 1] if depth == 0 else text[start:]
 
 
-def _after_marker(pattern: re.Pattern[str], text: str) -> str | None:
-    """First number after the first occurrence of a marker, on the same line (or the
-    next one when the marker ends its line: "The answer is:\n18")."""
-    for marker in pattern.finditer(text):
-        line = text[marker.end() :].lstrip().split("\n", 1)[0]
-        number = canonical_number(line)
+def _segment(text: str, marker: re.Match[str]) -> str:
+    """The text a marker answers with: the braces of `\\boxed{`, else the rest of the
+    sentence or line (the next line when the marker ends its line: "The answer is:\\n18")."""
+    if marker.group("boxed"):
+        return _boxed_contents(text, marker.end())
+    rest = text[marker.end() :].lstrip(_SEGMENT_LEAD)
+    end = _SEGMENT_END.search(rest)
+    return rest[: end.start()] if end else rest
+
+
+def _normalise(completion: str) -> str:
+    return completion.replace("{,}", ",")  # LaTeX thousands separator: 1{,}234
+
+
+def extract_strict(completion: str) -> str | None:
+    """The last number of the last answer marker's segment that holds one; None when no
+    marker in the completion is followed by a number."""
+    text = _normalise(completion)
+    for marker in reversed(list(_MARKER.finditer(text))):
+        number = _last_number(_segment(text, marker))
         if number is not None:
             return number
     return None
 
 
-def extract_answer(completion: str) -> str | None:
-    """The canonical number a completion answers, or None when it has no number."""
-    completion = completion.replace("{,}", ",")  # LaTeX thousands separator: 1{,}234
-    # Priority 1: "#### N" (GSM8K gold format).
-    number = _after_marker(_HASHES, completion)
-    if number is not None:
-        return number
-    # Priority 2: \boxed{N}; the braces delimit the answer, so search only inside them.
-    for boxed in _BOXED.finditer(completion):
-        number = canonical_number(_boxed_contents(completion, boxed.end()))
-        if number is not None:
-            return number
-    # Priorities 3 and 4: phrases; "final answer" first, since "the answer is" may
-    # appear in intermediate reasoning before the final statement.
-    for pattern in (_FINAL_ANSWER, _ANSWER):
-        number = _after_marker(pattern, completion)
-        if number is not None:
-            return number
-    # Priority 5: the last number written (chain-of-thought ends with the result).
-    numbers = list(_NUMBER.finditer(completion))
-    return _canonical(numbers[-1]) if numbers else None
+def extract_flexible(completion: str) -> str | None:
+    """The strict answer, else the last number anywhere (chain-of-thought ends with the
+    result); None only when the completion has no number at all."""
+    strict = extract_strict(completion)
+    return strict if strict is not None else _last_number(_normalise(completion))
+
+
+ANSWER_FILTERS: dict[str, Callable[[str], str | None]] = {"strict": extract_strict, "flexible": extract_flexible}
+
+
+def answer_extractor(name: str) -> Callable[[str], str | None]:
+    """The extraction function of a filter name, or a ValueError listing the valid names."""
+    if name not in ANSWER_FILTERS:
+        raise ValueError(f"answer_filter must be one of {sorted(ANSWER_FILTERS)}, got {name!r}")
+    return ANSWER_FILTERS[name]
 
 
 def reference_answer(reference: str) -> str:
@@ -110,9 +146,9 @@ def reference_answer(reference: str) -> str:
     return number
 
 
-def is_correct(completion: str, reference: str) -> bool:
-    """Whether the completion's extracted number equals the reference's (canonical strings)."""
-    extracted = extract_answer(completion)
+def is_correct(completion: str, reference: str, answer_filter: AnswerFilter = "flexible") -> bool:
+    """Whether the filter's extracted number equals the reference's (canonical strings)."""
+    extracted = answer_extractor(answer_filter)(completion)
     return extracted is not None and extracted == reference_answer(reference)
 
 

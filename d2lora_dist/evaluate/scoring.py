@@ -13,7 +13,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from d2lora_dist.evaluate.answers import extract_answer, extract_title, reference_answer
+from d2lora_dist.evaluate.answers import (
+    ANSWER_FILTERS,
+    AnswerFilter,
+    answer_extractor,
+    extract_title,
+    reference_answer,
+)
 
 ScoreKind = Literal["gsm8k", "titles", "arc"]
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -40,14 +46,29 @@ def rouge_f1(prediction: str, reference: str) -> dict[str, float]:
     return {name: float(scores[name].fmeasure) for name in ROUGE_TYPES}
 
 
-def score_row(kind: ScoreKind, completion: str, reference: str) -> tuple[str | None, bool | dict[str, float]]:
-    """(extracted answer, correctness) for gsm8k; (extracted title, ROUGE F1s) for titles."""
+def gsm8k_row_scores(completion: str, reference: str, answer_filter: AnswerFilter = "flexible") -> dict[str, Any]:
+    """The scored fields of one GSM8K prediction row: `extracted_<filter>` and
+    `correct_<filter>` for every filter, plus `extracted`/`correct` of the headline filter."""
+    answer_extractor(answer_filter)  # a bad name is a ValueError that lists the valid ones
+    gold = reference_answer(reference)
+    fields: dict[str, Any] = {}
+    for name, extract in ANSWER_FILTERS.items():
+        extracted = extract(completion)
+        fields[f"extracted_{name}"] = extracted
+        fields[f"correct_{name}"] = extracted is not None and extracted == gold
+    return {"extracted": fields[f"extracted_{answer_filter}"], "correct": fields[f"correct_{answer_filter}"],
+            **fields}
+
+
+def score_row(kind: ScoreKind, completion: str, reference: str,
+              answer_filter: AnswerFilter = "flexible") -> dict[str, Any]:
+    """The scored fields of one prediction row: gsm8k_row_scores for gsm8k (answer_filter
+    picks the headline); {"extracted": title, "score": ROUGE F1s} for titles."""
     if kind == "gsm8k":
-        extracted = extract_answer(completion)
-        return extracted, extracted is not None and extracted == reference_answer(reference)
+        return gsm8k_row_scores(completion, reference, answer_filter)
     if kind == "titles":
         title = extract_title(completion)
-        return title, rouge_f1(title, reference)
+        return {"extracted": title, "score": rouge_f1(title, reference)}
     raise ValueError(f"score_row: kind must be 'gsm8k' or 'titles', got {kind!r}")
 
 
@@ -56,12 +77,21 @@ def _require_rows(rows: Sequence[Any], what: str) -> None:
         raise ValueError(f"{what}: no rows to score")
 
 
-def score_gsm8k(rows: Iterable[dict[str, Any]]) -> dict[str, float | int]:
-    """Exact-match accuracy of extracted vs reference numbers."""
+def score_gsm8k(rows: Iterable[dict[str, Any]], answer_filter: AnswerFilter = "flexible") -> dict[str, float | int]:
+    """Exact-match accuracy of extracted vs reference numbers under both answer filters,
+    recomputed from `completion` and `reference`; `accuracy` and `correct` (a count) are
+    the `answer_filter` one's."""
+    answer_extractor(answer_filter)  # a bad name fails here, not after scoring every row
     rows = list(rows)
     _require_rows(rows, "score_gsm8k")
-    correct = sum(bool(score_row("gsm8k", r["completion"], r["reference"])[1]) for r in rows)
-    return {"accuracy": correct / len(rows), "items": len(rows), "correct": correct}
+    correct = dict.fromkeys(ANSWER_FILTERS, 0)
+    for row in rows:
+        fields = gsm8k_row_scores(row["completion"], row["reference"], answer_filter)
+        for name in ANSWER_FILTERS:
+            correct[name] += fields[f"correct_{name}"]
+    n = len(rows)
+    return {"accuracy": correct[answer_filter] / n, "strict_accuracy": correct["strict"] / n,
+            "flexible_accuracy": correct["flexible"] / n, "items": n, "correct": correct[answer_filter]}
 
 
 def score_titles(rows: Iterable[dict[str, Any]]) -> dict[str, float | int]:
@@ -104,6 +134,31 @@ def score_arc(rows: Iterable[dict[str, Any]]) -> dict[str, float | int]:
 
 SCORERS = {"gsm8k": score_gsm8k, "titles": score_titles, "arc": score_arc}
 
+# Per-item value of each metric a suite reports, read from a predictions row: the metric is
+# the mean of these over the rows, and the report's paired intervals resample them.
+ITEM_SCORES: dict[str, dict[str, Any]] = {
+    "gsm8k": {"accuracy": lambda row: float(row["correct"]),
+              "strict_accuracy": lambda row: float(row["correct_strict"]),
+              "flexible_accuracy": lambda row: float(row["correct_flexible"])},
+    "titles": {name: (lambda row, name=name: float(row["score"][name])) for name in ROUGE_TYPES},
+    "arc": {"accuracy": lambda row: float(row["correct"]), "accuracy_norm": lambda row: float(row["correct_norm"])},
+}
+
+
+def item_scores(kind: ScoreKind, rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """metric -> {item id -> score} for every metric of the suite kind (ids pair the arms)."""
+    if kind not in ITEM_SCORES:
+        raise ValueError(f"item_scores: kind must be one of {sorted(ITEM_SCORES)}, got {kind!r}")
+    rows = list(rows)
+    out: dict[str, dict[str, float]] = {}
+    for metric, value in ITEM_SCORES[kind].items():
+        out[metric] = {}
+        for i, row in enumerate(rows):
+            if "id" not in row:
+                raise ValueError(f"item_scores: {kind} row {i} has no 'id' (needed to pair items across cells)")
+            out[metric][str(row["id"])] = value(row)
+    return out
+
 
 def read_predictions(path: str | Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
     """Rows of a predictions JSONL; blank lines are skipped, anything else bad raises
@@ -135,8 +190,17 @@ def read_predictions(path: str | Path, required: dict[str, type | tuple[type, ..
     return rows
 
 
-def score_file(kind: ScoreKind, path: str | Path) -> dict[str, float | int]:
-    """Recompute a suite's metrics from its predictions JSONL."""
+def score_file(kind: ScoreKind, path: str | Path, answer_filter: AnswerFilter | None = None) -> dict[str, float | int]:
+    """Recompute a suite's metrics from its predictions JSONL.
+
+    answer_filter (gsm8k only) picks the headline `accuracy`; None = flexible. Both
+    filters' accuracies are returned either way.
+    """
     if kind not in SCORERS:
         raise ValueError(f"score_file: kind must be one of {sorted(SCORERS)}, got {kind!r}")
-    return SCORERS[kind](read_predictions(path, REQUIRED_KEYS[kind]))
+    if answer_filter is not None and kind != "gsm8k":
+        raise ValueError(f"score_file: answer_filter applies to gsm8k only, got it for kind {kind!r}")
+    rows = read_predictions(path, REQUIRED_KEYS[kind])
+    if kind == "gsm8k":
+        return score_gsm8k(rows, answer_filter or "flexible")
+    return SCORERS[kind](rows)

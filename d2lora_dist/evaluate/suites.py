@@ -3,10 +3,13 @@
 A suite kind is data (prompt text and its version, the item keys it reads) plus two
 functions: `predict` turns items into prediction rows, `score` turns rows into metrics.
 The metrics come from the same `scoring` functions that rescore a predictions file, so
-`score_file(kind, out_path)` reproduces what `run_suite` returned.
+`score_file(kind, out_path)` reproduces what `run_suite` returned (a gsm8k suite whose
+headline is the strict filter: `score_file("gsm8k", out_path, answer_filter="strict")`).
 
 Bump a PROMPT_VERSION whenever its prompt text or construction changes: numbers from
-different versions are not comparable, and the version is recorded with every result.
+different versions are not comparable, and the version is recorded with every result
+(gsm8k also records its answer-extraction rules, `answers.ANSWER_RULES_VERSION`, and
+which answer filter is the headline accuracy).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from d2lora_dist import prompts
+from d2lora_dist.evaluate.answers import ANSWER_RULES_VERSION, answer_extractor
 from d2lora_dist.evaluate.generation import generate
 from d2lora_dist.evaluate.loglik import choice_logliks
 from d2lora_dist.evaluate.scoring import arc_predictions, score_arc, score_gsm8k, score_row, score_titles
@@ -67,13 +71,11 @@ def _generative_rows(kind: Literal["gsm8k", "titles"], items: Sequence[Item], pr
     texts = [prompt(item, tokenizer) for item in items]
     completions = generate(model, tokenizer, texts, settings.max_new_tokens, settings.batch_size,
                            desc=kind, progress=progress)
-    rows = []
-    for item, text, completion in zip(items, texts, completions, strict=True):
-        extracted, outcome = score_row(kind, completion, item[reference_key])
-        result_key = "correct" if kind == "gsm8k" else "score"
-        rows.append({"id": item["id"], "prompt": text, "completion": completion, "extracted": extracted,
-                     "reference": item[reference_key], result_key: outcome})
-    return rows
+    # gsm8k rows: extracted/correct (headline filter) and extracted_<filter>/correct_<filter>
+    # for both filters; titles rows: extracted (the title) and score (ROUGE F1s).
+    return [{"id": item["id"], "prompt": text, "completion": completion, "reference": item[reference_key],
+             **score_row(kind, completion, item[reference_key], settings.answer_filter)}
+            for item, text, completion in zip(items, texts, completions, strict=True)]
 
 
 def predict_gsm8k(items: Sequence[Item], model: Any, tokenizer: Any, settings: SuiteConfig,
@@ -104,29 +106,45 @@ def predict_arc(items: Sequence[Item], model: Any, tokenizer: Any, settings: Sui
     return rows
 
 
+def score_gsm8k_suite(rows: Sequence[Row], settings: SuiteConfig) -> dict[str, float | int]:
+    return score_gsm8k(rows, settings.answer_filter)
+
+
+def gsm8k_labels(settings: SuiteConfig) -> dict[str, str]:
+    # Which filter the headline `accuracy` is, and which extraction rules produced it.
+    answer_extractor(settings.answer_filter)  # a bad name is an error before anything is generated
+    return {"answer_filter": settings.answer_filter, "answer_rules": ANSWER_RULES_VERSION}
+
+
+def _no_labels(settings: SuiteConfig) -> dict[str, str]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Suite:
     """One suite kind: what items must hold, how they become rows, how rows become metrics.
 
-    `metrics` are the keys run_suite reports: fractions in [0, 1] plus the item count
-    (what result.json and the report read); `score` may compute more (gsm8k's count of
-    correct answers, shown by `d2lora score`).
+    `metrics` are the numeric keys run_suite reports: fractions in [0, 1] plus the item
+    count (what result.json and the report read); `score` may compute more (gsm8k's count
+    of correct answers, shown by `d2lora score`). `labels` are strings reported next to
+    `prompt_version` that say how the numbers were made.
     """
 
     prompt_version: str
     item_keys: tuple[str, ...]
     predict: Callable[[Sequence[Item], Any, Any, SuiteConfig, bool], list[Row]]
-    score: Callable[[Sequence[Row]], dict[str, float | int]]
+    score: Callable[[Sequence[Row], SuiteConfig], dict[str, float | int]]
     metrics: tuple[str, ...]
+    labels: Callable[[SuiteConfig], dict[str, str]] = _no_labels
 
 
 SUITES: dict[str, Suite] = {
-    "gsm8k": Suite(GSM8K_PROMPT_VERSION, ("id", "question", "answer"), predict_gsm8k, score_gsm8k,
-                   ("accuracy", "items")),
-    "titles": Suite(TITLES_PROMPT_VERSION, ("id", "abstract", "title"), predict_titles, score_titles,
-                    ("rouge1", "rouge2", "rougeL", "items")),
-    "arc": Suite(ARC_PROMPT_VERSION, ("id", "question", "choices", "answer_index"), predict_arc, score_arc,
-                 ("accuracy", "accuracy_norm", "items")),
+    "gsm8k": Suite(GSM8K_PROMPT_VERSION, ("id", "question", "answer"), predict_gsm8k, score_gsm8k_suite,
+                   ("accuracy", "strict_accuracy", "flexible_accuracy", "items"), gsm8k_labels),
+    "titles": Suite(TITLES_PROMPT_VERSION, ("id", "abstract", "title"), predict_titles,
+                    lambda rows, settings: score_titles(rows), ("rouge1", "rouge2", "rougeL", "items")),
+    "arc": Suite(ARC_PROMPT_VERSION, ("id", "question", "choices", "answer_index"), predict_arc,
+                 lambda rows, settings: score_arc(rows), ("accuracy", "accuracy_norm", "items")),
 }
 
 
@@ -162,13 +180,15 @@ def run_suite(kind: str, items: Sequence[Item], model: Any, tokenizer: Any, sett
     suite = SUITES[kind]
     items = list(items)[:settings.limit]  # a slice to None keeps everything
     _check_items(kind, items, suite.item_keys)
+    labels = suite.labels(settings)
     rank, world = rank_and_world()
     local = suite.predict(shard(items, rank, world), model, tokenizer, settings, progress and rank == 0)
     rows = gather_in_order(local, rank, world, all_ranks=True)
     assert rows is not None  # all_ranks=True returns the rows on every rank
-    scores = suite.score(rows)
+    scores = suite.score(rows, settings)
     metrics: dict[str, float | int | str] = {key: scores[key] for key in suite.metrics}
     metrics["prompt_version"] = suite.prompt_version
+    metrics.update(labels)
     if rank == 0:
         write_jsonl_atomic(Path(out_path), rows)
     return metrics

@@ -2,9 +2,11 @@
 
 Records are TRL's conversational formats, so the trainers apply the model's chat template
 and mask the prompt: SFT {"prompt": [msgs], "completion": [assistant msg]}, preference
-{"prompt": [msgs], "chosen": [assistant msg], "rejected": [assistant msg]}. Evaluation
-items are plain dicts per suite kind. A bad row raises BadRow with a short reason, which
-the loader counts by reason and reports with row ids.
+{"prompt": [msgs], "chosen": [assistant msg], "rejected": [assistant msg]}. Step-wise
+preference records (Math-Step-DPO) keep both possible targets instead, and
+`data.preference.preference_rows` turns them into the trainer's rows for the phase's
+`preference_target`. Evaluation items are plain dicts per suite kind. A bad row raises BadRow
+with a short reason, which the loader counts by reason and reports with row ids.
 """
 
 from __future__ import annotations
@@ -99,7 +101,11 @@ def alpaca_sft(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": _user(prompt), "completion": _assistant(_text(row, "output"))}
 
 
-# --- Math-Step-DPO-10K schema: prompt, initial_reason_steps, chosen, rejected, full_chosen, answer
+# --- Math-Step-DPO-10K schema: prompt, initial_reason_steps, chosen, rejected, full_chosen,
+# full_rejected, answer. initial_reason_steps are the correct steps both answers share (ending
+# with the header of the step where they diverge); chosen/rejected are that next step only;
+# full_chosen/full_rejected continue from the same point to the final answer. So the whole
+# correct solution is initial_reason_steps + full_chosen.
 def _steps(row: dict[str, Any]) -> str:
     steps = row.get("initial_reason_steps") or ""
     if not isinstance(steps, str):
@@ -107,18 +113,27 @@ def _steps(row: dict[str, Any]) -> str:
     return steps
 
 
+def _differ(chosen: str, rejected: str, reason: str) -> None:
+    if chosen.strip() == rejected.strip():
+        raise BadRow(reason)
+
+
 def math_step_sft(row: dict[str, Any]) -> dict[str, Any]:
-    # In Math-Step-DPO-10K, full_chosen continues after initial_reason_steps: the whole
-    # correct solution is their concatenation.
     solution = _steps(row) + _text(row, "full_chosen")
     return {"prompt": _user(_text(row, "prompt")), "completion": _assistant(solution)}
 
 
 def math_step_preference(row: dict[str, Any]) -> dict[str, Any]:
-    # Step-DPO: both sides share the correct initial steps and differ in the next step; the
-    # shared prefix cancels in the DPO log-ratio, so the preference is about that step.
-    steps = _steps(row)
-    return _pair(_user(_text(row, "prompt")), steps + _text(row, "chosen"), steps + _text(row, "rejected"))
+    """Both targets of a step-wise pair: the shared steps (`prefix`, may be empty) go on the prompt
+    side, the responses are the next step (`*_step`) or the rest of the solution (`*_full`).
+    full_rejected is required here, whatever the target, so `step` and `full` draw the same rows."""
+    chosen_step, rejected_step = _text(row, "chosen"), _text(row, "rejected")
+    chosen_full, rejected_full = _text(row, "full_chosen"), _text(row, "full_rejected")
+    _differ(chosen_step, rejected_step, "chosen == rejected")
+    _differ(chosen_full, rejected_full, "full_chosen == full_rejected")
+    return {"prompt": _user(_text(row, "prompt")), "prefix": _steps(row),
+            "chosen_step": chosen_step, "rejected_step": rejected_step,
+            "chosen_full": chosen_full, "rejected_full": rejected_full}
 
 
 # --- abstract -> title

@@ -40,8 +40,10 @@ REGISTRY: dict[str, DatasetSpec] = {
         DatasetSpec("math_step_dpo", "xinlai/Math-Step-DPO-10K", None, "train",
                     ("prompt", "chosen", "rejected", "full_chosen"),
                     {"sft": nz.math_step_sft, "preference": nz.math_step_preference},
-                    optional=("initial_reason_steps",),
-                    notes="SFT: prompt -> full_chosen; DPO/ORPO: prompt + initial_reason_steps -> step"),
+                    optional=("initial_reason_steps", "full_rejected"),
+                    notes="SFT: prompt -> initial_reason_steps + full_chosen; DPO/ORPO (needs full_rejected): "
+                          "prompt + initial_reason_steps -> next step or rest of the solution "
+                          "(preference_target, docs/preference-targets.md)"),
         DatasetSpec("econ_abstracts", "onurkeles/econ_paper_abstracts", None, "train", ("abstract", "title"),
                     {"sft": nz.title_sft, "eval": nz.title_item}, optional=("id",), id_column="id",
                     notes="abstract -> title; rename columns with `columns: {abstract: ..., title: ...}`"),

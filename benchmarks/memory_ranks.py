@@ -158,7 +158,7 @@ def main() -> int:
                     "--set", f"model.name_or_path={args.model}", "--set", "tracking.mode=disabled",
                     "--set", f"warmup.n={4 * args.steps}", "--set", f"warmup.train.max_steps={args.steps}",
                     "--set", "warmup.train.per_device_batch_size=2",
-                    "--set", "warmup.train.gradient_accumulation_steps=1",
+                    "--set", "warmup.train.global_batch_size=4",
                     "--set", f"warmup.train.max_length={args.max_length}", "--set", "warmup.train.save_steps=1000",
                     "--set", "warmup.train.logging_steps=1"]
         extra = ["--deepspeed_config_file", args.zero3_config] if args.zero3_config and "ZeRO" in label else []

@@ -7,7 +7,9 @@ these objects and has no defaults of its own. Field docs are the `help` metadata
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +42,9 @@ class ModelConfig:
 class LoraConfig:
     r: int = _help("LoRA rank; higher = more trainable parameters and memory.", default=16)
     alpha: int = _help("LoRA scaling numerator (scale = alpha / r).", default=16)
-    dropout: float = _help("Dropout on the LoRA input.", default=0.05)
+    dropout: float = _help(
+        "Dropout on the LoRA input, in every phase unless the phase's `lora_dropout` says otherwise "
+        "(preference methods included: TRL's own default would switch it off silently).", default=0.05)
     target_modules: list[str] = _help(
         "Module names that get adapters.",
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -63,15 +67,27 @@ class DatasetRef:
 class TrainSettings:
     learning_rate: float = _help("Peak learning rate.")
     epochs: float = _help("Passes over the training set (ignored when max_steps > 0).")
-    max_steps: int = _help("Optimizer steps; -1 = derive from epochs.", default=-1)
+    global_batch_size: int = _help(
+        "Examples per optimizer step over all ranks. Gradient accumulation is derived from it: "
+        "global / (per_device_batch_size x world size), which must divide exactly; so the same file "
+        "takes the same optimizer steps on 1, 4 or 8 GPUs.")
     per_device_batch_size: int = _help("Micro-batch per rank; higher uses more memory.", default=1)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    max_steps: int = _help("Optimizer steps; -1 = derive from epochs.", default=-1)
+    min_steps: int = _help(
+        "Guarantee at least this many optimizer steps: when epochs x ceil(n / global_batch_size) is "
+        "smaller, the data is repeated (more epochs). 0 = epochs decide.", default=0)
     lr_scheduler: str = _help("transformers scheduler name.", default="linear")
     warmup_ratio: float = _help("Fraction of steps with linear LR warm-up.", default=0.0)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
     max_length: int = _help("Max tokens of prompt + response; longer rows are truncated.", default=1024)
     beta: float | None = _help("DPO/ORPO beta (required for those methods).", default=None)
+    preference_target: Literal["step", "full"] = _help(
+        "Step-wise preference rows (Math-Step-DPO): the shared initial steps are always on the prompt "
+        "side (a continued assistant turn); step = chosen/rejected are the one next step (Step-DPO), "
+        "full = the whole remaining solution to its final answer (full_chosen/full_rejected). Other "
+        "preference data has no steps and ignores it. See docs/preference-targets.md.", default="full")
+    lora_dropout: float | None = _help("LoRA dropout in this phase; null = lora.dropout.", default=None)
     reference: Literal["init", "base"] = _help(
         "DPO reference policy: init = the starting policy (the warm-up adapter for D2LoRA), "
         "base = the base model with adapters disabled.", default="init")
@@ -84,6 +100,7 @@ class WarmupConfig:
     dataset: DatasetRef = _help("General SFT data (the paper: orpo-dpo-mix-40k chosen answers).")
     train: TrainSettings = _help("Warm-up optimisation settings (paper: lr 1e-7, 1 epoch).")
     n: int | None = _help("Use the first n rows of the seeded permutation; null = all.", default=None)
+    seed: int = _help("The warm-up's seed: its data order, fresh LoRA init and dropout.", default=0)
 
 
 @dataclass
@@ -100,6 +117,9 @@ class SuiteConfig:
     limit: int | None = _help("Evaluate only the first k items (null = all).", default=None)
     batch_size: int = _help("Prompts per generation / scoring batch per rank.", default=8)
     max_new_tokens: int = _help("Generation budget (gsm8k, titles).", default=256)
+    answer_filter: Literal["strict", "flexible"] = _help(
+        "gsm8k: which answer filter's accuracy is the headline `accuracy` (both are always reported as "
+        "strict_accuracy and flexible_accuracy; see docs/evaluation.md).", default="flexible")
 
 
 @dataclass
@@ -156,8 +176,12 @@ class Experiment:
     methods: dict[str, TrainSettings] = _help("Method name (sft|dpo|orpo) -> phase-2 settings.")
     grid: list[GridBlock] = _help("Cells to run: the union of the blocks' products.")
     output_dir: str = _help("Runs live in output_dir/name.", default="runs")
-    data_seed: int = _help("Seed of the fixed permutation that nested n-subsets take prefixes of.",
-                           default=1234)
+    data_seed: int = _help(
+        "Seed of the evaluation holdout (the same rows for every cell) and, mixed with each cell's seed, "
+        "of the training permutation that that seed's nested n-subsets take prefixes of.", default=1234)
+    update_warning_below: float = _help(
+        "A phase whose largest per-layer update |dW| / |W| stays below this is reported as too small "
+        "to change the model's outputs (bf16 resolves about 4e-3 relative).", default=1e-3)
     lora: LoraConfig = _help("Adapter shape (shared by warm-up and every cell).",
                              default_factory=LoraConfig)
     warmup: WarmupConfig | None = _help("Phase 1; required when any cell uses init d2lora.", default=None)
@@ -207,52 +231,88 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 def experiment_from_dict(data: dict[str, Any], source: str = "<dict>") -> Experiment:
     """Type-check, then cross-validate; every problem of both stages is reported at once."""
     exp, problems = build(Experiment, data, source)
-    try:
-        problems += validate(exp)
-    except (TypeError, AttributeError, KeyError):
-        pass  # cross-checks on a half-built config; the type problems above already explain it
+    problems += validate(exp, well_typed=not problems)
     if problems:
         raise ConfigError(problems, source)
     return exp
 
 
-def validate(exp: Experiment) -> list[str]:
-    """Cross-field checks, all collected (no model is loaded before these pass)."""
-    from d2lora_dist.data.registry import supports  # late: data imports config types
+def validate(exp: Experiment, well_typed: bool = True) -> list[str]:
+    """Cross-field checks, all collected (no model is loaded before these pass).
 
+    On a config that failed type checks some values are missing or of the wrong type: a check
+    unit that trips over one adds nothing (its section's type problem already explains it) and
+    the other units still run. On a well-typed config nothing is caught, so a bug here is loud.
+    """
+    units: list[Callable[[], list[str]]] = [lambda: _suite_problems(exp), lambda: _task_problems(exp),
+                                            lambda: _global_problems(exp)]
+    units += [partial(_method_problems, name, settings) for name, settings in (exp.methods or {}).items()]
+    if exp.warmup is not None:
+        units.append(lambda: _train_problems("warmup.train", exp.warmup.train))
+    units += [partial(_grid_problems, exp, i, block) for i, block in enumerate(exp.grid or [])]
     problems: list[str] = []
-    for name, suite in exp.suites.items():
-        if suite.dataset is None and not any(name in t.suites and t.holdout > 0 for t in exp.tasks.values()):
-            problems.append(f"suites.{name}.dataset: null means the task holdout, but no task with "
-                            f"holdout > 0 lists suite {name!r}")
+    for unit in units:
+        if well_typed:
+            problems += unit()
+            continue
+        try:
+            problems += unit()
+        except (TypeError, AttributeError, KeyError):
+            pass
+    return problems
+
+
+def _suite_problems(exp: Experiment) -> list[str]:
+    return [f"suites.{name}.dataset: null means the task holdout, but no task with holdout > 0 lists suite {name!r}"
+            for name, suite in exp.suites.items()
+            if suite.dataset is None and not any(name in t.suites and t.holdout > 0 for t in exp.tasks.values())]
+
+
+def _task_problems(exp: Experiment) -> list[str]:
+    problems = []
     for tname, task in exp.tasks.items():
-        for s in task.suites:
-            if s not in exp.suites:
-                problems.append(f"tasks.{tname}.suites: unknown suite {s!r} (defined: {sorted(exp.suites)})")
+        problems += [f"tasks.{tname}.suites: unknown suite {s!r} (defined: {sorted(exp.suites)})"
+                     for s in task.suites if s not in exp.suites]
         if task.holdout < 0:
             problems.append(f"tasks.{tname}.holdout: must be >= 0, got {task.holdout}")
-    for mname, settings in exp.methods.items():
-        if mname not in ("sft", "dpo", "orpo"):
-            problems.append(f"methods.{mname}: unknown method (valid: sft, dpo, orpo)")
-        if mname in PREFERENCE_METHODS and settings.beta is None:
-            problems.append(f"methods.{mname}.beta: required for {mname} (the paper uses 0.1)")
-        problems += _train_problems(f"methods.{mname}", settings)
-    if exp.warmup is not None:
-        problems += _train_problems("warmup.train", exp.warmup.train)
-    for i, block in enumerate(exp.grid):
-        key = f"grid[{i}]"
-        task = exp.tasks.get(block.task)
-        if task is None:
-            problems.append(f"{key}.task: unknown task {block.task!r} (defined: {sorted(exp.tasks)})")
-        for m in block.methods:
-            if m not in exp.methods:
-                problems.append(f"{key}.methods: {m!r} has no settings under `methods`")
-            elif task is not None and not supports(task.dataset.name, "preference" if m != "sft" else "sft"):
-                problems.append(f"{key}.methods: dataset {task.dataset.name!r} of task {block.task!r} "
-                                f"has no {'preference' if m != 'sft' else 'SFT'} form for method {m!r}")
-        if "d2lora" in block.inits and exp.warmup is None:
-            problems.append(f"{key}.inits: d2lora needs a `warmup` section")
-        problems += [f"{key}.n: {n} must be >= 0" for n in block.n if n < 0]
+    return problems
+
+
+def _method_problems(name: str, settings: TrainSettings) -> list[str]:
+    problems = []
+    if name not in ("sft", "dpo", "orpo"):
+        problems.append(f"methods.{name}: unknown method (valid: sft, dpo, orpo)")
+    if name in PREFERENCE_METHODS and settings.beta is None:
+        problems.append(f"methods.{name}.beta: required for {name} (the paper uses 0.1)")
+    return problems + _train_problems(f"methods.{name}", settings)
+
+
+def _grid_problems(exp: Experiment, i: int, block: GridBlock) -> list[str]:
+    from d2lora_dist.data.registry import supports  # late: data imports config types
+
+    key = f"grid[{i}]"
+    problems = []
+    task = exp.tasks.get(block.task)
+    if task is None:
+        problems.append(f"{key}.task: unknown task {block.task!r} (defined: {sorted(exp.tasks)})")
+    for m in block.methods:
+        form = "preference" if m in PREFERENCE_METHODS else "sft"
+        if m not in exp.methods:
+            problems.append(f"{key}.methods: {m!r} has no settings under `methods`")
+        elif task is not None and not supports(task.dataset.name, form):
+            problems.append(f"{key}.methods: dataset {task.dataset.name!r} of task {block.task!r} "
+                            f"has no {form} form for method {m!r}")
+    if "d2lora" in block.inits and exp.warmup is None:
+        problems.append(f"{key}.inits: d2lora needs a `warmup` section")
+    return problems + [f"{key}.n: {n} must be >= 0" for n in block.n if n < 0]
+
+
+def _global_problems(exp: Experiment) -> list[str]:
+    problems = []
+    if not 0.0 <= exp.lora.dropout < 1.0:
+        problems.append(f"lora.dropout: must be in [0, 1), got {exp.lora.dropout}")
+    if exp.update_warning_below < 0:
+        problems.append(f"update_warning_below: must be >= 0, got {exp.update_warning_below}")
     if exp.launch.num_processes < 1:
         problems.append(f"launch.num_processes: must be >= 1, got {exp.launch.num_processes}")
     return problems
@@ -264,8 +324,12 @@ def _train_problems(key: str, t: TrainSettings) -> list[str]:
         problems.append(f"{key}.learning_rate: must be > 0, got {t.learning_rate}")
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append(f"{key}: set epochs > 0 or max_steps > 0")
-    for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
+    for name in ("per_device_batch_size", "global_batch_size", "max_length", "logging_steps",
                  "save_steps"):
         if getattr(t, name) < 1:
             problems.append(f"{key}.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.min_steps < 0:
+        problems.append(f"{key}.min_steps: must be >= 0, got {t.min_steps}")
+    if t.lora_dropout is not None and not 0.0 <= t.lora_dropout < 1.0:
+        problems.append(f"{key}.lora_dropout: must be in [0, 1) or null, got {t.lora_dropout}")
     return problems

@@ -41,11 +41,17 @@ def _orpo() -> tuple[type, type]:
     return ORPOConfig, ORPOTrainer
 
 
+def _preference_args(s: TrainSettings) -> dict[str, Any]:
+    # TRL switches dropout off for preference methods by default (disable_dropout=True), which
+    # would make lora.dropout apply to SFT only, silently; the phase's dropout decides instead.
+    return {"max_length": s.max_length, "beta": s.beta, "disable_dropout": False}
+
+
 METHODS: dict[str, MethodSpec] = {
     # completion_only_loss: the loss covers the response tokens only, never the prompt.
     "sft": MethodSpec("sft", _sft, lambda s: {"max_length": s.max_length, "completion_only_loss": True}, False),
-    "dpo": MethodSpec("preference", _dpo, lambda s: {"max_length": s.max_length, "beta": s.beta}, True),
-    "orpo": MethodSpec("preference", _orpo, lambda s: {"max_length": s.max_length, "beta": s.beta}, False),
+    "dpo": MethodSpec("preference", _dpo, _preference_args, True),
+    "orpo": MethodSpec("preference", _orpo, _preference_args, False),
 }
 
 

@@ -95,7 +95,7 @@ def base_fingerprint(cfg: ModelConfig) -> dict[str, str]:
     Weights: size plus the first and last 4 MiB of every weights file, hashed. Reading all of
     an 8B model's 16 GB per check would cost minutes; different checkpoints differ there.
     """
-    root = _local_model_dir(model_path(cfg))
+    root = local_model_dir(cfg)
     config = json.loads((root / "config.json").read_text())
     config.pop("_name_or_path", None)
     config.pop("transformers_version", None)
@@ -111,7 +111,9 @@ def base_fingerprint(cfg: ModelConfig) -> dict[str, str]:
     return {"name": cfg.name_or_path, "config_sha256": config_sha, "weights_fingerprint": weights.hexdigest()}
 
 
-def _local_model_dir(path: str) -> Path:
+def local_model_dir(cfg: ModelConfig) -> Path:
+    """The base model's files on this machine (a local directory or the HF cache's snapshot)."""
+    path = model_path(cfg)
     if Path(path).is_dir():
         return Path(path)
     from huggingface_hub import snapshot_download

@@ -7,16 +7,18 @@ component (methods.METHODS) and the starting adapter (none, or the warm-up artif
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from d2lora_dist import adapters, distributed
-from d2lora_dist.config import Experiment, TrainSettings
+from d2lora_dist.config import Experiment, LoraConfig, TrainSettings
+from d2lora_dist.data.lengths import Truncation, truncation
+from d2lora_dist.data.loading import DataError
 from d2lora_dist.methods import get_method
 from d2lora_dist.modeling import attach_lora, base_fingerprint, load_base_model, load_tokenizer
+from d2lora_dist.schedule import Schedule, plan_schedule
 from d2lora_dist.tracking import add_throughput_callback
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,11 @@ class Phase:
     name: str  # "warmup" or the cell id
     method: str
     settings: TrainSettings
+    settings_key: str  # where the settings live in the experiment file, for error messages
     records: list[dict[str, Any]]
     out_adapter: Path
     checkpoint_dir: Path
-    seed: int
+    seed: int  # data order, fresh LoRA init and dropout masks
     lineage: dict[str, Any]  # phase, data subset, parent: goes into the manifest
     init_adapter: Path | None = None
     report_to: list[str] = field(default_factory=list)
@@ -51,59 +54,75 @@ class TrainOutcome:
     runtime_s: float
     manifest: dict[str, Any] | None
     log_history: list[dict[str, Any]]
+    schedule: Schedule
+    tokens_seen: int
+    truncation: Truncation
+    update: dict[str, Any] | None  # update_size.UpdateSize.to_dict() (main process)
 
     def summary(self) -> dict[str, Any]:
         return {"steps": self.steps, "first_loss": self.first_loss, "final_loss": self.final_loss,
-                "runtime_s": round(self.runtime_s, 2)}
+                "runtime_s": round(self.runtime_s, 2), "world_size": self.schedule.world_size,
+                "global_batch_size": self.schedule.global_batch_size, "optimizer_steps": self.schedule.optimizer_steps,
+                "schedule": self.schedule.to_dict(), "tokens_seen": self.tokens_seen,
+                "truncation": self.truncation.to_dict(), "update": (self.update or {}).get("summary")}
 
 
-def training_arguments(exp: Experiment, phase: Phase, ds_config: str | None) -> Any:
+def training_arguments(exp: Experiment, phase: Phase, ds_config: str | None, schedule: Schedule) -> Any:
     """The method's TRL config. Built BEFORE the model loads so ZeRO-3 partitions at load."""
     method = get_method(phase.method)
     config_cls, _ = method.classes()
     s = phase.settings
     return config_cls(
         output_dir=str(phase.checkpoint_dir), learning_rate=s.learning_rate, num_train_epochs=s.epochs,
-        max_steps=s.max_steps, per_device_train_batch_size=s.per_device_batch_size,
-        gradient_accumulation_steps=s.gradient_accumulation_steps, lr_scheduler_type=s.lr_scheduler,
+        max_steps=schedule.optimizer_steps, per_device_train_batch_size=s.per_device_batch_size,
+        gradient_accumulation_steps=schedule.gradient_accumulation_steps, lr_scheduler_type=s.lr_scheduler,
+        # transformers 5 has no warmup_ratio: a warmup_steps value below 1 is read as that ratio of all steps
         warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
         logging_steps=s.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=s.save_steps,
-        save_total_limit=2, seed=phase.seed, data_seed=exp.data_seed, report_to=phase.report_to or "none",
+        save_total_limit=2, seed=phase.seed, data_seed=phase.seed, report_to=phase.report_to or "none",
         run_name=phase.name, gradient_checkpointing=exp.model.gradient_checkpointing,
         include_num_input_tokens_seen="non_padding", dataset_num_proc=None,
         **method.extra_args(s), **distributed.trainer_kwargs(ds_config))
 
 
-def print_plan(exp: Experiment, phase: Phase) -> None:
-    """Derived quantities at start-up: effective batch, steps, and where the adapter goes."""
-    s = phase.settings
-    world = distributed.world_size()
-    batch = s.per_device_batch_size * s.gradient_accumulation_steps * world
-    steps = s.max_steps if s.max_steps > 0 else math.ceil(len(phase.records) / batch) * math.ceil(s.epochs)
+def print_plan(phase: Phase, schedule: Schedule, cut: Truncation, lora: LoraConfig) -> None:
+    """Derived quantities at start-up: the batch, the steps, truncation, where the adapter starts."""
     if distributed.is_main_process():
-        print(f"[{phase.name}] {phase.method}: {len(phase.records)} examples, effective batch {batch} "
-              f"({s.per_device_batch_size} x {s.gradient_accumulation_steps} accum x {world} ranks), "
-              f"~{steps} steps, lr {s.learning_rate:g}, init {phase.init_adapter or 'fresh LoRA'}", flush=True)
+        s = phase.settings
+        print(f"[{phase.name}] {phase.method}: {schedule.describe()}; lr {s.learning_rate:g}, seed {phase.seed}, "
+              f"LoRA dropout {lora.dropout:g}, init {phase.init_adapter or 'fresh LoRA'}", flush=True)
+        print(f"[{phase.name}] {cut.describe()}", flush=True)
 
 
 def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     from datasets import Dataset
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     distributed.init_process_group()
     ds_config = distributed.deepspeed_config_file(exp.launch.deepspeed_config)
-    settings_key = "warmup.train" if phase.lineage.get("phase") == "warmup" else f"methods.{phase.method}"
-    distributed.check_launch(phase.settings, settings_key, ds_config)  # before any model loads
-    args = training_arguments(exp, phase, ds_config)
-    print_plan(exp, phase)
+    distributed.check_launch(phase.settings, phase.settings_key, ds_config)  # before any model loads
+    tokenizer = load_tokenizer(exp.model)
+    rows = training_rows(phase, tokenizer)
+    cut = truncation(rows, tokenizer, phase.settings.max_length)
+    if cut.kept == 0:
+        raise DataError(f"[{phase.name}] all {cut.rows} training rows have a prompt that fills max_length="
+                        f"{phase.settings.max_length} tokens, so no response token is left to train; raise "
+                        f"{phase.settings_key}.max_length (longest row: {cut.longest} tokens)")
+    schedule = plan_schedule(phase.settings, cut.kept, distributed.world_size())  # re-planned if TRL keeps more
+    args = training_arguments(exp, phase, ds_config, schedule)
+    lora = phase_lora(exp, phase)
+    print_plan(phase, schedule, cut, lora)
     base = base_fingerprint(exp.model)
-    lora = lora_summary(exp)
     init_state, parent = None, None
     if phase.init_adapter is not None:
-        init_state, parent = adapters.load_adapter_state(phase.init_adapter, base, lora)
-    tokenizer = load_tokenizer(exp.model)
-    model = attach_lora(load_base_model(exp.model, training=True), exp.lora, init_state)
-    trainer = make_trainer(phase, model, args, Dataset.from_list(phase.records), tokenizer)
+        init_state, parent = adapters.load_adapter_state(phase.init_adapter, base, lora_summary(exp))
+    model = load_base_model(exp.model, training=True)
+    set_seed(phase.seed)  # the fresh LoRA's initial A follows the cell's seed, on every rank alike
+    model = attach_lora(model, lora, init_state)
+    start_state = adapters.gathered_state_dict(model)  # where this phase starts, for its update size
+    trainer = make_trainer(phase, model, args, Dataset.from_list(rows), tokenizer)
+    schedule = _replan_for_kept_rows(phase, trainer, cut, schedule)
     resume = get_last_checkpoint(str(phase.checkpoint_dir)) if phase.checkpoint_dir.is_dir() else None
     if resume and distributed.is_main_process():
         print(f"[{phase.name}] resuming from {resume}", flush=True)
@@ -112,16 +131,70 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     if result.global_step < trainer.state.max_steps:  # a callback (preemption) stopped it
         raise Preempted(f"[{phase.name}] stopped at step {result.global_step} of {trainer.state.max_steps}; "
                         f"the checkpoint in {phase.checkpoint_dir} resumes it")
-    lineage = {**phase.lineage, "base_model": base, "lora": lora, "method": phase.method,
-               "hyperparameters": _as_dict(phase.settings), "seed": phase.seed,
+    trained = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    end_state = adapters.gathered_state_dict(trained)
+    update = measure_phase_update(exp, phase, start_state, end_state)
+    lineage = {**phase.lineage, "base_model": base, "lora": lora_summary(exp), "method": phase.method,
+               "hyperparameters": _as_dict(phase.settings), "seed": phase.seed, "lora_dropout": lora.dropout,
+               "schedule": schedule.to_dict(), "tokens_seen": int(trainer.state.num_input_tokens_seen),
+               "truncation": cut.to_dict(), "update": update,
                "parent": _parent_ref(phase.init_adapter, parent)}
-    manifest = adapters.save_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped),
-                                     phase.out_adapter, lineage)
+    manifest = adapters.save_adapter(trained, phase.out_adapter, lineage)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     outcome = TrainOutcome(result.global_step, losses[0] if losses else None, losses[-1] if losses else None,
-                           time.time() - start, manifest, list(trainer.state.log_history))
+                           time.time() - start, manifest, list(trainer.state.log_history), schedule,
+                           int(trainer.state.num_input_tokens_seen), cut, update)
     distributed.release_training_state()  # the next phase or evaluation in this process starts clean
     return outcome
+
+
+def training_rows(phase: Phase, tokenizer: Any) -> list[dict[str, Any]]:
+    """The rows the trainer receives (step-wise preference rows in the phase's target format)."""
+    if get_method(phase.method).form != "preference":
+        return phase.records
+    from d2lora_dist.data.preference import preference_rows
+
+    return preference_rows(phase.records, phase.settings.preference_target, tokenizer)
+
+
+def phase_lora(exp: Experiment, phase: Phase) -> LoraConfig:
+    """The experiment's LoRA shape with this phase's dropout (the shape never changes between phases)."""
+    dropout = phase.settings.lora_dropout
+    return exp.lora if dropout is None else replace(exp.lora, dropout=dropout)
+
+
+def measure_phase_update(exp: Experiment, phase: Phase, start: dict[str, Any], end: dict[str, Any]) -> dict | None:
+    """How far the phase moved the model (main process): printed, warned about, kept in the manifest."""
+    if not distributed.is_main_process():
+        return None
+    from d2lora_dist.update_size import adapted_modules, lora_scaling, measure_update
+
+    norms = base_weight_norms(exp, adapted_modules(end))
+    size = measure_update(start, end, lora_scaling(exp.lora.alpha, exp.lora.r), norms)
+    print(size.describe(f"[{phase.name}]"), flush=True)
+    warning = size.warning(exp.update_warning_below)
+    if warning:
+        log.warning("[%s] %s", phase.name, warning)
+        print(f"[{phase.name}] WARNING: {warning}", flush=True)
+    return {**size.to_dict(), "warning": warning, "threshold": exp.update_warning_below}
+
+
+def base_weight_norms(exp: Experiment, modules: list[str]) -> dict[str, float]:
+    """||W|| of the adapted modules, cached in the run directory per base model (reading an 8B
+    model's weights takes a while; every cell of a sweep needs the same numbers)."""
+    from d2lora_dist.fileio import read_json, write_json_atomic
+    from d2lora_dist.modeling import local_model_dir
+    from d2lora_dist.update_size import base_weight_norms as read_norms
+
+    cache = exp.run_dir / "base_weight_norms.json"
+    key = base_fingerprint(exp.model)["weights_fingerprint"]
+    cached = read_json(cache) if cache.is_file() else {}
+    norms = cached.get("norms", {}) if cached.get("weights_fingerprint") == key else {}
+    missing = [m for m in modules if m not in norms]
+    if missing:
+        norms = {**norms, **read_norms(local_model_dir(exp.model), missing)}
+        write_json_atomic(cache, {"weights_fingerprint": key, "norms": norms})
+    return {m: norms[m] for m in modules}
 
 
 def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: Any) -> Any:
@@ -129,8 +202,11 @@ def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: A
     _, trainer_cls = method.classes()
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[*phase.callbacks, *distributed.test_callbacks()])
+    if method.form == "preference":
+        from d2lora_dist.data.preference import drop_eos_after_steps
+
+        drop_eos_after_steps(trainer)  # a step is not the end of the answer (docs/preference-targets.md)
     add_throughput_callback(trainer)
-    _check_rows_kept(phase, len(dataset), len(trainer.train_dataset))
     if method.uses_reference and phase.settings.reference == "base":
         # TRL keeps a frozen copy of a given adapter ("ref") as the reference; without it, the
         # reference is the model with adapters disabled, i.e. the base model.
@@ -141,14 +217,18 @@ def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: A
     return trainer
 
 
-def _check_rows_kept(phase: Phase, given: int, kept: int) -> None:
-    """TRL drops rows whose response is truncated away; with none left it fails cryptically."""
-    if kept == 0:
-        raise ValueError(f"[{phase.name}] all {given} training rows were dropped by truncation to "
-                         f"max_length={phase.settings.max_length}; raise max_length for method {phase.method!r}")
-    if kept < given and distributed.is_main_process():
-        print(f"[{phase.name}] {given - kept} of {given} rows dropped: longer than max_length="
-              f"{phase.settings.max_length}", flush=True)
+def _replan_for_kept_rows(phase: Phase, trainer: Any, cut: Truncation, schedule: Schedule) -> Schedule:
+    """SFT and DPO drop rows whose prompt alone fills max_length, ORPO keeps them with nothing to
+    train; the optimizer steps follow the rows the trainer really kept."""
+    kept = len(trainer.train_dataset)
+    if kept < cut.rows and distributed.is_main_process():
+        print(f"[{phase.name}] {cut.rows - kept} of {cut.rows} rows dropped by the trainer: their prompt alone "
+              f"fills max_length={phase.settings.max_length} ({phase.settings_key}.max_length)", flush=True)
+    if kept == schedule.examples:
+        return schedule
+    replanned = plan_schedule(phase.settings, kept, schedule.world_size)
+    trainer.args.max_steps = replanned.optimizer_steps
+    return replanned
 
 
 def lora_summary(exp: Experiment) -> dict[str, Any]:

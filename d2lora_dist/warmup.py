@@ -6,12 +6,10 @@ from typing import Any
 
 from d2lora_dist import distributed, tracking
 from d2lora_dist.config import Experiment
-from d2lora_dist.data.selection import training_records
+from d2lora_dist.data.selection import warmup_records
 from d2lora_dist.fileio import read_json, write_json_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.train import Phase, train_phase
-
-WARMUP_SEED = 0
 
 
 def warmup_artifact(exp: Experiment) -> str:
@@ -26,12 +24,12 @@ def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None =
         if distributed.is_main_process():
             print(f"warm-up already done: {layout.warmup_adapter}", flush=True)
         return read_json(layout.warmup_result)
-    records, subset = training_records(exp.warmup.dataset, "sft", exp.warmup.n, exp.data_seed)
+    records, subset = warmup_records(exp)
     run = tracking.start_run(exp, layout, "warmup", f"{exp.name}-warmup",
                              {"phase": "warmup", "n": len(records)}, ["warmup"])
-    phase = Phase(name="warmup", method="sft", settings=exp.warmup.train, records=records,
-                  out_adapter=layout.warmup_adapter, checkpoint_dir=layout.warmup_dir / "checkpoints",
-                  seed=WARMUP_SEED, lineage={"phase": "warmup", "data": subset.to_dict() | {"indices": None}},
+    phase = Phase(name="warmup", method="sft", settings=exp.warmup.train, settings_key="warmup.train",
+                  records=records, out_adapter=layout.warmup_adapter, checkpoint_dir=layout.warmup_dir / "checkpoints",
+                  seed=exp.warmup.seed, lineage={"phase": "warmup", "data": subset.to_dict() | {"indices": None}},
                   report_to=["wandb"] if run is not None else [], callbacks=callbacks or [])
     outcome = train_phase(exp, phase)
     result = {"phase": "warmup", "train": outcome.summary(), "data": {"dataset": subset.dataset, "n": subset.n,

@@ -80,7 +80,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _train(lr: float = 1e-3, **extra: Any) -> dict[str, Any]:
-    return {"learning_rate": lr, "epochs": 1, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+    return {"learning_rate": lr, "epochs": 1, "per_device_batch_size": 2, "global_batch_size": 2,
             "max_length": 96, "logging_steps": 1, "save_steps": 2, **extra}
 
 

@@ -106,3 +106,25 @@ def test_missing_manifest_and_missing_file(tmp_path: Path) -> None:
     (tmp_path / adapters.MANIFEST).write_text(json.dumps({"files": {adapters.WEIGHTS: "ab"}}))
     with pytest.raises(adapters.AdapterError, match="adapter_model.safetensors listed in the manifest is missing"):
         adapters.verify_adapter(tmp_path)
+
+
+def test_tensors_of_another_rank_than_the_manifest_are_refused(lora_model, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model, cfg = lora_model
+    _save(model, cfg, tmp_path / "adapter")
+    path = tmp_path / "adapter"
+    manifest = json.loads((path / adapters.MANIFEST).read_text())
+    # rank-8 tensors under a manifest that says r = 4, every checksum and recorded shape consistent
+    wider = {k: (torch.zeros(8, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 8))
+             for k, v in load_file(str(path / adapters.WEIGHTS)).items()}
+    save_file(wider, str(path / adapters.WEIGHTS))
+    manifest["files"][adapters.WEIGHTS] = adapters.sha256_file(path / adapters.WEIGHTS)
+    manifest["tensors"] = {k: list(v.shape) for k, v in wider.items()}
+    (path / adapters.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(adapters.AdapterError, match="does not have LoRA rank 4"):
+        adapters.verify_adapter(path)
+    lineage = {"phase": "warmup", "base_model": base_fingerprint(cfg), "lora": {"r": 8, "alpha": 8}}
+    with pytest.raises(adapters.AdapterError, match="does not have LoRA rank 8"):
+        adapters.save_adapter(model, tmp_path / "mislabelled", lineage)  # r = 4 tensors called r = 8
+    assert not (tmp_path / "mislabelled").exists()

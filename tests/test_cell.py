@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from d2lora_dist import adapters
@@ -99,3 +100,91 @@ def test_changed_task_data_is_refused_for_a_started_cell(run, tiny_data: dict, t
     with pytest.raises(ValueError, match="the task data changed since this cell started"):
         run_cell(exp, layout, cell)
     assert json.loads(layout.cell_subset(cell.id).read_text()) == {"sha256": "something else"}
+
+
+class LoraAtStart(TrainerCallback):
+    """The trainable LoRA tensors as training begins (after the optimizer exists, before step 1)."""
+
+    def __init__(self) -> None:
+        self.state: dict = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.state = adapters.gathered_state_dict(model)
+
+
+class StepCounter(TrainerCallback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+def test_a_d2lora_cell_starts_training_from_the_warmup_tensors_bit_for_bit(run, method: str) -> None:
+    from safetensors.torch import load_file
+
+    exp, layout = run
+    start = LoraAtStart()
+    run_cell(exp, layout, Cell("math", method, "d2lora", 4, 0), callbacks=[start])
+    warmup = load_file(str(layout.warmup_adapter / adapters.WEIGHTS))
+    assert start.state.keys() == warmup.keys()
+    assert all(torch.equal(start.state[k], warmup[k]) for k in warmup)
+    assert any(torch.count_nonzero(v) for k, v in warmup.items() if "lora_B" in k)  # not a fresh adapter
+
+
+def test_a_lora_cell_starts_from_a_fresh_adapter(run) -> None:
+    exp, layout = run
+    start = LoraAtStart()
+    run_cell(exp, layout, Cell("math", "sft", "lora", 4, 0), callbacks=[start])
+    assert all(not torch.count_nonzero(v) for k, v in start.state.items() if "lora_B" in k)
+
+
+def test_an_interrupted_cell_resumes_only_its_remaining_steps_to_the_same_adapter(tiny_experiment: dict) -> None:
+    tiny_experiment["lora"]["dropout"] = 0.1  # the restored RNG state must matter too
+    exp = experiment_from_dict(tiny_experiment)
+    layout = RunLayout(exp.run_dir)
+    cell = Cell("math", "dpo", "lora", 8, 0)  # 4 steps at batch 2, checkpoints every 2
+    with pytest.raises(RuntimeError, match="simulated crash at step 3"):
+        run_cell(exp, layout, cell, callbacks=[CrashAtStep(3)])
+    resumed = StepCounter()
+    result = run_cell(exp, layout, cell, callbacks=[resumed])
+    assert resumed.steps == 2 and result["train"]["steps"] == 4  # steps 3 and 4 only
+    other = RunLayout(exp.run_dir.parent / "uninterrupted")
+    run_cell(exp, other, cell)
+    assert (adapters.read_manifest(layout.cell_adapter(cell.id))["adapter_sha256"]
+            == adapters.read_manifest(other.cell_adapter(cell.id))["adapter_sha256"])
+
+
+def test_a_failing_second_suite_leaves_no_result(run, tmp_path: Path) -> None:
+    exp, layout = run
+    broken = tmp_path / "arc_without_answers.jsonl"
+    broken.write_text(json.dumps({"id": "a", "question": "Q?", "choices": {"text": ["x", "y"], "label": ["A", "B"]},
+                                  "answerKey": "Z"}) + "\n")
+    exp.suites["arc_easy"].dataset.data_files = [str(broken)]
+    cell = Cell("math", "sft", "lora", 4, 0)
+    with pytest.raises(ValueError, match="no items to evaluate"):
+        run_cell(exp, layout, cell)
+    assert layout.cell_predictions(cell.id, "gsm8k").is_file()  # the first suite ran
+    assert not layout.cell_result(cell.id).exists()
+
+
+def test_a_cell_whose_lora_config_differs_from_its_warmup_stops(run) -> None:
+    exp, layout = run
+    exp.lora.alpha = exp.lora.alpha * 2  # same shapes: only the recorded config can tell
+    with pytest.raises(adapters.AdapterError, match="different LoRA config; alpha: adapter has 8, this run has 16"):
+        run_cell(exp, layout, Cell("math", "sft", "d2lora", 4, 0))
+    assert not layout.cell_result("math-sft-d2lora-n4-s0").exists()
+
+
+def test_a_cell_on_another_base_model_than_its_warmup_stops(run, tmp_path: Path) -> None:
+    from tests.evaluate_fixtures import build_tiny_llama, build_tiny_tokenizer
+
+    exp, layout = run
+    other = tmp_path / "other_tiny_llama"  # the same architecture and shapes, other weights
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(tokenizer, seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    exp.model.name_or_path = str(other)
+    with pytest.raises(adapters.AdapterError, match="different base model"):
+        run_cell(exp, layout, Cell("math", "sft", "d2lora", 4, 0))

@@ -110,3 +110,28 @@ def test_resolved_experiment_round_trips_through_yaml(tiny_experiment: dict) -> 
     exp = experiment_from_dict(tiny_experiment)
     again = experiment_from_dict(yaml.safe_load(yaml.safe_dump(exp.to_dict())))
     assert again == exp
+
+
+def test_batch_seed_and_dropout_settings_are_checked(tiny_experiment: dict) -> None:
+    tiny_experiment["methods"]["sft"]["gradient_accumulation_steps"] = 4  # replaced by global_batch_size
+    tiny_experiment["methods"]["dpo"].update(min_steps=-1, lora_dropout=1.5)
+    del tiny_experiment["methods"]["orpo"]["global_batch_size"]
+    tiny_experiment["lora"]["dropout"] = -0.1
+    with pytest.raises(ConfigError) as err:
+        experiment_from_dict(tiny_experiment)
+    problems = err.value.problems
+    assert any(p.startswith("methods.sft.gradient_accumulation_steps: unknown key") and "global_batch_size" in p
+               for p in problems)
+    assert "methods.dpo.min_steps: must be >= 0, got -1" in problems
+    assert "methods.dpo.lora_dropout: must be in [0, 1) or null, got 1.5" in problems
+    assert "methods.orpo.global_batch_size: required key is missing" in problems
+    assert "lora.dropout: must be in [0, 1), got -0.1" in problems
+
+
+def test_presets_state_the_global_batch_the_warmup_seed_and_each_methods_target() -> None:
+    math = load_experiment(REPO / "launch/experiments/paper_math.yaml")
+    assert {m: s.global_batch_size for m, s in math.methods.items()} == {"sft": 32, "dpo": 32, "orpo": 32}
+    assert math.warmup.seed == 0 and math.warmup.train.global_batch_size == 32
+    assert math.methods["dpo"].preference_target == "step" and math.methods["orpo"].preference_target == "full"
+    assert all(s.min_steps == 16 for s in math.methods.values())
+    assert math.suites["gsm8k"].answer_filter == "flexible"

@@ -36,9 +36,10 @@ def test_math_step_forms(tmp_path: Path) -> None:
     row = math_rows(3)[0]
     assert sft["completion"][0]["content"] == row["initial_reason_steps"] + row["full_chosen"]
     pref = normalize(ref, "preference").records[0]
-    row = math_rows(3)[0]
-    assert pref["chosen"][0]["content"] == row["initial_reason_steps"] + row["chosen"]
-    assert pref["rejected"][0]["content"] == row["initial_reason_steps"] + row["rejected"]
+    # both targets are kept; the shared steps are the prompt side's (docs/preference-targets.md)
+    assert pref["prompt"] == sft["prompt"] and pref["prefix"] == row["initial_reason_steps"]
+    assert (pref["chosen_step"], pref["rejected_step"]) == (row["chosen"], row["rejected"])
+    assert (pref["chosen_full"], pref["rejected_full"]) == (row["full_chosen"], row["full_rejected"])
 
 
 def test_bad_rows_are_counted_by_reason_with_row_ids(tmp_path: Path) -> None:
@@ -92,18 +93,30 @@ def test_unknown_dataset_name_lists_registered_ones() -> None:
         normalize(DatasetRef("mmlu"), "eval")
 
 
-def test_subsets_are_nested_seeded_and_disjoint_from_the_holdout(tmp_path: Path) -> None:
+def test_subsets_are_nested_within_a_seed_and_disjoint_from_the_holdout(tmp_path: Path) -> None:
     ref = DatasetRef("math_step_dpo", data_files=[_jsonl(tmp_path / "m.jsonl", math_rows(50))])
     data = normalize(ref, "preference")
-    small, large = take_subset(data, 10, 3, holdout=5), take_subset(data, 30, 3, holdout=5)
+    small, large = take_subset(data, 10, 3, 0, holdout=5), take_subset(data, 30, 3, 0, holdout=5)
     assert large.indices[:10] == small.indices
     assert not set(large.indices) & set(holdout_indices(50, 3, 5))
-    assert take_subset(data, 10, 3, holdout=5).sha256 == small.sha256
-    assert take_subset(data, 10, 4, holdout=5).indices != small.indices
-    # the same rows serve SFT and preference methods
-    assert take_subset(normalize(ref, "sft"), 10, 3, holdout=5).indices == small.indices
+    assert take_subset(data, 10, 3, 0, holdout=5).sha256 == small.sha256  # reproducible
+    assert take_subset(data, 10, 4, 0, holdout=5).indices != small.indices  # the data seed matters
+    # the same rows serve SFT and preference methods (and both inits: the cell's seed alone decides)
+    assert take_subset(normalize(ref, "sft"), 10, 3, 0, holdout=5).indices == small.indices
     with pytest.raises(DataError, match="asked for n=46 preference examples but only 45 usable rows"):
-        take_subset(data, 46, 3, holdout=5)
+        take_subset(data, 46, 3, 0, holdout=5)
+
+
+def test_another_seed_draws_other_rows_but_never_the_holdout(tmp_path: Path) -> None:
+    data = normalize(DatasetRef("math_step_dpo", data_files=[_jsonl(tmp_path / "m.jsonl", math_rows(50))]),
+                     "preference")
+    held = set(holdout_indices(50, 3, 5))
+    subsets = {seed: take_subset(data, 10, 3, seed, holdout=5) for seed in (0, 1, 2)}
+    assert len({tuple(s.indices) for s in subsets.values()}) == 3
+    assert all(not set(s.indices) & held for s in subsets.values())
+    for seed, subset in subsets.items():  # nested within each seed
+        assert take_subset(data, 20, 3, seed, holdout=5).indices[:10] == subset.indices
+        assert subset.seed == seed
 
 
 def test_eval_forms(tmp_path: Path) -> None:

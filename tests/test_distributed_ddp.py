@@ -37,7 +37,7 @@ def ddp(tiny_model_dir: Path, tiny_data: dict, tmp_path_factory: pytest.TempPath
 def test_ddp_warmup_and_phase2_keep_the_ranks_in_sync(ddp) -> None:
     assert ddp.result.code == 0, ddp.result.tail()
     assert "[distributed] ddp: 2 ranks, backend gloo, DistributedType.MULTI_CPU" in ddp.result.log
-    assert "effective batch 4 (2 x 1 accum x 2 ranks)" in ddp.result.log
+    assert "global batch 4 = 2 per device x 1 accumulation x 2 ranks" in ddp.result.log
     adapters.verify_adapter(ddp.layout.warmup_adapter)
     assert ddp.ranks[0]["broadcast"]["checksum"] == ddp.ranks[1]["broadcast"]["checksum"]
     by_phase = [{p["phase"]: p for p in report["phases"]} for report in ddp.ranks]

@@ -22,6 +22,7 @@ from tests.dist_scripts.launching import (
     machine,
     run,
     run_many,
+    two_rank_batches,
 )
 
 pytestmark = pytest.mark.distributed
@@ -42,17 +43,17 @@ def test_batch_settings_the_world_size_cannot_divide_stop_before_the_model_loads
     ds["train_batch_size"] = 3  # 2 ranks x micro-batch 2 can never make 3
     ds_file = tmp_path / "fixed_batch.json"
     ds_file.write_text(json.dumps(ds))
-    config = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    config = write_experiment(two_rank_batches(tiny_experiment), tmp_path / "exp.yaml")
     result = run(launch("cpu_2proc_zero3.yaml", [*CLI, "warmup", "-c", str(config)],
                         extra=["--deepspeed_config_file", str(ds_file)]), tmp_path / "batch.log", timeout=180)
     assert result.code != 0 and "d2lora: error:" in result.log
-    assert "train_batch_size=3 in the DeepSpeed config but warmup.train.per_device_batch_size (2)" in result.log
+    assert "train_batch_size=3 in the DeepSpeed config but warmup.train.global_batch_size = 4" in result.log
     assert "world size 2 x micro-batch 2 does not divide 3" in result.log, result.tail()
     assert "attention implementation" not in result.log  # logged when the model loads: it never did
 
 
 def _warmup(tiny_experiment: dict, tmp_path: Path) -> tuple[list[str], RunLayout]:
-    config = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    config = write_experiment(two_rank_batches(tiny_experiment), tmp_path / "exp.yaml")
     layout = RunLayout(Path(tiny_experiment["output_dir"]) / tiny_experiment["name"])
     return [*CLI, "warmup", "-c", str(config), "--set", "warmup.train.max_steps=5"], layout
 

@@ -19,7 +19,7 @@ from d2lora_dist.schema import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 DS = {p.name: p for p in sorted((REPO / "ds_configs").glob("*.json"))}
 ACCELERATE = {p.name: p for p in sorted((REPO / "launch" / "accelerate").glob("*.yaml"))}
-SETTINGS = TrainSettings(learning_rate=1e-3, epochs=1, per_device_batch_size=2, gradient_accumulation_steps=1)
+SETTINGS = TrainSettings(learning_rate=1e-3, epochs=1, per_device_batch_size=2, global_batch_size=16)
 
 
 def test_the_four_deepspeed_configs_leave_batch_and_clipping_to_the_experiment() -> None:
@@ -83,10 +83,11 @@ def test_fixed_deepspeed_batch_settings_must_match_the_experiment(tmp_path: Path
     assert len(problems) == 3
     assert problems[0].startswith("train_micro_batch_size_per_gpu=4 in the DeepSpeed config but "
                                   "methods.dpo.per_device_batch_size = 2")
-    assert "methods.dpo.gradient_accumulation_steps (1) x world size (2) = 4" in problems[1]
+    assert "train_batch_size=3 in the DeepSpeed config but methods.dpo.global_batch_size = 16" in problems[1]
     assert "world size 2 x micro-batch 2 does not divide 3" in problems[1]
     assert "methods.dpo.max_grad_norm = 1.0" in problems[2]
-    ds.update(train_batch_size=4, train_micro_batch_size_per_gpu=2, gradient_clipping=1.0)
+    ds.update(train_batch_size=16, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=4,
+              gradient_clipping=1.0)
     path.write_text(json.dumps(ds))
     assert launch_problems(SETTINGS, "methods.dpo", str(path), world=2, bf16_ok=False) == []
 

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 def _train(**extra) -> dict:
     return {"learning_rate": 5e-4, "epochs": 1, "max_steps": 2, "per_device_batch_size": 2,
-            "gradient_accumulation_steps": 1, "max_length": 64, "logging_steps": 1, "save_steps": 50, **extra}
+            "global_batch_size": 4, "max_length": 64, "logging_steps": 1, "save_steps": 50, **extra}
 
 
 def test_smollm2_zero3_warmup_then_dpo_from_it(tmp_path: Path) -> None:

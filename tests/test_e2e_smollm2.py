@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def _train(**extra) -> dict:
-    return {"learning_rate": 5e-4, "epochs": 1, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+    return {"learning_rate": 5e-4, "epochs": 1, "per_device_batch_size": 2, "global_batch_size": 2,
             "max_length": 256, "logging_steps": 1, "save_steps": 50, **extra}
 
 

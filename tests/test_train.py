@@ -14,7 +14,8 @@ from d2lora_dist.data.selection import task_records
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
 from d2lora_dist.modeling import attach_lora, load_base_model, load_tokenizer
-from d2lora_dist.train import Phase, make_trainer, train_phase, training_arguments
+from d2lora_dist.schedule import plan_schedule
+from d2lora_dist.train import Phase, make_trainer, train_phase, training_arguments, training_rows
 from d2lora_dist.warmup import run_warmup
 
 LN2 = math.log(2)
@@ -32,9 +33,10 @@ def _phase(exp, layout, method: str, init_adapter: Path | None, n: int = 4, **se
     s = exp.methods[method]
     for key, value in settings.items():
         setattr(s, key, value)
-    records, subset = task_records(exp, "math", get_method(method).form, n)
+    records, subset = task_records(exp, "math", get_method(method).form, n, 0)
     name = f"{method}-{'d2lora' if init_adapter else 'lora'}"
-    return Phase(name=name, method=method, settings=s, records=records, out_adapter=layout.root / name / "adapter",
+    return Phase(name=name, method=method, settings=s, settings_key=f"methods.{method}", records=records,
+                 out_adapter=layout.root / name / "adapter",
                  checkpoint_dir=layout.root / name / "ckpt", seed=0, lineage={"phase": "adapt"},
                  init_adapter=init_adapter)
 
@@ -71,12 +73,13 @@ def test_first_dpo_loss_is_ln2_with_the_starting_policy_as_reference(warmed, ini
 def test_base_reference_drops_the_frozen_copy_and_differs_from_ln2(warmed) -> None:
     exp, layout, _ = warmed
     phase = _phase(exp, layout, "dpo", layout.warmup_adapter, reference="base")
-    args = training_arguments(exp, phase, None)
+    args = training_arguments(exp, phase, None, plan_schedule(phase.settings, len(phase.records), 1))
     state, _ = adapters.load_adapter_state(layout.warmup_adapter)
     model = attach_lora(load_base_model(exp.model, training=True), exp.lora, state)
     from datasets import Dataset
 
-    trainer = make_trainer(phase, model, args, Dataset.from_list(phase.records), load_tokenizer(exp.model))
+    tokenizer = load_tokenizer(exp.model)
+    trainer = make_trainer(phase, model, args, Dataset.from_list(training_rows(phase, tokenizer)), tokenizer)
     assert "ref" not in trainer.model.peft_config and trainer.ref_model is None
     trainer.train()
     first = next(h for h in trainer.state.log_history if "loss" in h)
@@ -110,7 +113,7 @@ def test_orpo_trains_without_a_reference_and_publishes_an_adapter(warmed) -> Non
 def test_sft_loss_covers_only_the_response_and_every_adapter_weight_moves(warmed) -> None:
     exp, layout, _ = warmed
     phase = _phase(exp, layout, "sft", None, learning_rate=1e-2)
-    args = training_arguments(exp, phase, None)
+    args = training_arguments(exp, phase, None, plan_schedule(phase.settings, len(phase.records), 1))
     model = attach_lora(load_base_model(exp.model, training=True), exp.lora)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     from datasets import Dataset
@@ -135,7 +138,7 @@ def test_micro_batches_and_accumulation_give_the_same_update(tiny_experiment: di
     for micro, accum in ((4, 1), (2, 2)):
         exp = experiment_from_dict(tiny_experiment)
         layout = RunLayout(exp.run_dir / f"{micro}x{accum}")
-        phase = _phase(exp, layout, "dpo", None, per_device_batch_size=micro, gradient_accumulation_steps=accum,
+        phase = _phase(exp, layout, "dpo", None, per_device_batch_size=micro, global_batch_size=micro * accum,
                        max_steps=1)
         train_phase(exp, phase)
         state, _ = adapters.load_adapter_state(phase.out_adapter)
@@ -147,5 +150,44 @@ def test_micro_batches_and_accumulation_give_the_same_update(tiny_experiment: di
 def test_rows_all_truncated_away_stop_with_the_setting_to_change(warmed) -> None:
     exp, layout, _ = warmed
     phase = _phase(exp, layout, "dpo", None, max_length=8)
-    with pytest.raises(ValueError, match=r"all 4 training rows were dropped by truncation to max_length=8"):
+    with pytest.raises(ValueError, match=r"all 4 training rows have a prompt that fills max_length=8 tokens.*"
+                                         r"raise methods.dpo.max_length"):
         train_phase(exp, phase)
+
+
+def test_a_phase_records_its_schedule_tokens_truncation_and_update_size(warmed) -> None:
+    exp, layout, result = warmed
+    manifest = adapters.read_manifest(layout.warmup_adapter)
+    assert manifest["schedule"] == {"examples": 8, "world_size": 1, "per_device_batch_size": 2,
+                                    "gradient_accumulation_steps": 1, "global_batch_size": 2, "steps_per_epoch": 4,
+                                    "optimizer_steps": 4, "epochs": 1.0, "raised_to_min_steps": False}
+    assert manifest["tokens_seen"] > 8 and manifest["truncation"]["rows"] == 8
+    update = manifest["update"]
+    assert update["summary"]["phase_rel_max"] > exp.update_warning_below and update["warning"] is None
+    assert set(update["modules"]) == {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}
+    train = result["train"]
+    assert (train["world_size"], train["global_batch_size"], train["optimizer_steps"]) == (1, 2, 4)
+    assert train["tokens_seen"] == manifest["tokens_seen"] and train["truncation"] == manifest["truncation"]
+
+
+def test_a_phase_too_small_to_change_the_outputs_says_so(warmed, capsys: pytest.CaptureFixture) -> None:
+    exp, layout, _ = warmed
+    phase = _phase(exp, layout, "sft", None, learning_rate=1e-9)
+    outcome = train_phase(exp, phase)
+    out = capsys.readouterr().out
+    assert "WARNING: this phase changed the frozen weights by at most" in out and "raise the learning rate" in out
+    assert outcome.update["warning"] and outcome.summary()["update"]["phase_rel_max"] < 1e-6
+    assert adapters.read_manifest(phase.out_adapter)["update"]["warning"] == outcome.update["warning"]
+
+
+def test_min_steps_repeats_small_data_and_responses_cut_by_max_length_are_counted(warmed) -> None:
+    exp, layout, _ = warmed
+    phase = _phase(exp, layout, "sft", None, min_steps=5, max_length=40)  # 4 rows at batch 2: 2 steps
+    outcome = train_phase(exp, phase)
+    assert outcome.steps == 5 and outcome.schedule.raised_to_min_steps and outcome.schedule.epochs == 2.5
+    lengths = [len(load_tokenizer(exp.model).apply_chat_template(r["prompt"] + r["completion"], tokenize=False))
+               for r in phase.records]
+    assert lengths  # the rows exist; how many the cut hits is counted from their tokens
+    cut = outcome.truncation
+    assert cut.rows == 4 and cut.response_cut + cut.prompt_fills > 0 and cut.longest > 40
+    assert outcome.summary()["truncation"]["response_cut"] == cut.response_cut

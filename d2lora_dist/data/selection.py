@@ -9,17 +9,23 @@ from d2lora_dist.data.loading import DataError, load_table, normalize
 from d2lora_dist.data.subsets import Subset, holdout_indices, records_of, take_subset
 
 
-def training_records(ref: DatasetRef, form: str, n: int | None, data_seed: int,
+def training_records(ref: DatasetRef, form: str, n: int | None, data_seed: int, seed: int,
                      holdout: int = 0) -> tuple[list[dict[str, Any]], Subset]:
-    """First n usable rows of the fixed permutation (all usable rows when n is None)."""
+    """First n usable rows of seed `seed`'s order (all usable rows when n is None)."""
     data = normalize(ref, form)
-    subset = take_subset(data, n, data_seed, holdout)
+    subset = take_subset(data, n, data_seed, seed, holdout)
     return records_of(data, subset.indices), subset
 
 
-def task_records(exp: Experiment, task: str, form: str, n: int) -> tuple[list[dict[str, Any]], Subset]:
+def task_records(exp: Experiment, task: str, form: str, n: int, seed: int) -> tuple[list[dict[str, Any]], Subset]:
+    """A cell's training rows: its seed draws them, so LoRA and D2LoRA at one seed share them."""
     cfg = exp.tasks[task]
-    return training_records(cfg.dataset, form, n, exp.data_seed, cfg.holdout)
+    return training_records(cfg.dataset, form, n, exp.data_seed, seed, cfg.holdout)
+
+
+def warmup_records(exp: Experiment) -> tuple[list[dict[str, Any]], Subset]:
+    assert exp.warmup is not None
+    return training_records(exp.warmup.dataset, "sft", exp.warmup.n, exp.data_seed, exp.warmup.seed)
 
 
 def suite_items(exp: Experiment, suite: str, task: str | None) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
     if cell.trains:
         run = tracking.start_run(exp, layout, "adapt", cell.id, cell.to_dict(), tags)
         _declare_input(exp, run, start_adapter)
-        outcome = _train(exp, layout, cell, start_adapter, run, callbacks or [])
+        outcome = train_cell(exp, layout, cell, start_adapter, run, callbacks or [])
         if distributed.is_main_process():
             tracking.log_adapter_artifact(run, layout.cell_adapter(cell.id), tracking.artifact_name(exp.name, cell.id),
                                           adapters.read_manifest(layout.cell_adapter(cell.id)))
@@ -73,21 +73,23 @@ def _starting_adapter(layout: RunLayout, cell: Cell) -> Path | None:
     return layout.warmup_adapter
 
 
-def _train(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Path | None, run: Any,
-           callbacks: list[Any]) -> TrainOutcome | None:
+def train_cell(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Path | None, run: Any = None,
+               callbacks: list[Any] | None = None) -> TrainOutcome | None:
+    """The cell's training phase: its seed draws its rows; None when its adapter already exists."""
     adapter_dir = layout.cell_adapter(cell.id)
     if (adapter_dir / adapters.MANIFEST).is_file():  # trained before an interruption in evaluation
         adapters.verify_adapter(adapter_dir)
         return None
     method = get_method(cell.method)
-    records, subset = task_records(exp, cell.task, method.form, cell.n)
+    records, subset = task_records(exp, cell.task, method.form, cell.n, cell.seed)
     _save_subset(layout, cell, subset.to_dict())
-    phase = Phase(name=cell.id, method=cell.method, settings=exp.methods[cell.method], records=records,
+    phase = Phase(name=cell.id, method=cell.method, settings=exp.methods[cell.method],
+                  settings_key=f"methods.{cell.method}", records=records,
                   out_adapter=adapter_dir, checkpoint_dir=layout.cell_checkpoints(cell.id), seed=cell.seed,
                   lineage={"phase": "adapt", "cell": cell.to_dict(), "init": cell.init,
                            "data": {k: v for k, v in subset.to_dict().items() if k != "indices"}},
                   init_adapter=start_adapter, report_to=["wandb"] if run is not None else [],
-                  callbacks=callbacks)
+                  callbacks=callbacks or [])
     return train_phase(exp, phase)
 
 
@@ -111,7 +113,10 @@ def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, A
                    "parent_sha256": (manifest.get("parent") or {}).get("adapter_sha256")}
     numbers = {suite: {k: v for k, v in m.items() if isinstance(v, (int, float))} for suite, m in metrics.items()}
     versions = {suite: m.get("prompt_version") for suite, m in metrics.items()}
+    # what the numbers mean: prompt and answer-rule versions, the headline answer filter
+    labels = {suite: {k: v for k, v in m.items() if isinstance(v, str)} for suite, m in metrics.items()}
     return {"cell": cell.to_dict(), "experiment": exp.name, "metrics": numbers, "prompt_versions": versions,
+            "labels": labels,
             "suites": {s: ("task" if i == 0 else "forgetting") for i, s in enumerate(suites)},
             "train": outcome.summary() if outcome else None, "adapter": adapter,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

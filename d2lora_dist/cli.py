@@ -26,6 +26,27 @@ def _load(args: argparse.Namespace):
     return exp, RunLayout(exp.run_dir)
 
 
+def _preflight(args: argparse.Namespace, exp, checks) -> None:
+    """Every check that can run before a model loads, all problems at once."""
+    from d2lora_dist.preflight import preflight
+
+    preflight(exp, checks, str(args.config))
+
+
+def _sweep_preflight(args: argparse.Namespace, exp, slurm: bool) -> None:
+    from d2lora_dist.preflight import for_sweep
+    from d2lora_dist.sweep.grid import plan_cells
+
+    _preflight(args, exp, for_sweep(exp, plan_cells(exp), slurm))
+
+
+def _cell_preflight(args: argparse.Namespace, exp, cell) -> None:
+    from d2lora_dist.distributed import world_size
+    from d2lora_dist.preflight import for_cells
+
+    _preflight(args, exp, for_cells(exp, [cell], world_size(), None))
+
+
 # ---- handlers -------------------------------------------------------------------------------
 def cmd_assets(args: argparse.Namespace) -> int:
     from d2lora_dist import assets
@@ -37,9 +58,12 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
+    from d2lora_dist.distributed import world_size
+    from d2lora_dist.preflight import Checks
     from d2lora_dist.warmup import run_warmup
 
     exp, layout = _load(args)
+    _preflight(args, exp, Checks(warmup=True, warmup_world_size=world_size()))
     return _preemptible(lambda callbacks: run_warmup(exp, layout, callbacks=callbacks))
 
 
@@ -49,6 +73,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     exp, layout = _load(args)
     cell = Cell(args.task, NO_TRAINING if args.n == 0 else args.method, args.init, args.n, 0 if args.n == 0 else args.seed)
     _check_cell(exp, cell)
+    _cell_preflight(args, exp, cell)
     return _run_cell(exp, layout, cell)
 
 
@@ -89,9 +114,11 @@ def _preemptible(phase) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from d2lora_dist.evaluate.adapter_eval import evaluate_suites
+    from d2lora_dist.preflight import Checks
 
     exp, layout = _load(args)
     suites = args.suites or (exp.tasks[args.task].suites if args.task else sorted(exp.suites))
+    _preflight(args, exp, Checks(suites=tuple((s, args.task) for s in suites)))
     out = args.out or layout.root / "eval" / (args.adapter.name if args.adapter else "base")
     metrics = evaluate_suites(exp, args.task, suites, args.adapter, lambda s: out / f"{s}.jsonl")
     print(json.dumps(metrics, indent=2))
@@ -126,7 +153,7 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     from d2lora_dist.sweep.plan import estimate, measure_workload
 
     exp, layout = _load(args)
-    _refuse_oversized(exp)
+    _sweep_preflight(args, exp, slurm=False)
     rows = estimate(exp, layout, *measure_workload(exp))
     if args.json:
         print(json.dumps([{**r.cell.to_dict(), "done": r.done, "train_examples": r.train_examples,
@@ -148,7 +175,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     from d2lora_dist.sweep.plan import freeze_plan
 
     exp, layout = _load(args)
-    _refuse_oversized(exp)
+    _sweep_preflight(args, exp, slurm=False)
     cells = freeze_plan(exp, layout)
     failed = run_sweep(exp, layout, cells, layout.experiment_file)
     report(exp, layout)
@@ -159,21 +186,13 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_oversized(exp) -> None:
-    from d2lora_dist.data.loading import DataError
-    from d2lora_dist.sweep.plan import oversized_cells
-
-    problems = oversized_cells(exp)
-    if problems:
-        raise DataError("cells ask for more task data than exists:\n  - " + "\n  - ".join(problems))
-
-
 def cmd_sweep_cell(args: argparse.Namespace) -> int:
     from d2lora_dist.sweep.grid import find_cell
     from d2lora_dist.sweep.plan import cell_at
 
     exp, layout = _load(args)
     cell = cell_at(layout, args.index) if args.index is not None else find_cell(exp, args.cell)
+    _cell_preflight(args, exp, cell)
     return _run_cell(exp, layout, cell)
 
 
@@ -181,6 +200,7 @@ def cmd_sweep_submit(args: argparse.Namespace) -> int:
     from d2lora_dist.sweep.slurm import submit
 
     exp, layout = _load(args)
+    _sweep_preflight(args, exp, slurm=True)
     result = submit(exp, layout, dry_run=args.dry_run, only_failed=args.only_failed)
     if not args.dry_run:
         print(result.describe())

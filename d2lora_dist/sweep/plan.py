@@ -103,26 +103,3 @@ def measure_workload(exp: Experiment, sample: int = 200) -> tuple[dict[str, floa
         count = len(suite_items(exp, suite, task))
         items[suite] = min(count, cfg.limit) if cfg.limit is not None else count
     return per_task, items
-
-
-def oversized_cells(exp: Experiment) -> list[str]:
-    """Cells asking for more task examples than the data has, checked before any model loads."""
-    from d2lora_dist.data.loading import normalize
-    from d2lora_dist.data.subsets import permutation
-    from d2lora_dist.methods import get_method
-
-    problems = []
-    usable: dict[tuple[str, str], int] = {}
-    for cell in plan_cells(exp):
-        if not cell.trains:
-            continue
-        task = exp.tasks[cell.task]
-        form = get_method(cell.method).form
-        if (cell.task, form) not in usable:
-            data = normalize(task.dataset, form)
-            pool = permutation(data.total_rows, exp.data_seed)[task.holdout:]
-            usable[cell.task, form] = sum(1 for i in pool if i in data.records)
-        if cell.n > usable[cell.task, form]:
-            problems.append(f"{cell.id}: n={cell.n} but task {cell.task!r} has only {usable[cell.task, form]} usable "
-                            f"{form} rows ({task.dataset.name})")
-    return problems

@@ -1,0 +1,112 @@
+"""One preflight before any model loads: data against n + holdout, suites, batches, Slurm; all at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from d2lora_dist.cli import main
+from d2lora_dist.config import experiment_from_dict, load_experiment
+from d2lora_dist.preflight import PreflightError, for_sweep, preflight, slurm_problems, slurm_seconds
+from d2lora_dist.sweep.grid import plan_cells
+from tests.conftest import REPO, write_experiment
+
+
+def _problems(exp, slurm: bool = False) -> list[str]:
+    with pytest.raises(PreflightError) as err:
+        preflight(exp, for_sweep(exp, plan_cells(exp), slurm), "exp.yaml")
+    return err.value.problems
+
+
+def test_every_problem_is_reported_at_once_naming_its_key(tiny_experiment: dict) -> None:
+    tiny_experiment["grid"][0]["n"] = [4, 41]  # 40 math rows
+    tiny_experiment["warmup"]["n"] = 25  # 24 warm-up rows
+    tiny_experiment["suites"]["gsm8k"]["limit"] = 9  # 8 items
+    tiny_experiment["methods"]["dpo"]["global_batch_size"] = 3  # per device 2: no world size makes 3
+    tiny_experiment["slurm"] = {"time": "00:04:00", "signal_seconds": 300}
+    problems = _problems(experiment_from_dict(tiny_experiment), slurm=True)
+    assert "math-dpo-d2lora-n41-s0: n=41 but task 'math' has only 40 usable preference rows" in problems[0]
+    assert any(p.startswith("warmup.n: 25 but orpo_dpo_mix has only 24 usable SFT rows") for p in problems)
+    assert any(p.startswith("suites.gsm8k.limit: 9 but the suite has only 8 items") for p in problems)
+    assert any(p.startswith("methods.dpo.global_batch_size=3 is not a multiple of methods.dpo.per_device_batch_size"
+                            " (2) x world size (1)") for p in problems)
+    assert any(p.startswith("slurm.signal_seconds: 300 s is not below slurm.time") for p in problems)
+    assert len([p for p in problems if "-n4-" in p]) == 0
+
+
+def test_held_out_rows_count_against_n(tiny_experiment: dict) -> None:
+    tiny_experiment["grid"] = [{"task": "titles", "methods": ["sft"], "n": [18, 19], "seeds": [0]}]
+    problems = _problems(experiment_from_dict(tiny_experiment))  # 24 title rows, 6 held out
+    assert problems == [f"titles-sft-{init}-n19-s0: n=19 but task 'titles' has only 18 usable sft rows "
+                        "(econ_abstracts, 6 held out); lower n in the grid or add data" for init in ("d2lora", "lora")]
+
+
+def test_a_world_size_that_cannot_make_the_global_batch_is_refused(tiny_experiment: dict) -> None:
+    tiny_experiment["launch"] = {"num_processes": 3}  # global batch 2 over 3 ranks
+    problems = _problems(experiment_from_dict(tiny_experiment))
+    assert any("warmup.train.global_batch_size=2 is not a multiple" in p and "world size (3)" in p for p in problems)
+    assert any(p.startswith("methods.sft.global_batch_size=2") for p in problems)
+
+
+def test_slurm_time_formats_and_requests() -> None:
+    assert slurm_seconds("08:00:00") == 8 * 3600 and slurm_seconds("1-00:00:00") == 86400
+    assert slurm_seconds("30") == 1800 and slurm_seconds("10:30") == 630 and slurm_seconds("8h") is None
+    exp = load_experiment(REPO / "launch/experiments/paper_math.yaml", ["slurm.gpus_per_node=4", "slurm.time=8h"])
+    problems = slurm_problems(exp)
+    assert any("launch.num_processes: 8 ranks per node but slurm.gpus_per_node asks for 4" in p for p in problems)
+    assert any("slurm.time: '8h' is not a Slurm time" in p for p in problems)
+    assert slurm_problems(load_experiment(REPO / "launch/experiments/paper_math.yaml")) == []
+
+
+@pytest.mark.parametrize("entry", [["warmup"], ["sweep", "plan"], ["sweep", "run"], ["sweep", "submit", "--dry-run"],
+                                   ["adapt", "--task", "math", "--method", "dpo", "--init", "lora", "--n", "41"],
+                                   ["eval", "--task", "math"]])
+def test_every_entry_runs_the_preflight_before_any_model_loads(entry: list[str], tiny_experiment: dict,
+                                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tiny_experiment["grid"][0]["n"] = [4, 41]
+    tiny_experiment["warmup"]["n"] = 25
+    tiny_experiment["suites"]["arc_easy"]["limit"] = 9
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main([*entry, "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "d2lora: error:" in err and str(path) in err
+    expected = {"warmup": "warmup.n: 25", "eval": "suites.arc_easy.limit: 9"}.get(entry[0], "n=41 but task 'math'")
+    assert expected in err
+    assert not (tmp_path / "runs").exists()  # nothing ran, nothing written
+
+
+def _table(path: Path, rows: int, kind: str) -> str:
+    if kind == "titles":
+        lines = [{"abstract": f"We study topic {i} in depth.", "title": f"Topic {i}"} for i in range(rows)]
+    else:
+        lines = [{"prompt": f"What is {i} + 1?", "initial_reason_steps": "Step 1: add.\n", "chosen": f"{i + 1}",
+                  "rejected": f"{i + 2}", "full_chosen": f"{i + 1}. The answer is {i + 1}",
+                  "full_rejected": f"{i + 2}. The answer is {i + 2}", "answer": str(i + 1)} for i in range(rows)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def test_paper_title_preset_fits_the_6362_row_table_and_7000_would_not(tmp_path: Path, tiny_data: dict) -> None:
+    local = [f"tasks.titles.dataset.data_files=[{_table(tmp_path / 'econ.jsonl', 6362, 'titles')}]",
+             f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]"]
+    exp = load_experiment(REPO / "launch/experiments/paper_title.yaml", local)
+    preflight(exp, for_sweep(exp, plan_cells(exp), slurm=True), "paper_title.yaml")  # passes
+    exp.grid[0].n = [0, 7000]
+    problems = _problems(exp, slurm=True)
+    assert all("n=7000 but task 'titles' has only 6262 usable sft rows" in p for p in problems)
+    assert len(problems) == 6  # 2 inits x 3 seeds, every one named
+
+
+def test_submit_dry_run_refuses_the_cells_a_small_table_cannot_hold(tmp_path: Path, tiny_data: dict,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    config = REPO / "launch/experiments/paper_math.yaml"
+    args = ["--set", f"tasks.math.dataset.data_files=[{_table(tmp_path / 'math.jsonl', 1500, 'math')}]",
+            "--set", f"suites.gsm8k.dataset.data_files=[{tiny_data['gsm8k']}]",
+            "--set", f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]", "--set", f"output_dir={tmp_path}"]
+    assert main(["sweep", "submit", "--dry-run", "-c", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    too_big = [line for line in err.splitlines() if "usable" in line]
+    assert len(too_big) == 3 * 3 * 2 * 3  # n = 2k, 5k, 10k x 3 methods x 2 inits x 3 seeds
+    assert "#SBATCH" not in err and not (tmp_path / "paper_math").exists()

@@ -162,18 +162,23 @@ def check_launch(settings: Any, settings_key: str, ds_config: str | None) -> Non
 
 
 def launch_problems(settings: Any, key: str, ds_config: str | None, world: int, bf16_ok: bool) -> list[str]:
+    from d2lora_dist.schedule import batch_problem
+
+    problem = batch_problem(settings, key, world)
+    if problem:
+        return [problem]
     if ds_config is None:
         return []
     try:
         ds = json.loads(Path(ds_config).read_text())
     except (OSError, json.JSONDecodeError) as e:
         return [f"deepspeed_config_file {ds_config}: cannot be read as JSON ({e})"]
-    micro, accum = settings.per_device_batch_size, settings.gradient_accumulation_steps
+    micro = settings.per_device_batch_size
+    accum = settings.global_batch_size // (micro * world)
     expected = {"train_micro_batch_size_per_gpu": (micro, f"{key}.per_device_batch_size"),
-                "gradient_accumulation_steps": (accum, f"{key}.gradient_accumulation_steps"),
-                "train_batch_size": (micro * accum * world,
-                                     f"{key}.per_device_batch_size ({micro}) x {key}.gradient_accumulation_steps "
-                                     f"({accum}) x world size ({world})")}
+                "gradient_accumulation_steps": (accum, f"{key}.global_batch_size / (per_device_batch_size x "
+                                                       f"world size {world})"),
+                "train_batch_size": (settings.global_batch_size, f"{key}.global_batch_size")}
     problems = []
     for name in _BATCH_KEYS:
         value = ds.get(name, "auto")

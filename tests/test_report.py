@@ -1,28 +1,41 @@
-"""Report: tables, statistics, plots and the W&B report plan, on hand-written result.json files."""
+"""Report: tables, paired statistics, plots and the W&B report plan, on hand-written cells.
+
+Each fixture cell gets a result.json and predictions/<suite>.jsonl whose per-item scores average
+to its result.json metrics. The intervals are held against cases worked out by hand (or by an
+exact binomial computation), never against a copy of the bootstrap.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image
 
 from d2lora_dist.config import experiment_from_dict
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.report import report
 from d2lora_dist.report.collect import collect
-from d2lora_dist.report.stats import BOOTSTRAP_SEED, RESAMPLES, bootstrap_diff_ci, mean_std
+from d2lora_dist.report.paired import DELTAS_CSV_COLUMNS, Deltas, load_item_scores
+from d2lora_dist.report.plots import TREND, UNRESOLVED, delta_panel, joined_runs
+from d2lora_dist.report.stats import excludes_zero, mean_std, paired_bootstrap_ci
 from d2lora_dist.report.tables import table_specs
 from d2lora_dist.report.wandb_report import build, plan_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report" / "experiment.yaml"
 PLANNED = 42  # cells in the fixture's plan
+M = 100  # items per suite in the fixture cells
+KINDS = {"gsm8k": "gsm8k", "arc_easy": "arc", "titles": "titles"}  # as in the fixture experiment
 
-# (cell id) -> {suite: {metric: value}}; fractions, as the cells write them.
+# (cell id) -> (gsm8k accuracy, arc_easy accuracy); fractions, as the cells write them.
 MATH = {
     "math-none-lora-n0-s0": (0.20, 0.60),
     "math-none-d2lora-n0-s0": (0.22, 0.61),
@@ -35,12 +48,17 @@ MATH = {
     "math-sft-d2lora-n1000-s0": (0.27, 0.60),
     "math-dpo-lora-n1000-s0": (0.30, 0.62),
 }
+# (cell id) -> (rouge1, rouge2, rougeL, arc_easy accuracy)
 TITLES = {
     "titles-none-lora-n0-s0": (0.30, 0.12, 0.28, 0.60),
     "titles-none-d2lora-n0-s0": (0.33, 0.14, 0.31, 0.61),
     "titles-sft-lora-n1000-s0": (0.41, 0.20, 0.37, 0.58),
 }
+DELTA_RE = re.compile(r"^(\*\*)?(?P<delta>[+-]\d+\.\d\d)(\*\*)? \[(?P<lo>[+-]\d+\.\d\d), (?P<hi>[+-]\d+\.\d\d)\] "
+                      r"· (?P<seeds>\d) seeds? × (?P<items>\d+) items(?P<rest>.*)$")
 
+
+# ---- fixture writer --------------------------------------------------------------------------
 
 def load_experiment(tmp_path: Path):
     data = yaml.safe_load(FIXTURE.read_text())
@@ -53,16 +71,77 @@ def cell_dict(cell_id: str) -> dict:
     return {"id": cell_id, "task": task, "method": method, "init": init, "n": int(n[1:]), "seed": int(seed[1:])}
 
 
-def write_result(layout: RunLayout, cell_id: str, metrics: dict, suites: dict) -> None:
+def offset(cell_id: str) -> int:
+    """Where a cell's run of correct items starts: arms and seeds get different items right."""
     cell = cell_dict(cell_id)
+    return 7 * cell["seed"] + 3 * (cell["init"] == "d2lora")
+
+
+def hits(value: float, start: int = 0, m: int = M) -> list[float]:
+    """round(value * m) correct items, a run starting at item `start` (wrapping), the rest wrong."""
+    k = round(value * m)
+    return [1.0 if (i - start) % m < k else 0.0 for i in range(m)]
+
+
+def rouge(value: float, m: int = M) -> list[float]:
+    """Per-item F1 alternating value ± 0.05: mean `value`."""
+    return [value + (0.05 if i % 2 else -0.05) for i in range(m)]
+
+
+def prediction_rows(kind: str, scores: dict[str, list[float]]) -> list[dict]:
+    """Rows as the evaluator writes them (the keys evaluate.scoring.item_scores reads)."""
+    rows = []
+    for i in range(len(next(iter(scores.values())))):
+        row: dict = {"id": f"{kind}-{i}", "prompt": f"question {i}"}
+        if kind == "gsm8k":
+            ok = bool(scores["accuracy"][i])
+            row |= {"completion": f"#### {7 if ok else 8}", "reference": "#### 7", "extracted": "7" if ok else "8",
+                    "correct": ok, "correct_strict": ok, "correct_flexible": ok}
+        elif kind == "arc":
+            ok, ok_norm = bool(scores["accuracy"][i]), bool(scores["accuracy_norm"][i])
+            row |= {"choices": ["a", "b"], "logliks": [-1.0, -2.0] if ok else [-2.0, -1.0], "gold": 0,
+                    "pred": 0 if ok else 1, "pred_norm": 0 if ok_norm else 1, "correct": ok, "correct_norm": ok_norm}
+        else:
+            row |= {"completion": "a title", "reference": "a title", "extracted": "a title",
+                    "score": {name: scores[name][i] for name in ("rouge1", "rouge2", "rougeL")}}
+        rows.append(row)
+    return rows
+
+
+def write_cell(layout: RunLayout, cell_id: str, items: dict[str, dict[str, list[float]]],
+               extra: dict[str, dict[str, float]] | None = None, reverse: bool | None = None) -> None:
+    """result.json with the means of `items` (suite -> metric -> per-item scores) plus `extra`
+    metrics, and the predictions files (D2LoRA rows in reverse order: pairing is by id)."""
+    cell = cell_dict(cell_id)
+    reverse = cell["init"] == "d2lora" if reverse is None else reverse
+    metrics = {}
+    for suite, scores in items.items():
+        metrics[suite] = {m: sum(v) / len(v) for m, v in scores.items()} | {"items": len(next(iter(scores.values())))}
+        metrics[suite] |= (extra or {}).get(suite, {})
+        rows = prediction_rows(KINDS[suite], scores)
+        path = layout.cell_predictions(cell_id, suite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in (rows[::-1] if reverse else rows)))
     trains = cell["n"] > 0
-    result = {"cell": cell, "experiment": "report_fixture", "metrics": metrics, "suites": suites,
+    result = {"cell": cell, "experiment": "report_fixture", "metrics": metrics,
+              "suites": {s: ("task" if s != "arc_easy" else "forgetting") for s in items},
               "train": {"steps": 12, "first_loss": 0.69, "final_loss": 0.61, "runtime_s": 30.2} if trains else None,
               "adapter": {"sha256": "a" * 64, "parent_sha256": None} if trains else None,
               "finished_at": "2026-11-22T05:00:00Z"}
+    layout.cell_result(cell_id).write_text(json.dumps(result))
+
+
+def math_items(cell_id: str, gsm: float, arc: float) -> dict[str, dict[str, list[float]]]:
+    start = offset(cell_id)
+    return {"gsm8k": {"accuracy": hits(gsm, start)},
+            "arc_easy": {"accuracy": hits(arc, start), "accuracy_norm": hits(arc + 0.01, start)}}
+
+
+def write_result(layout: RunLayout, cell_id: str, metrics: dict, suites: dict) -> None:
+    """A bare result.json without predictions (a cell from before per-item scores)."""
     path = layout.cell_result(cell_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
+    path.write_text(json.dumps({"cell": cell_dict(cell_id), "metrics": metrics, "suites": suites}))
 
 
 @pytest.fixture
@@ -70,19 +149,26 @@ def run(tmp_path):
     exp = load_experiment(tmp_path)
     layout = RunLayout(exp.run_dir)
     for cell_id, (gsm, arc) in MATH.items():
-        write_result(layout, cell_id,
-                     {"gsm8k": {"accuracy": gsm, "items": 50},
-                      "arc_easy": {"accuracy": arc, "accuracy_norm": arc + 0.01, "items": 50}},
-                     {"gsm8k": "task", "arc_easy": "forgetting"})
+        write_cell(layout, cell_id, math_items(cell_id, gsm, arc))
     for cell_id, (r1, r2, rl, arc) in TITLES.items():
-        write_result(layout, cell_id,
-                     {"titles": {"rouge1": r1, "rouge2": r2, "rougeL": rl, "items": 100},
-                      "arc_easy": {"accuracy": arc, "accuracy_norm": arc, "items": 50}},
-                     {"titles": "task", "arc_easy": "forgetting"})
+        write_cell(layout, cell_id, {"titles": {"rouge1": rouge(r1), "rouge2": rouge(r2), "rougeL": rouge(rl)},
+                                     "arc_easy": {"accuracy": hits(arc), "accuracy_norm": hits(arc)}})
     # A cell still running: its directory exists but result.json does not.
     layout.cell_subset("math-sft-d2lora-n1000-s1").parent.mkdir(parents=True)
     layout.cell_subset("math-sft-d2lora-n1000-s1").write_text("[]")
     return exp, layout
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Tests of the numbers skip drawing (matplotlib is most of a report's time)."""
+    monkeypatch.setattr("d2lora_dist.report.write_plots", lambda *args, **kwargs: [])
+
+
+@pytest.fixture
+def empty_run(tmp_path):
+    exp = load_experiment(tmp_path)
+    return exp, RunLayout(exp.run_dir)
 
 
 def table(markdown: str, heading: str) -> dict[str, list[str]]:
@@ -99,17 +185,40 @@ def table(markdown: str, heading: str) -> dict[str, list[str]]:
     return rows
 
 
-def expected_ci(d2lora: list[float], lora: list[float]) -> tuple[float, float]:
-    """The documented bootstrap, recomputed here with numpy."""
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    a, b = np.array(d2lora), np.array(lora)
-    diffs = (a[rng.integers(0, a.size, (RESAMPLES, a.size))].mean(1)
-             - b[rng.integers(0, b.size, (RESAMPLES, b.size))].mean(1))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return lo * 100, hi * 100
+def deltas_csv(layout: RunLayout) -> list[dict[str, str]]:
+    with layout.report_dir.joinpath("deltas.csv").open() as f:
+        return list(csv.DictReader(f))
 
 
-def test_tables_show_mean_std_delta_ci_and_missing(run, capsys):
+def delta_row(rows: list[dict[str, str]], task: str, method: str, n: int, suite: str, metric: str) -> dict:
+    match = [r for r in rows if (r["task"], r["method"], r["n"], r["suite"], r["metric"])
+             == (task, method, str(n), suite, metric)]
+    assert len(match) == 1, (task, method, n, suite, metric)
+    return match[0]
+
+
+def parse_delta(text: str) -> dict:
+    m = DELTA_RE.match(text)
+    assert m, text
+    return {"delta": float(m["delta"]), "lo": float(m["lo"]), "hi": float(m["hi"]), "seeds": int(m["seeds"]),
+            "items": int(m["items"]), "rest": m["rest"], "bold": text.startswith("**")}
+
+
+def sft_cells(layout: RunLayout, n: int, seeds: list[tuple[list[float], list[float]]], suite: str = "gsm8k") -> None:
+    """LoRA/D2LoRA math SFT cells at n with these (LoRA, D2LoRA) gsm8k item scores per seed."""
+    for seed, (lora, d2lora) in enumerate(seeds):
+        for init, scores in (("lora", lora), ("d2lora", d2lora)):
+            method = "none" if n == 0 else "sft"
+            write_cell(layout, f"math-{method}-{init}-n{n}-s{seed}", {suite: {"accuracy": scores}})
+
+
+def symmetric_difference(a: list[float], b: list[float]) -> int:
+    return sum(x != y for x, y in zip(a, b, strict=True))
+
+
+# ---- the tables ---------------------------------------------------------------------------------
+
+def test_tables_show_mean_std_paired_delta_and_missing(run, capsys):
     exp, layout = run
     result = report(exp, layout)
     md = layout.report_dir.joinpath("results.md").read_text()
@@ -122,11 +231,18 @@ def test_tables_show_mean_std_delta_ci_and_missing(run, capsys):
     assert sft["n"] == ["0", "100", "1000", "2000"]
     assert sft["LoRA"] == ["20.00", "22.00 ± 1.41", "25.00 ± 1.41", "—"]
     assert sft["D2LoRA"] == ["22.00", "26.00 ± 2.83", "27.00", "—"]
-    lo, hi = expected_ci([0.24, 0.28], [0.21, 0.23])
     delta = sft["Δ (D2LoRA − LoRA)"]
-    assert delta[0] == "+2.00 (1 seed, no CI)"
-    assert delta[1] == f"+4.00 [{lo:+.2f}, {hi:+.2f}]"
-    assert delta[2] == "+2.00 (1 seed, no CI)"
+    n0, n100, n1000 = (parse_delta(d) for d in delta[:3])
+    assert (n0["delta"], n0["seeds"], n0["items"]) == (2.0, 1, 100)
+    assert n0["rest"].startswith(" · 1 seed: test-set noise only")
+    assert (n100["delta"], n100["seeds"], n100["items"]) == (4.0, 2, 100)
+    assert "test-set noise only" not in n100["rest"]
+    # n = 1000: LoRA seeds 0 and 1, D2LoRA seed 0 only -> one paired seed (27 vs 24), not 27 vs 25.
+    assert (n1000["delta"], n1000["seeds"]) == (3.0, 1)
+    for d in (n0, n100, n1000):
+        assert d["lo"] <= d["delta"] <= d["hi"]
+        resolved = d["lo"] > 0 or d["hi"] < 0
+        assert d["bold"] == resolved and d["rest"].endswith(" · unresolved") == (not resolved)
     assert delta[3] == "—"
     assert sft["seeds done (LoRA · D2LoRA)"] == ["1/1 · 1/1", "2/2 · 2/2", "2/2 · 1/2", "0/2 · 0/2"]
 
@@ -135,26 +251,33 @@ def test_tables_show_mean_std_delta_ci_and_missing(run, capsys):
     # n = 0 cells (method none) are in every method's table; ORPO has nothing else yet.
     orpo = table(md, "math · ORPO · gsm8k (task suite)")
     assert orpo["LoRA"] == ["20.00", "—", "—", "—"]
-    assert orpo["Δ (D2LoRA − LoRA)"] == ["+2.00 (1 seed, no CI)", "—", "—", "—"]
+    assert orpo["Δ (D2LoRA − LoRA)"][0] == delta[0] and orpo["Δ (D2LoRA − LoRA)"][1:] == ["—", "—", "—"]
     dpo = table(md, "math · DPO · gsm8k (task suite)")
-    assert dpo["LoRA"][2] == "30.00" and dpo["D2LoRA"][2] == "—" and dpo["Δ (D2LoRA − LoRA)"][2] == "—"
+    assert dpo["LoRA"][2] == "30.00" and dpo["D2LoRA"][2] == "—"
+    assert dpo["Δ (D2LoRA − LoRA)"][2] == "— (no seed finished for both inits)"
 
     titles = table(md, "titles · SFT · titles (task suite)")
     assert titles["n"] == ["0", "1000"]
     assert titles["ROUGE-L LoRA"] == ["28.00", "37.00"]
     assert titles["ROUGE-1 LoRA"] == ["30.00", "41.00"]
     assert titles["ROUGE-2 D2LoRA"] == ["14.00", "—"]
-    assert titles["ROUGE-L Δ (D2LoRA − LoRA)"] == ["+3.00 (1 seed, no CI)", "—"]
+    # Every title item differs by exactly +3 points: the interval is [3, 3], resolved.
+    assert titles["ROUGE-L Δ (D2LoRA − LoRA)"] == [
+        "**+3.00** [+3.00, +3.00] · 1 seed × 100 items · 1 seed: test-set noise only",
+        "— (no seed finished for both inits)"]
     # Paper order: per task, methods sft/dpo/orpo, task suite before forgetting suite.
     headings = [line for line in md.splitlines() if line.startswith("### math")]
     assert [h.split(":")[0] for h in headings[:2]] == ["### math · SFT · gsm8k (task suite)",
                                                       "### math · SFT · arc_easy (forgetting suite)"]
     assert "0.00" not in " ".join(dpo["D2LoRA"])  # missing is never shown as 0
+    assert "paired hierarchical bootstrap interval: 10000 resamples" in md
+    assert "2.5th and 97.5th percentiles; numpy seed 20240611" in md
+    assert "math-sft-n1000: LoRA seed(s) 1 finished without the other init: left out of Δ" in md
     out = capsys.readouterr().out
-    assert "math · SFT · gsm8k" in out and "results.csv" in out and "math_sft_vs_n.png" in out
+    assert "math · SFT · gsm8k" in out and "deltas.csv" in out and "math_sft_vs_n.png" in out
 
 
-def test_csv_has_one_row_per_cell_and_metric(run):
+def test_csv_has_one_row_per_cell_and_metric(run, no_plots):
     exp, layout = run
     report(exp, layout)
     with layout.report_dir.joinpath("results.csv").open() as f:
@@ -168,22 +291,290 @@ def test_csv_has_one_row_per_cell_and_metric(run):
     assert {r["role"] for r in rows if r["suite"] == "arc_easy"} == {"forgetting"}
 
 
+def test_deltas_csv_has_every_metric_with_what_it_rests_on(run, no_plots):
+    exp, layout = run
+    report(exp, layout)
+    rows = deltas_csv(layout)
+    assert tuple(rows[0]) == DELTAS_CSV_COLUMNS
+    assert DELTAS_CSV_COLUMNS[:12] == ("task", "method", "n", "suite", "metric", "delta", "ci_low", "ci_high",
+                                       "seeds", "items", "differing_items", "resolved")
+    row = delta_row(rows, "math", "sft", 100, "gsm8k", "accuracy")
+    assert float(row["delta"]) == pytest.approx(0.04, abs=1e-6)
+    assert float(row["ci_low"]) <= 0.04 <= float(row["ci_high"])
+    assert (row["seeds"], row["items"], row["basis"]) == ("2", "100", "items")
+    # Items scored differently, counted here from the fixture's own construction.
+    differing = sum(symmetric_difference(math_items(f"math-sft-lora-n100-s{s}", *MATH[f"math-sft-lora-n100-s{s}"])
+                                         ["gsm8k"]["accuracy"],
+                                         math_items(f"math-sft-d2lora-n100-s{s}", *MATH[f"math-sft-d2lora-n100-s{s}"])
+                                         ["gsm8k"]["accuracy"]) for s in (0, 1))
+    assert row["differing_items"] == str(differing) == "20"  # 3 + 6 on seed 0, 3 + 8 on seed 1
+    assert row["resolved"] == str(excludes_zero((float(row["ci_low"]), float(row["ci_high"])))).lower()
+    # n = 0 is one line, method none (as in results.csv); arc's second metric is there too.
+    assert [r["method"] for r in rows if r["n"] == "0" and r["task"] == "math" and r["suite"] == "gsm8k"] == ["none"]
+    norm = delta_row(rows, "math", "none", 0, "arc_easy", "accuracy_norm")
+    assert float(norm["delta"]) == pytest.approx(0.01, abs=1e-6)
+    no_pair = delta_row(rows, "math", "dpo", 1000, "gsm8k", "accuracy")
+    assert (no_pair["delta"], no_pair["ci_low"], no_pair["resolved"], no_pair["basis"]) == ("", "", "false", "none")
+    assert no_pair["note"].startswith("no seed finished on both sides")
+    assert not [r for r in rows if r["n"] == "2000"]  # nothing finished there: no line
+
+
+# ---- the interval, against cases worked out by hand -----------------------------------------------
+
+def test_interval_of_constant_differences_is_exactly_that_constant():
+    """(a) Every item difference equals c: every resample is c."""
+    assert paired_bootstrap_ci([[0.25] * 1319]) == (0.25, 0.25)
+    assert paired_bootstrap_ci([[-0.5] * 40, [-0.5] * 60, [-0.5] * 50]) == (-0.5, -0.5)
+    ci = paired_bootstrap_ci([[0.03] * 200, [0.03] * 200])  # 0.03 is not a binary fraction
+    assert ci == pytest.approx((0.03, 0.03), abs=1e-15)
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.02, 0.06), (0.10, -0.04), (0.0, 1.0)])
+def test_two_seeds_constant_within_seed_give_the_range_of_the_seeds(a, b):
+    """(b) Seed-resampled means are a, (a+b)/2, b with probability 1/4, 1/2, 1/4: the 2.5th
+    percentile is the lower of a and b, the 97.5th the higher."""
+    lo, hi = paired_bootstrap_ci([[a] * 300, [b] * 500])
+    assert (lo, hi) == pytest.approx((min(a, b), max(a, b)), abs=1e-12)
+
+
+def test_three_seeds_without_item_noise_resample_the_seeds():
+    """All three picks land on the lowest seed with probability 1/27 = 3.7% > 2.5%: the
+    interval is [lowest, highest] seed difference; item resampling alone would collapse it."""
+    assert paired_bootstrap_ci([[0.01] * 100, [0.04] * 100, [0.02] * 100]) == pytest.approx((0.01, 0.04), abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["accuracy", "rouge"])
+def test_one_seed_interval_is_the_normal_approximation_over_items(kind):
+    """(c) One seed, m items: mean ± 1.96 sd / sqrt(m), within 0.1 standard error (the
+    percentile noise of 10,000 resamples is about 0.03 standard errors)."""
+    rng = np.random.default_rng(7)
+    m = 1319
+    if kind == "accuracy":  # differences in {-1, 0, 1}
+        d = (rng.random(m) < 0.82).astype(float) - (rng.random(m) < 0.80).astype(float)
+    else:  # continuous ROUGE differences
+        d = rng.normal(0.01, 0.2, m)
+    se = d.std(ddof=1) / math.sqrt(m)
+    lo, hi = paired_bootstrap_ci([d])
+    assert lo == pytest.approx(d.mean() - 1.96 * se, abs=0.1 * se)
+    assert hi == pytest.approx(d.mean() + 1.96 * se, abs=0.1 * se)
+
+
+def binomial_quantile(m: int, p: float, q: float) -> int:
+    """Smallest k with P(Binomial(m, p) <= k) >= q, summed exactly."""
+    total = 0.0
+    for k in range(m + 1):
+        total += math.comb(m, k) * p**k * (1 - p) ** (m - k)
+        if total >= q:
+            return k
+    return m
+
+
+def test_paired_interval_resamples_the_same_items_for_both_arms(empty_run, no_plots):
+    """Arms that agree except 30 of 1000 items D2LoRA gets right and LoRA wrong: each resample
+    is Binomial(1000, 0.03) / 1000, so the interval is that binomial's 2.5% and 97.5% points
+    (about [2.0, 4.1] points). Unpaired resampling (sd ~2.2 points per arm) would straddle 0."""
+    exp, layout = empty_run
+    rng = np.random.default_rng(3)
+    lora = (rng.random(1000) < 0.5).astype(float)
+    wrong = np.flatnonzero(lora == 0)[:30]
+    d2lora = lora.copy()
+    d2lora[wrong] = 1.0
+    sft_cells(layout, 100, [(lora.tolist(), d2lora.tolist())])  # D2LoRA rows are written in reverse order
+    report(exp, layout)
+    row = delta_row(deltas_csv(layout), "math", "sft", 100, "gsm8k", "accuracy")
+    assert float(row["delta"]) == pytest.approx(0.03, abs=1e-9)
+    assert float(row["ci_low"]) == pytest.approx(binomial_quantile(1000, 0.03, 0.025) / 1000, abs=0.0011)
+    assert float(row["ci_high"]) == pytest.approx(binomial_quantile(1000, 0.03, 0.975) / 1000, abs=0.0011)
+    assert (row["resolved"], row["differing_items"], row["seeds"], row["items"]) == ("true", "30", "1", "1000")
+
+
+def test_unpaired_seeds_are_left_out(run, no_plots):
+    """(d) A D2LoRA seed 2 without its LoRA partner does not change Δ, and the report says so."""
+    exp, layout = run
+    before = report(exp, layout)
+    before_row = delta_row(deltas_csv(layout), "math", "sft", 100, "gsm8k", "accuracy")
+    write_cell(layout, "math-sft-d2lora-n100-s2", math_items("math-sft-d2lora-n100-s2", 0.90, 0.90))
+    after = report(exp, layout)
+    after_row = delta_row(deltas_csv(layout), "math", "sft", 100, "gsm8k", "accuracy")
+    assert after_row == before_row | {"note": after_row["note"]}
+    assert after_row["seeds"] == "2" and "D2LoRA seed(s) 2 finished without the other init" in after_row["note"]
+    key = "math · SFT · gsm8k (task suite)"
+    assert table(after.markdown, key)["Δ (D2LoRA − LoRA)"] == table(before.markdown, key)["Δ (D2LoRA − LoRA)"]
+    assert table(after.markdown, key)["D2LoRA"][1] != table(before.markdown, key)["D2LoRA"][1]  # the arm mean moves
+
+
+def test_resolved_only_when_the_interval_excludes_zero(empty_run, no_plots):
+    """(e) n = 100: 30 of 100 items won, nothing lost -> interval well above 0, resolved.
+    n = 1000: seed 0 identical, seed 1 every item won -> seed means 0 and 1, interval exactly
+    [0, 1]: it touches 0, so unresolved. n = 2000: one item won, one lost -> contains 0."""
+    exp, layout = empty_run
+    base = hits(0.5)
+    sft_cells(layout, 100, [(base, hits(0.8))])
+    sft_cells(layout, 1000, [(base, base), ([0.0] * M, [1.0] * M)])
+    sft_cells(layout, 2000, [(base, hits(0.5, start=1))])
+    result = report(exp, layout)
+    delta = table(result.markdown, "math · SFT · gsm8k")["Δ (D2LoRA − LoRA)"]
+    resolved = parse_delta(delta[1])
+    assert resolved["bold"] and resolved["lo"] > 0 and "unresolved" not in resolved["rest"]
+    assert delta[2] == "+50.00 [+0.00, +100.00] · 2 seeds × 100 items · unresolved"
+    assert delta[3].endswith(" · unresolved")
+    crossing = parse_delta(delta[3])
+    assert crossing["delta"] == 0.0 and crossing["lo"] < 0 < crossing["hi"] and not crossing["bold"]
+    rows = deltas_csv(layout)
+    assert [delta_row(rows, "math", "sft", n, "gsm8k", "accuracy")["resolved"] for n in (100, 1000, 2000)] == [
+        "true", "false", "false"]
+    touching = delta_row(rows, "math", "sft", 1000, "gsm8k", "accuracy")
+    assert (float(touching["ci_low"]), float(touching["ci_high"])) == (0.0, 1.0)
+    assert not excludes_zero((0.0, 0.3)) and not excludes_zero((-0.2, 0.0)) and not excludes_zero(None)
+    assert excludes_zero((1e-9, 0.3)) and excludes_zero((-0.2, -1e-9))
+
+
+def test_identical_arms_say_identical_outputs(empty_run, no_plots):
+    """(f) A phase that did not move the model: every item scored the same by both inits."""
+    exp, layout = empty_run
+    sft_cells(layout, 0, [(hits(0.4), hits(0.4))])
+    sft_cells(layout, 100, [(hits(0.4), hits(0.4)), (hits(0.3), hits(0.3, start=5))])
+    result = report(exp, layout)
+    delta = table(result.markdown, "math · SFT · gsm8k")["Δ (D2LoRA − LoRA)"]
+    assert delta[0] == ("+0.00 [+0.00, +0.00] · 1 seed × 100 items · 1 seed: test-set noise only · "
+                        "identical outputs · unresolved")
+    assert "identical outputs" not in delta[1]  # same accuracy, different items
+    rows = deltas_csv(layout)
+    assert delta_row(rows, "math", "none", 0, "gsm8k", "accuracy")["differing_items"] == "0"
+    assert delta_row(rows, "math", "sft", 100, "gsm8k", "accuracy")["differing_items"] == "10"
+
+
+# ---- when item scores are not there ------------------------------------------------------------
+
+def test_missing_unreadable_or_unknown_item_scores_fall_back_to_seed_level(run, no_plots):
+    exp, layout = run
+    layout.cell_predictions("math-sft-lora-n100-s1", "gsm8k").unlink()
+    layout.cell_predictions("math-sft-d2lora-n1000-s0", "gsm8k").write_text("{not json\n")
+    # A metric result.json has but item_scores does not know, on both arms of n = 0.
+    for cell_id in ("math-none-lora-n0-s0", "math-none-d2lora-n0-s0"):
+        gsm, arc = MATH[cell_id]
+        write_cell(layout, cell_id, math_items(cell_id, gsm, arc),
+                   extra={"gsm8k": {"exact_match": gsm / 2}})
+    result = report(exp, layout)
+    delta = table(result.markdown, "math · SFT · gsm8k")["Δ (D2LoRA − LoRA)"]
+    # n = 100: seed level over the 2 paired seeds: per-seed differences 0.03 and 0.05 -> [3, 5] (case b).
+    assert delta[1] == "**+4.00** [+3.00, +5.00] · 2 seeds, seed-level only"
+    assert delta[2] == "+3.00 · 1 seed, seed-level only · no interval · unresolved"
+    assert delta[0].endswith("items · 1 seed: test-set noise only · unresolved")  # accuracy still has items
+    notes = result.markdown.split("## Notes on Δ", 1)[1]
+    assert "cells/math-sft-lora-n100-s1/predictions/gsm8k.jsonl: missing" in notes
+    assert "cells/math-sft-d2lora-n1000-s0/predictions/gsm8k.jsonl: unreadable (ValueError:" in notes
+    assert "gsm8k: evaluate.scoring.item_scores gives no per-item 'exact_match'" in notes
+    rows = deltas_csv(layout)
+    exact = delta_row(rows, "math", "none", 0, "gsm8k", "exact_match")
+    assert (exact["basis"], exact["ci_low"], exact["differing_items"], exact["resolved"]) == ("seeds", "", "", "false")
+    assert float(exact["delta"]) == pytest.approx(0.01)
+    assert "seed level only: gsm8k: evaluate.scoring.item_scores gives no per-item 'exact_match'" in exact["note"]
+    seed_level = delta_row(rows, "math", "sft", 100, "gsm8k", "accuracy")
+    assert (seed_level["basis"], seed_level["items"]) == ("seeds", "")
+    assert "math-sft-lora-n100-s1/predictions/gsm8k.jsonl: missing" in seed_level["note"]
+    # The forgetting suite of the same cells still has its items.
+    assert delta_row(rows, "math", "sft", 100, "arc_easy", "accuracy")["basis"] == "items"
+
+
+def test_item_scores_that_disagree_with_result_json_are_not_used(run, no_plots):
+    exp, layout = run
+    path = layout.cell_predictions("math-sft-lora-n100-s0", "gsm8k")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[50] |= {"correct": True, "correct_strict": True, "correct_flexible": True}  # was wrong
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report(exp, layout)
+    row = delta_row(deltas_csv(layout), "math", "sft", 100, "gsm8k", "accuracy")
+    assert row["basis"] == "seeds"
+    assert "item scores of accuracy average 0.220000 but result.json says 0.210000" in row["note"]
+
+
+def test_item_ids_that_differ_are_reported_naming_both_cells(empty_run, no_plots):
+    exp, layout = empty_run
+    sft_cells(layout, 100, [(hits(0.5), hits(0.6))])
+    path = layout.cell_predictions("math-sft-d2lora-n100-s0", "gsm8k")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] not in ("gsm8k-0", "gsm8k-99")))
+    result_path = layout.cell_result("math-sft-d2lora-n100-s0")
+    result = json.loads(result_path.read_text())
+    result["metrics"]["gsm8k"]["accuracy"] = 59 / 98  # consistent with the rows left
+    result_path.write_text(json.dumps(result))
+    result = report(exp, layout)
+    row = delta_row(deltas_csv(layout), "math", "sft", 100, "gsm8k", "accuracy")
+    assert row["items"] == "98" and row["basis"] == "items"
+    # Items 1..49 right on both arms, 50..59 right only with D2LoRA, over the 98 common items.
+    assert float(row["delta"]) == pytest.approx(10 / 98, abs=1e-6)  # deltas.csv has 6 decimals
+    note = ("gsm8k: item ids differ between math-sft-lora-n100-s0 (2 only there) and math-sft-d2lora-n100-s0 "
+            "(0 only there); Δ uses the 98 common items")
+    assert note in row["note"] and note in result.markdown
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+def png_size_and_not_blank(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        pixels = np.asarray(img.convert("RGB"))
+        size = img.size
+    assert pixels.std() > 0
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2
+    return size
+
+
 def test_plots_are_png_of_expected_size_and_not_blank(run):
     exp, layout = run
     result = report(exp, layout)
-    names = sorted(p.name for p in result.plots)
-    assert names == sorted(["math_sft_vs_n.png", "math_dpo_vs_n.png", "math_orpo_vs_n.png",
-                            "math_methods_lora.png", "math_forgetting.png", "math_low_data.png",
-                            "titles_sft_vs_n.png", "titles_methods_lora.png", "titles_forgetting.png"])
-    for path in result.plots:
-        assert path.parent == layout.report_dir / "plots"
-        with Image.open(path) as img:
-            assert img.format == "PNG"
-            assert img.size == (640, 400), path.name
-            pixels = np.asarray(img.convert("RGB"))
-        assert pixels.std() > 0
-        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2
+    sizes = {p.name: png_size_and_not_blank(p) for p in result.plots}
+    with_delta_row = (640, 640)  # 400 px of values, 240 px of Δ under them
+    assert sizes == {"math_sft_vs_n.png": with_delta_row, "math_dpo_vs_n.png": with_delta_row,
+                     "math_orpo_vs_n.png": with_delta_row, "math_methods_lora.png": (640, 400),
+                     "math_forgetting.png": with_delta_row, "math_low_data.png": with_delta_row,
+                     "math_delta_vs_n.png": (3 * 640, 400), "titles_sft_vs_n.png": with_delta_row,
+                     "titles_methods_lora.png": (640, 400), "titles_forgetting.png": with_delta_row,
+                     "titles_delta_vs_n.png": (640, 400)}
+    assert {p.parent for p in result.plots} == {layout.report_dir / "plots"}
 
+
+def test_trend_lines_join_only_neighbouring_resolved_points():
+    assert joined_runs([True, True, False, True, None, True, True, True]) == [[0, 1], [5, 6, 7]]
+    assert joined_runs([True, False, True]) == []
+    assert joined_runs([None, True, True]) == [[1, 2]]
+    assert joined_runs([]) == []
+
+
+def test_delta_plot_draws_unresolved_points_hollow_and_unjoined(empty_run):
+    """(g) n = 0 identical and n = 2000 a wash (unresolved), n = 100 and 1000 clear gains:
+    one trend line through positions 1 and 2 only, hollow grey points at 0 and 3."""
+    exp, layout = empty_run
+    base = hits(0.5)
+    sft_cells(layout, 0, [(base, base)])
+    sft_cells(layout, 100, [(base, hits(0.8)), (base, hits(0.75))])
+    sft_cells(layout, 1000, [(base, hits(0.9)), (base, hits(0.85))])
+    sft_cells(layout, 2000, [(base, hits(0.5, start=1)), (base, hits(0.5, start=2))])
+    result = report(exp, layout)
+    delta_png = next(p for p in result.plots if p.name == "math_delta_vs_n.png")
+    assert png_size_and_not_blank(delta_png) == (3 * 640, 400)  # SFT, DPO and ORPO panels
+
+    coll = collect(exp, layout)
+    deltas = Deltas(coll, load_item_scores(exp, layout, coll))
+    spec = next(s for s in table_specs(exp, coll) if (s.method, s.suite) == ("sft", "gsm8k"))
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    assert delta_panel(ax, deltas, [spec]) == 1
+    trends = [line for line in ax.get_lines() if line.get_gid() == TREND]
+    assert len(trends) == 1
+    assert np.round(trends[0].get_xdata()).tolist() == [1, 2]
+    hollow = [line for line in ax.get_lines() if line.get_gid() == UNRESOLVED]
+    assert sorted(np.round(line.get_xdata()[0]) for line in hollow) == [0, 3]
+    assert all(line.get_markerfacecolor() == "none" for line in hollow)
+    filled = [line for line in ax.get_lines() if line.get_marker() == "o" and line.get_gid() is None
+              and len(line.get_xdata())]
+    assert sorted(np.round(line.get_xdata()[0]) for line in filled) == [1, 2]
+    assert any(line.get_ydata()[0] == 0 and line.get_ydata()[-1] == 0 for line in ax.get_lines())  # zero line
+
+
+# ---- the rest of the report ----------------------------------------------------------------------
 
 def test_writes_are_atomic_and_leave_other_files(run):
     exp, layout = run
@@ -191,14 +582,16 @@ def test_writes_are_atomic_and_leave_other_files(run):
     keep = layout.report_dir / "notes.txt"
     keep.write_text("mine")
     first = report(exp, layout)
+    first_deltas = layout.report_dir.joinpath("deltas.csv").read_text()
     second = report(exp, layout)
     assert keep.read_text() == "mine"
     assert first.markdown == second.markdown  # the bootstrap is seeded
+    assert layout.report_dir.joinpath("deltas.csv").read_text() == first_deltas
     leftovers = [p for p in layout.report_dir.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
 
 
-def test_unplanned_results_are_reported_and_bad_values_stop(run):
+def test_unplanned_results_are_reported_and_bad_values_stop(run, no_plots):
     exp, layout = run
     write_result(layout, "math-sft-lora-n500-s0", {"gsm8k": {"accuracy": 0.5}}, {"gsm8k": "task"})
     result = report(exp, layout)
@@ -211,25 +604,22 @@ def test_unplanned_results_are_reported_and_bad_values_stop(run):
         report(exp, layout)
 
 
-def test_no_results_yet(tmp_path):
-    exp = load_experiment(tmp_path)
-    result = report(exp, RunLayout(exp.run_dir))
+def test_no_results_yet(empty_run):
+    exp, layout = empty_run
+    result = report(exp, layout)
     assert result.done == 0 and result.plots == []
     assert f"**0 of {PLANNED} planned cells done**" in result.markdown
     assert table(result.markdown, "math · SFT · gsm8k")["LoRA"] == ["—"] * 4
+    assert table(result.markdown, "math · SFT · gsm8k")["Δ (D2LoRA − LoRA)"] == ["—"] * 4
+    assert deltas_csv(layout) == []
 
 
-def test_stats():
+def test_mean_std():
     assert mean_std([0.24, 0.26]) == pytest.approx((0.25, 0.0141421356))
     assert mean_std([0.3]) == (0.3, None)
-    assert bootstrap_diff_ci([0.3], [0.2, 0.25]) is None
-    ci = bootstrap_diff_ci([0.24, 0.28, 0.25], [0.21, 0.23])
-    lo, hi = expected_ci([0.24, 0.28, 0.25], [0.21, 0.23])
-    assert ci == pytest.approx((lo / 100, hi / 100))
-    assert ci[0] <= 0.2567 - 0.22 <= ci[1]
 
 
-def test_wandb_report_offline_says_what_and_how(run, monkeypatch):
+def test_wandb_report_offline_says_what_and_how(run, no_plots, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     exp, layout = run
     result = report(exp, layout, wandb_report=True)

@@ -1,7 +1,9 @@
-"""Report of one experiment: collect results -> tables (csv, markdown) -> plots -> W&B report.
+"""Report of one experiment: collect results -> paired Δ -> tables (csv, markdown) -> plots -> W&B report.
 
-Reads `cells/<cell-id>/result.json` against the plan and writes into `report/` only the
-files it owns (results.csv, results.md, plots/*.png), each atomically.
+Reads `cells/<cell-id>/result.json` against the plan and each finished cell's
+`predictions/<suite>.jsonl` (per-item scores for the paired statistics), and writes into
+`report/` only the files it owns (results.csv, deltas.csv, results.md, plots/*.png), each
+atomically.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from d2lora_dist.config import Experiment
 from d2lora_dist.fileio import write_text_atomic as atomic_write_text
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.report.collect import collect
+from d2lora_dist.report.paired import Deltas, load_item_scores, render_deltas_csv
 from d2lora_dist.report.plots import write_plots
 from d2lora_dist.report.tables import render_csv, render_markdown, table_specs
 
@@ -26,6 +29,7 @@ class ReportResult:
     missing: list[str]
     unplanned: list[str]
     csv_path: Path
+    deltas_path: Path
     markdown_path: Path
     markdown: str
     plots: list[Path]
@@ -33,20 +37,23 @@ class ReportResult:
 
     @property
     def paths(self) -> list[Path]:
-        return [self.csv_path, self.markdown_path, *self.plots]
+        return [self.csv_path, self.deltas_path, self.markdown_path, *self.plots]
 
 
 def report(exp: Experiment, layout: RunLayout, wandb_report: bool = False) -> ReportResult:
-    """Write results.csv, results.md and the plots; print the tables and paths."""
+    """Write results.csv, deltas.csv, results.md and the plots; print the tables and paths."""
     coll = collect(exp, layout)
     specs = table_specs(exp, coll)
-    markdown = render_markdown(exp, coll, specs)
+    deltas = Deltas(coll, load_item_scores(exp, layout, coll))
+    every = deltas.every([(s.task, s.method, s.suite, s.ns) for s in specs])
+    markdown = render_markdown(exp, coll, specs, deltas)
     out = layout.report_dir
     csv_path = atomic_write_text(out / "results.csv", render_csv(coll.rows))
+    deltas_path = atomic_write_text(out / "deltas.csv", render_deltas_csv(every))
     md_path = atomic_write_text(out / "results.md", markdown)
-    plots = write_plots(coll, specs, out / "plots")
-    result = ReportResult(len(coll.planned), len(coll.done), coll.missing, coll.unplanned, csv_path, md_path,
-                          markdown, plots)
+    plots = write_plots(coll, specs, deltas, out / "plots")
+    result = ReportResult(len(coll.planned), len(coll.done), coll.missing, coll.unplanned, csv_path, deltas_path,
+                          md_path, markdown, plots)
     print(markdown)
     print("Wrote:", *[f"  {p}" for p in result.paths], sep="\n")
     if wandb_report:

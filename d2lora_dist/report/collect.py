@@ -68,16 +68,28 @@ class Collection:
 
     def values(self, task: str, method: str, init: str, n: int, suite: str, metric: str) -> list[float]:
         """Metric values over seeds (seed order); n = 0 cells (method none) serve every method."""
-        key_method = NO_TRAINING if n == 0 else method
-        by_seed = self._values.get((task, key_method, init, n, suite, metric), {})
+        by_seed = self.by_seed(task, method, init, n, suite, metric)
         return [by_seed[s] for s in sorted(by_seed)]
+
+    def by_seed(self, task: str, method: str, init: str, n: int, suite: str, metric: str) -> dict[int, float]:
+        """seed -> metric value of the finished cells of one table cell."""
+        return dict(self._values.get((task, cell_method(method, n), init, n, suite, metric), {}))
+
+    def metrics(self, task: str, suite: str) -> list[str]:
+        """Metrics some finished cell of the task reports for the suite, sorted."""
+        return sorted({r.metric for r in self.rows if r.task == task and r.suite == suite})
 
     def seeds(self, task: str, method: str, init: str, n: int) -> tuple[int, int]:
         """(finished, planned) seeds of one table cell."""
-        key_method = NO_TRAINING if n == 0 else method
+        key_method = cell_method(method, n)
         match = [c for c in self.cells() if (c.task, c.method, c.init, c.n) == (task, key_method, init, n)]
         planned = {c.id for c in self.planned}
         return (sum(c.id in self.finished for c in match), sum(c.id in planned for c in match))
+
+
+def cell_method(method: str, n: int) -> str:
+    """The method in the id of the cells behind a table's (method, n): n = 0 cells are shared."""
+    return NO_TRAINING if n == 0 else method
 
 
 def collect(exp: Experiment, layout: RunLayout) -> Collection:

@@ -4,7 +4,11 @@
   <task>_methods_lora.png    SFT / DPO / ORPO on vanilla LoRA       (Fig. 1)
   <task>_forgetting.png      forgetting suite vs n, method x init   (Fig. 3)
   <task>_low_data.png        the n < 1000 sweep, when it has cells  (Fig. 4)
-n is drawn on evenly spaced positions labelled with its values (0 and 10k on one axis).
+  <task>_delta_vs_n.png      Δ = D2LoRA − LoRA vs n, one panel per method
+Every figure that compares the inits has a Δ row under it: Δ with its paired 95% interval
+(report.paired), a zero line, resolved points filled and joined to resolved neighbours,
+unresolved ones hollow with a grey interval and never joined. n is drawn on evenly spaced
+positions labelled with its values (0 and 10k on one axis).
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ from matplotlib.figure import Figure
 
 from d2lora_dist.fileio import write_atomic as atomic_write
 from d2lora_dist.report.collect import Collection
+from d2lora_dist.report.paired import Delta, Deltas
 from d2lora_dist.report.stats import mean_std
 from d2lora_dist.report.tables import INITS, METHOD_LABELS, TableSpec
 from d2lora_dist.sweep.grid import NO_TRAINING
 
 SIZE_IN = (6.4, 4.0)
-DPI = 100  # 640 x 400 pixels per panel
+DELTA_ROW_IN = 2.4  # height of the Δ row under a figure that compares the inits
+DPI = 100  # 640 x 400 pixels per panel, 640 x 640 with a Δ row
+UNRESOLVED_COLOR = "0.6"  # grey
+TREND, UNRESOLVED = "trend", "unresolved"  # gids of the artists (tests look them up)
 LOW_DATA_MAX_N = 1000
 DODGE = 0.04  # sideways shift between series at one n, in units of the n spacing
 INIT_STYLE = {"lora": {"linestyle": "--", "marker": "o"}, "d2lora": {"linestyle": "-", "marker": "s"}}
@@ -34,41 +42,54 @@ METHOD_COLOR = {"sft": "tab:blue", "dpo": "tab:orange", "orpo": "tab:green"}
 Draw = Callable[[Axes], int]  # draws one panel, returns how many series it drew
 
 
-def write_plots(coll: Collection, specs: list[TableSpec], out_dir: Path) -> list[Path]:
+def write_plots(coll: Collection, specs: list[TableSpec], deltas: Deltas, out_dir: Path) -> list[Path]:
     """Draw every figure that has at least one finished point; return the paths written."""
     written: list[Path] = []
     for task in dict.fromkeys(s.task for s in specs):
-        for name, panels in _task_figures(coll, [s for s in specs if s.task == task]):
-            if (path := _figure(out_dir / f"{task}_{name}.png", panels)) is not None:
+        for name, panels, delta_row in _task_figures(coll, deltas, [s for s in specs if s.task == task]):
+            if (path := _figure(out_dir / f"{task}_{name}.png", panels, delta_row)) is not None:
                 written.append(path)
     return written
 
 
-def _task_figures(coll: Collection, specs: list[TableSpec]) -> list[tuple[str, list[Draw]]]:
+Figure_ = tuple[str, list[Draw], list[Draw]]  # name, top row, Δ row (may be empty)
+
+
+def _task_figures(coll: Collection, deltas: Deltas, specs: list[TableSpec]) -> list[Figure_]:
     task_suites = [s for s in specs if s.role == "task"]
     primary = [s for s in task_suites if s.suite == task_suites[0].suite] if task_suites else []
+    trained = [s for s in primary if s.method != NO_TRAINING]
     forgetting = [s for s in specs if s.role == "forgetting"]
-    figures: list[tuple[str, list[Draw]]] = [
-        (f"{s.method}_vs_n", [partial(_vs_n, coll=coll, spec=s)]) for s in primary if s.method != NO_TRAINING]
+    figures: list[Figure_] = [
+        (f"{s.method}_vs_n", [partial(_vs_n, coll=coll, spec=s)], [partial(delta_panel, deltas=deltas, specs=[s])])
+        for s in trained]
     if primary:
-        figures.append(("methods_lora", [partial(_methods_lora, coll=coll, specs=primary)]))
+        figures.append(("methods_lora", [partial(_methods_lora, coll=coll, specs=primary)], []))
     if forgetting:
-        suites = dict.fromkeys(s.suite for s in forgetting)
-        figures.append(("forgetting", [partial(_method_x_init, coll=coll, kind="forgetting",
-                                               specs=[s for s in forgetting if s.suite == su]) for su in suites]))
+        groups = [[s for s in forgetting if s.suite == su] for su in dict.fromkeys(s.suite for s in forgetting)]
+        figures.append(("forgetting", [partial(_method_x_init, coll=coll, kind="forgetting", specs=g) for g in groups],
+                        [partial(delta_panel, deltas=deltas, specs=g) for g in groups]))
     task = specs[0].task
     if primary and any(0 < c.n < LOW_DATA_MAX_N for c in coll.finished.values() if c.task == task):
-        figures.append(("low_data", [partial(_method_x_init, coll=coll, specs=primary, kind="low-data")]))
+        figures.append(("low_data", [partial(_method_x_init, coll=coll, specs=primary, kind="low-data")],
+                        [partial(delta_panel, deltas=deltas, specs=primary, max_n=LOW_DATA_MAX_N)]))
+    if trained:
+        figures.append(("delta_vs_n", [partial(delta_panel, deltas=deltas, specs=[s], title=True) for s in trained],
+                        []))
     return figures
 
 
-def _figure(path: Path, panels: list[Draw]) -> Path | None:
-    fig = Figure(figsize=(SIZE_IN[0] * len(panels), SIZE_IN[1]), dpi=DPI)
+def _figure(path: Path, panels: list[Draw], delta_row: list[Draw]) -> Path | None:
+    """Top row of panels (nothing drawn there: no figure), and the Δ row under it if given."""
+    heights = [SIZE_IN[1], DELTA_ROW_IN][:1 + bool(delta_row)]
+    fig = Figure(figsize=(SIZE_IN[0] * len(panels), sum(heights)), dpi=DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    drawn = sum(draw(ax) for draw, ax in zip(panels, axes, strict=True))
+    axes = fig.subplots(len(heights), len(panels), squeeze=False, gridspec_kw={"height_ratios": heights})
+    drawn = sum(draw(ax) for draw, ax in zip(panels, axes[0], strict=True))
     if not drawn:
         return None  # nothing finished yet: no empty figure
+    for draw, ax in zip(delta_row, axes[1] if delta_row else [], strict=True):
+        draw(ax)
     fig.tight_layout()
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
 
@@ -134,3 +155,65 @@ def _method_x_init(ax: Axes, coll: Collection, specs: list[TableSpec], kind: str
         what = "forgetting" if kind == "forgetting" else f"low-data sweep (n < {LOW_DATA_MAX_N})"
         _decorate(ax, specs[0], ns, f"{specs[0].task}: {what}, {specs[0].suite}")
     return drawn
+
+
+# ---- Δ -----------------------------------------------------------------------------------------
+
+def joined_runs(resolved: list[bool | None]) -> list[list[int]]:
+    """Positions a trend line joins: maximal runs of >= 2 consecutive resolved Δ (None = no Δ there)."""
+    runs: list[list[int]] = []
+    current: list[int] = []
+    for i, ok in enumerate([*resolved, None]):
+        if ok:
+            current.append(i)
+            continue
+        if len(current) > 1:
+            runs.append(current)
+        current = []
+    return runs
+
+
+def delta_panel(ax: Axes, deltas: Deltas, specs: list[TableSpec], max_n: int | None = None,
+                title: bool = False) -> int:
+    """Δ of each spec's primary metric vs n with its interval; returns how many series have a Δ."""
+    ns = tuple(sorted({n for s in specs for n in s.ns if max_n is None or n < max_n}))
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    trained = [s for s in specs if s.method != NO_TRAINING]
+    drawn = sum(_delta_series(ax, [deltas.get(s.task, s.method, n, s.suite, s.metrics[0][0]) for n in ns],
+                              color=METHOD_COLOR.get(s.method, "tab:purple"), label=METHOD_LABELS[s.method],
+                              shift=(i - (len(trained) - 1) / 2) * DODGE * 2)
+                for i, s in enumerate(trained))
+    spec = specs[0]
+    ax.set_xticks(np.arange(len(ns)), [str(n) for n in ns])
+    ax.set_xlim(-0.4, len(ns) - 0.6)
+    ax.set_xlabel("task examples n")
+    ax.set_ylabel(f"Δ {spec.suite} {spec.metrics[0][1]} (pp)")
+    ax.grid(alpha=0.3)
+    what = f"{spec.task}: Δ D2LoRA − LoRA, {METHOD_LABELS[spec.method]}, " if title else "Δ D2LoRA − LoRA, "
+    ax.set_title(f"{what}95% paired interval (hollow, grey bar: unresolved)", fontsize=9)
+    if not drawn:
+        ax.text(0.5, 0.5, "no Δ yet: no seed finished for both inits", transform=ax.transAxes, ha="center",
+                va="center", fontsize=9, color="0.4")
+    elif len(trained) > 1:
+        ax.legend(fontsize=8, loc="best")
+    return drawn
+
+
+def _delta_series(ax: Axes, deltas: list[Delta], color: str, label: str, shift: float) -> int:
+    """Points at their n position: filled and joined when resolved; hollow with a grey interval when
+    not (the edge keeps the method's colour, so panels with several methods stay readable)."""
+    if all(d.value is None for d in deltas):
+        return 0
+    x = np.arange(len(deltas)) + shift
+    for i, d in enumerate(deltas):
+        if d.value is None:
+            continue
+        if d.ci is not None:
+            ax.vlines(x[i], d.ci[0] * 100, d.ci[1] * 100, color=color if d.resolved else UNRESOLVED_COLOR,
+                      linewidth=1.5)
+        ax.plot([x[i]], [d.value * 100], linestyle="none", marker="o", markersize=6, color=color,
+                markerfacecolor=color if d.resolved else "none", gid=None if d.resolved else UNRESOLVED)
+    for run in joined_runs([d.resolved if d.value is not None else None for d in deltas]):
+        ax.plot(x[run], [deltas[i].value * 100 for i in run], color=color, linewidth=1.2, gid=TREND)
+    ax.plot([], [], marker="o", linestyle="none", color=color, label=label)  # legend entry
+    return 1

@@ -1,7 +1,9 @@
 """Paper-style tables: per task and method, per suite (task suite, then forgetting), n as columns.
 
 Rows are LoRA, D2LoRA and Δ (D2LoRA − LoRA); values are percentages, mean ± std over seeds;
-Δ carries a bootstrap 95% CI over seeds; "—" marks a cell that has not finished (never 0).
+Δ is paired (report.paired) and carries its paired hierarchical bootstrap 95% interval, what it
+rests on (seeds × items) and whether it is resolved; "—" marks a cell that has not finished
+(never 0).
 """
 
 from __future__ import annotations
@@ -12,18 +14,27 @@ from dataclasses import dataclass
 
 from d2lora_dist.config import Experiment
 from d2lora_dist.report.collect import Collection, Row
-from d2lora_dist.report.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, bootstrap_diff_ci, mean_std
+from d2lora_dist.report.paired import ITEMS, NONE, SEEDS, Delta, Deltas
+from d2lora_dist.report.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, mean_std
 from d2lora_dist.sweep.grid import NO_TRAINING
 
 MISSING = "—"
 METHOD_ORDER = ("sft", "dpo", "orpo")
 INITS = (("lora", "LoRA"), ("d2lora", "D2LoRA"))
 METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "orpo": "ORPO", NO_TRAINING: "no training"}
-# Metrics shown per suite kind, the primary (plotted) one first.
+UNRESOLVED = "unresolved"
+ONE_SEED = "1 seed: test-set noise only"
+IDENTICAL = "identical outputs"
+SEED_LEVEL = "seed-level only"
+# Metrics shown per suite kind, the primary (plotted) one first; then those shown only when some
+# cell reports them. deltas.csv has every reported metric.
 SUITE_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
     "gsm8k": (("accuracy", "accuracy"),),
     "arc": (("accuracy", "accuracy"),),
     "titles": (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2")),
+}
+REPORTED_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    "gsm8k": (("strict_accuracy", "strict accuracy"), ("flexible_accuracy", "flexible accuracy")),
 }
 
 
@@ -56,9 +67,11 @@ def table_specs(exp: Experiment, coll: Collection) -> list[TableSpec]:
 
 
 def suite_metrics(exp: Experiment, coll: Collection, suite: str) -> tuple[tuple[str, str], ...]:
+    reported = {r.metric for r in coll.rows if r.suite == suite}
     if suite in exp.suites:
-        return SUITE_METRICS[exp.suites[suite].kind]
-    return tuple((m, m) for m in sorted({r.metric for r in coll.rows if r.suite == suite}))
+        kind = exp.suites[suite].kind
+        return SUITE_METRICS[kind] + tuple(m for m in REPORTED_METRICS.get(kind, ()) if m[0] in reported)
+    return tuple((m, m) for m in sorted(reported))
 
 
 def _tasks(exp: Experiment, coll: Collection) -> list[str]:
@@ -93,17 +106,29 @@ def fmt_mean_std(values: list[float]) -> str:
     return f"{mean * 100:.2f}" if std is None else f"{mean * 100:.2f} ± {std * 100:.2f}"
 
 
-def fmt_delta(d2lora: list[float], lora: list[float]) -> str:
-    if not d2lora or not lora:
-        return MISSING
-    delta = (mean_std(d2lora)[0] - mean_std(lora)[0]) * 100
-    ci = bootstrap_diff_ci(d2lora, lora)
-    if ci is None:
-        return f"{delta:+.2f} (1 seed, no CI)"
-    return f"{delta:+.2f} [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
+def _pp(x: float) -> str:
+    return f"{x * 100 + 0.0:+.2f}"
 
 
-def render_table(spec: TableSpec, coll: Collection) -> str:
+def fmt_delta(delta: Delta) -> str:
+    """'+1.20 [+0.31, +2.08] · 3 seeds × 1319 items', value in bold when resolved, else '· unresolved'."""
+    if delta.basis == NONE or delta.value is None:
+        return MISSING if delta.why == "not finished" else f"{MISSING} (no seed finished for both inits)"
+    seeds = len(delta.seeds)
+    value = f"**{_pp(delta.value)}**" if delta.resolved else _pp(delta.value)
+    parts = [value if delta.ci is None else f"{value} [{_pp(delta.ci[0])}, {_pp(delta.ci[1])}]"]
+    if delta.basis == ITEMS:
+        parts[0] += f" · {seeds} seed{'s' * (seeds > 1)} × {delta.items_label} items"
+        parts += [ONE_SEED] if seeds == 1 else []
+        parts += [IDENTICAL] if delta.identical else []
+    elif delta.basis == SEEDS:
+        parts[0] += f" · {seeds} seed{'s' * (seeds > 1)}, {SEED_LEVEL}"
+        parts += [] if delta.ci else ["no interval"]
+    parts += [] if delta.resolved else [UNRESOLVED]
+    return " · ".join(parts)
+
+
+def render_table(spec: TableSpec, coll: Collection, deltas: Deltas) -> str:
     lines = ["| n | " + " | ".join(str(n) for n in spec.ns) + " |",
              "|---|" + "---:|" * len(spec.ns)]
     for key, label in spec.metrics:
@@ -112,8 +137,8 @@ def render_table(spec: TableSpec, coll: Collection) -> str:
                 for init, _ in INITS}
         for init, init_label in INITS:
             lines.append(_row(f"{prefix}{init_label}", [fmt_mean_std(v) for v in vals[init]]))
-        deltas = [fmt_delta(d, lo) for d, lo in zip(vals["d2lora"], vals["lora"], strict=True)]
-        lines.append(_row(f"{prefix}Δ (D2LoRA − LoRA)", deltas))
+        shown = [fmt_delta(deltas.get(spec.task, spec.method, n, spec.suite, key)) for n in spec.ns]
+        lines.append(_row(f"{prefix}Δ (D2LoRA − LoRA)", shown))
     seeds = []
     for n in spec.ns:
         counts = [coll.seeds(spec.task, spec.method, init, n) for init, _ in INITS]
@@ -126,24 +151,39 @@ def _row(label: str, cells: list[str]) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec]) -> str:
+HEADER = (
+    "Metrics in %: mean ± sample std over seeds (the value alone when one seed finished). "
+    "Δ = D2LoRA − LoRA in percentage points, paired: only seeds finished for both inits enter, and Δ is the "
+    "mean over those seeds of the mean over items of (D2LoRA item score − LoRA item score). In brackets its "
+    f"{LEVEL:.0%} paired hierarchical bootstrap interval: {RESAMPLES} resamples, each drawing the paired seeds "
+    "with replacement and, within each drawn seed, its items with replacement (the same items for both "
+    f"inits); the {(1 - LEVEL) * 50:g}th and {100 - (1 - LEVEL) * 50:g}th percentiles; numpy seed {BOOTSTRAP_SEED} "
+    "(docs/statistics.md). "
+    "\"S seeds × m items\" is what Δ rests on. A Δ in **bold** is resolved: its interval excludes 0; "
+    f"every other Δ is marked {UNRESOLVED}. \"{ONE_SEED}\": one paired seed, so the interval covers the "
+    f"test items only, not seed-to-seed variation. \"{IDENTICAL}\": no item score differs between the "
+    f"inits. \"{SEED_LEVEL}\": some paired cell has no per-item scores (see the notes), so the interval "
+    "resamples the per-seed differences (none with one seed). "
+    f"{MISSING} = not finished (or no seed finished for both inits). n = 0 is the untrained base model (LoRA) "
+    "or the warm-up adapter alone (D2LoRA), shared by every method. Every Δ, of every metric, is in deltas.csv.")
+
+
+def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec], deltas: Deltas) -> str:
     planned, done, missing = len(coll.planned), len(coll.done), coll.missing
     out = [f"# D2LoRA results: {exp.name}", "",
            f"**{done} of {planned} planned cells done** ({len(missing)} missing"
            + (f"; {len(coll.unplanned)} finished cells are not in the current plan" if coll.unplanned else "")
-           + ").", "",
-           "Metrics in %: mean ± sample std over seeds (the value alone when one seed finished). "
-           "Δ = D2LoRA − LoRA in percentage points, with a 95% bootstrap interval over seeds in brackets "
-           f"(seeds resampled within each init, {RESAMPLES} resamples, numpy seed {BOOTSTRAP_SEED}, "
-           f"level {LEVEL:.0%}). {MISSING} = not finished yet. n = 0 is the untrained base model (LoRA) "
-           "or the warm-up adapter alone (D2LoRA), shared by every method.", ""]
+           + ").", "", HEADER, ""]
     task = None
     for spec in specs:
         if spec.task != task:
             task = spec.task
             out += [f"## Task: {task}", ""]
         metrics = ", ".join(label for _, label in spec.metrics)
-        out += [f"### {spec.title}: {metrics}", "", render_table(spec, coll), ""]
+        out += [f"### {spec.title}: {metrics}", "", render_table(spec, coll, deltas), ""]
+    if notes := deltas.notes():
+        out += ["## Notes on Δ", "", "Missing or unreadable predictions make every Δ that uses the cell "
+                f"{SEED_LEVEL}; seeds without the other init are left out.", "", *[f"- {n}" for n in notes], ""]
     if missing:
         out += [f"<details><summary>Missing cells ({len(missing)})</summary>", "",
                 *[f"- {m}" for m in missing], "", "</details>", ""]

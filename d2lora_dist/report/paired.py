@@ -1,0 +1,242 @@
+"""Δ = D2LoRA − LoRA per (task, method, n, suite, metric), paired by seed and by item.
+
+Only seeds finished on both sides enter (LoRA and D2LoRA cells with the same seed; n = 0 cells
+are method "none", seed 0, shared by every method). Each paired seed contributes the mean over
+the items both arms answered of (D2LoRA item score − LoRA item score), read from
+`cells/<cell-id>/predictions/<suite>.jsonl` through `evaluate.scoring.item_scores`. When a
+paired cell has no usable item scores for the metric, that Δ falls back to the seed level
+(per-seed differences of the result.json values) and says why; nothing is invented.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from d2lora_dist.config import Experiment
+from d2lora_dist.evaluate.scoring import item_scores, read_predictions
+from d2lora_dist.layout import RunLayout
+from d2lora_dist.report.collect import Collection, cell_method
+from d2lora_dist.report.stats import excludes_zero, paired_bootstrap_ci, paired_delta
+from d2lora_dist.sweep.grid import NO_TRAINING, Cell
+
+ITEMS, SEEDS, NONE = "items", "seeds", "none"  # what a Δ rests on
+MATCH_TOLERANCE = 1e-6  # item-score mean vs result.json value
+DELTAS_CSV_COLUMNS = ("task", "method", "n", "suite", "metric", "delta", "ci_low", "ci_high", "seeds", "items",
+                      "differing_items", "resolved", "basis", "note")
+
+Scores = dict[str, dict[str, float]]  # metric -> {item id -> score}
+
+
+# ---- per-item scores -----------------------------------------------------------------------
+
+@dataclass
+class ItemScores:
+    """Per-item scores of every finished cell and suite, and why some are unavailable."""
+
+    scores: dict[tuple[str, str], Scores] = field(default_factory=dict)  # (cell id, suite) -> scores
+    problems: dict[tuple[str, str], str] = field(default_factory=dict)  # (cell id, suite) -> why none
+    mismatches: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (cell, suite, metric) -> why
+
+    def get(self, cell_id: str, suite: str, metric: str) -> dict[str, float] | str:
+        """{item id -> score}, or the reason there is none."""
+        if (cell_id, suite) in self.problems:
+            return self.problems[(cell_id, suite)]
+        if (cell_id, suite, metric) in self.mismatches:
+            return self.mismatches[(cell_id, suite, metric)]
+        scores = self.scores.get((cell_id, suite))
+        if scores is None:
+            return f"{cell_id}: no predictions read for suite {suite}"
+        if metric not in scores:
+            return (f"{suite}: evaluate.scoring.item_scores gives no per-item {metric!r} "
+                    f"(it gives {', '.join(sorted(scores)) or 'nothing'})")
+        return scores[metric]
+
+
+def load_item_scores(exp: Experiment, layout: RunLayout, coll: Collection) -> ItemScores:
+    """Read the predictions of every finished cell for every suite its result.json reports."""
+    out = ItemScores()
+    reported: dict[tuple[str, str], dict[str, float]] = {}
+    for r in coll.rows:
+        reported.setdefault((r.cell_id, r.suite), {})[r.metric] = r.value
+    for (cell_id, suite), values in sorted(reported.items()):
+        path = layout.cell_predictions(cell_id, suite)
+        shown = path.relative_to(layout.root)
+        if suite not in exp.suites:
+            out.problems[(cell_id, suite)] = f"{shown}: suite {suite!r} is not in the experiment (kind unknown)"
+            continue
+        try:
+            rows = read_predictions(path, {})
+            scores = item_scores(exp.suites[suite].kind, rows)
+        except FileNotFoundError:
+            out.problems[(cell_id, suite)] = f"{shown}: missing"
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            out.problems[(cell_id, suite)] = f"{shown}: unreadable ({type(e).__name__}: {e})"
+            continue
+        ids = {len(s) for s in scores.values()}
+        if ids and ids != {len(rows)}:
+            out.problems[(cell_id, suite)] = f"{shown}: {len(rows)} rows but {min(ids)} distinct item ids"
+            continue
+        out.scores[(cell_id, suite)] = scores
+        for metric, per_item in scores.items():
+            if metric in values and abs(float(np.mean(list(per_item.values()))) - values[metric]) > MATCH_TOLERANCE:
+                out.mismatches[(cell_id, suite, metric)] = (
+                    f"{shown}: item scores of {metric} average {np.mean(list(per_item.values())):.6f} but "
+                    f"result.json says {values[metric]:.6f}")
+    return out
+
+
+# ---- one Δ -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Delta:
+    task: str
+    method: str  # the cells' method: "none" for n = 0
+    n: int
+    suite: str
+    metric: str
+    value: float | None  # fraction; None = no paired seed
+    ci: tuple[float, float] | None
+    seeds: tuple[int, ...]  # the paired seeds it rests on
+    items: tuple[int, ...]  # items per paired seed (basis "items"), else ()
+    differing: int | None  # item scores that differ between the arms, over the paired seeds
+    basis: str  # ITEMS | SEEDS | NONE
+    finished: tuple[int, int] = (0, 0)  # finished seeds (LoRA, D2LoRA), paired or not
+    why: str = ""  # basis NONE: why there is no Δ
+    fallback: tuple[str, ...] = ()  # basis SEEDS: why item scores could not be used
+    notes: tuple[str, ...] = ()  # seeds left out, item ids that differ
+
+    @property
+    def note(self) -> str:
+        """Everything said about this Δ, one line (deltas.csv)."""
+        return "; ".join([*([self.why] if self.why else []),
+                          *(f"seed level only: {r}" for r in self.fallback), *self.notes])
+
+    @property
+    def resolved(self) -> bool:
+        return excludes_zero(self.ci)
+
+    @property
+    def identical(self) -> bool:
+        return self.basis == ITEMS and self.differing == 0
+
+    @property
+    def items_label(self) -> str:
+        return "" if not self.items else (str(self.items[0]) if len(set(self.items)) == 1
+                                          else f"{min(self.items)}-{max(self.items)}")
+
+
+def compute_delta(coll: Collection, scores: ItemScores, task: str, method: str, n: int, suite: str,
+                  metric: str) -> Delta:
+    key = (task, cell_method(method, n), n, suite, metric)
+    lora = coll.by_seed(task, method, "lora", n, suite, metric)
+    d2lora = coll.by_seed(task, method, "d2lora", n, suite, metric)
+    seeds = tuple(sorted(lora.keys() & d2lora.keys()))
+    finished = (len(lora), len(d2lora))
+    notes = _unpaired_notes(task, key[1], n, lora, d2lora)
+    if not seeds:
+        why = "no seed finished on both sides" if lora or d2lora else "not finished"
+        return Delta(*key, None, None, (), (), None, NONE, finished, why=why, notes=notes)
+    diffs, differing, reasons = [], 0, []
+    for seed in seeds:
+        lora_id, d2lora_id = (Cell(task, key[1], init, n, seed).id for init in ("lora", "d2lora"))
+        pair = _item_differences(scores, lora_id, d2lora_id, suite, metric)
+        if isinstance(pair, str):
+            reasons.append(pair)
+            continue
+        d, k, mismatch = pair
+        diffs.append(d)
+        differing += k
+        notes += (mismatch,) if mismatch else ()
+    if reasons:  # fall back to seed level for this Δ, and say why
+        seed_diffs = [[d2lora[s] - lora[s]] for s in seeds]
+        ci = paired_bootstrap_ci(seed_diffs) if len(seeds) > 1 else None
+        return Delta(*key, paired_delta(seed_diffs), ci, seeds, (), None, SEEDS, finished,
+                     fallback=tuple(dict.fromkeys(reasons)), notes=notes)
+    return Delta(*key, paired_delta(diffs), paired_bootstrap_ci(diffs), seeds, tuple(d.size for d in diffs),
+                 differing, ITEMS, finished, notes=notes)
+
+
+def _item_differences(scores: ItemScores, lora_id: str, d2lora_id: str, suite: str,
+                      metric: str) -> tuple[np.ndarray, int, str | None] | str:
+    """(D2LoRA − LoRA per common item, how many differ, id-mismatch note) or why not available."""
+    a, b = scores.get(lora_id, suite, metric), scores.get(d2lora_id, suite, metric)
+    if isinstance(a, str):
+        return a
+    if isinstance(b, str):
+        return b
+    common = sorted(a.keys() & b.keys())
+    note = None
+    if len(common) != len(a) or len(common) != len(b):
+        note = (f"{suite}: item ids differ between {lora_id} ({len(a) - len(common)} only there) and "
+                f"{d2lora_id} ({len(b) - len(common)} only there); Δ uses the {len(common)} common items")
+    if not common:
+        return f"{suite}: {lora_id} and {d2lora_id} have no item id in common"
+    lo = np.fromiter((a[i] for i in common), float, len(common))
+    hi = np.fromiter((b[i] for i in common), float, len(common))
+    return hi - lo, int(np.count_nonzero(hi != lo)), note
+
+
+def _unpaired_notes(task: str, method: str, n: int, lora: dict[int, float], d2lora: dict[int, float]) -> tuple:
+    notes = []
+    for init, mine, other in (("LoRA", lora, d2lora), ("D2LoRA", d2lora, lora)):
+        alone = sorted(mine.keys() - other.keys())
+        if alone and other:
+            notes.append(f"{task}-{method}-n{n}: {init} seed(s) {', '.join(map(str, alone))} finished without "
+                         f"the other init: left out of Δ")
+    return tuple(notes)
+
+
+# ---- all of them -------------------------------------------------------------------------------
+
+class Deltas:
+    """Every Δ of the report, computed once (n = 0 is shared by every method's table)."""
+
+    def __init__(self, coll: Collection, scores: ItemScores):
+        self.coll, self.scores = coll, scores
+        self._cache: dict[tuple, Delta] = {}
+
+    def get(self, task: str, method: str, n: int, suite: str, metric: str) -> Delta:
+        key = (task, cell_method(method, n), n, suite, metric)
+        if key not in self._cache:
+            self._cache[key] = compute_delta(self.coll, self.scores, task, method, n, suite, metric)
+        return self._cache[key]
+
+    def every(self, tables: list[tuple[str, str, str, tuple[int, ...]]]) -> list[Delta]:
+        """Each Δ once for (task, method, suite, ns) and every metric the suite reports."""
+        out = {}
+        for task, method, suite, ns in tables:
+            for metric in self.coll.metrics(task, suite):
+                for n in ns:
+                    delta = self.get(task, method, n, suite, metric)
+                    out.setdefault((delta.task, delta.method, n, suite, metric), delta)
+        return sorted(out.values(), key=lambda d: (d.task, d.suite, d.metric, d.method != NO_TRAINING, d.method, d.n))
+
+    def notes(self) -> list[str]:
+        """Problems and fallbacks behind the Δ computed so far, each once."""
+        lines = list(self.scores.problems.values())
+        for delta in self._cache.values():
+            lines += [*delta.fallback, *delta.notes]
+        return list(dict.fromkeys(lines))
+
+
+def render_deltas_csv(deltas: list[Delta]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(DELTAS_CSV_COLUMNS)
+    for d in deltas:
+        if d.basis == NONE and not any(d.finished):
+            continue  # nothing finished: no line
+        ci = d.ci or ("", "")
+        writer.writerow([d.task, d.method, d.n, d.suite, d.metric, _num(d.value), _num(ci[0]), _num(ci[1]),
+                         len(d.seeds), d.items_label, "" if d.differing is None else d.differing,
+                         str(d.resolved).lower(), d.basis, d.note])
+    return buf.getvalue()
+
+
+def _num(x: float | str | None) -> str:
+    return "" if x is None or x == "" else f"{float(x):.6f}"

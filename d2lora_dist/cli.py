@@ -68,27 +68,12 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from d2lora_dist.sweep.grid import NO_TRAINING, Cell
+    from d2lora_dist.sweep.grid import Cell
 
     exp, layout = _load(args)
-    cell = Cell(args.task, NO_TRAINING if args.n == 0 else args.method, args.init, args.n, 0 if args.n == 0 else args.seed)
-    _check_cell(exp, cell)
+    cell = Cell.requested(args.task, args.method, args.init, args.n, args.seed)
     _cell_preflight(args, exp, cell)
     return _run_cell(exp, layout, cell)
-
-
-def _check_cell(exp, cell) -> None:
-    from d2lora_dist.schema import ConfigError
-
-    problems = []
-    if cell.task not in exp.tasks:
-        problems.append(f"--task {cell.task!r}: not a task of the experiment ({sorted(exp.tasks)})")
-    if cell.trains and cell.method not in exp.methods:
-        problems.append(f"--method {cell.method!r}: no settings under `methods` ({sorted(exp.methods)})")
-    if cell.init == "d2lora" and exp.warmup is None:
-        problems.append("--init d2lora: the experiment has no `warmup` section")
-    if problems:
-        raise ConfigError(problems, str(exp.name))
 
 
 def _run_cell(exp, layout, cell) -> int:
@@ -225,6 +210,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ---- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from d2lora_dist.inits import INITS  # light registries: the choices are their keys
+    from d2lora_dist.methods import METHODS
+
     parser = argparse.ArgumentParser(prog="d2lora", description="D2LoRA at cluster scale: warm-up, "
                                      "adaptation sweeps, evaluation and reports.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("adapt", help="phase 2 for one cell (train, evaluate, write result.json)")
     _experiment_args(p)
     p.add_argument("--task", required=True)
-    p.add_argument("--method", required=True, choices=["sft", "dpo", "orpo"])
-    p.add_argument("--init", required=True, choices=["lora", "d2lora"])
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--init", required=True, choices=list(INITS))
     p.add_argument("--n", required=True, type=int, help="task examples; 0 trains nothing")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_adapt)

@@ -15,11 +15,9 @@ from typing import Any, Literal
 
 import yaml
 
+from d2lora_dist.inits import INITS
+from d2lora_dist.methods import METHODS
 from d2lora_dist.schema import ConfigError, build, to_dict
-
-Method = Literal["sft", "dpo", "orpo"]
-Init = Literal["lora", "d2lora"]
-PREFERENCE_METHODS = ("dpo", "orpo")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -109,10 +107,17 @@ class TaskConfig:
     suites: list[str] = _help("Evaluation suites: the task metric first, then forgetting suites.")
     holdout: int = _help("Rows reserved for evaluation and never trained on (titles: 100).", default=0)
 
+    def role(self, suite: str) -> str:
+        """The one rule of suite roles: a task's first suite is its task metric, the rest measure forgetting."""
+        return "task" if self.suites and suite == self.suites[0] else "forgetting"
+
+    def roles(self) -> dict[str, str]:
+        return {suite: self.role(suite) for suite in self.suites}
+
 
 @dataclass
 class SuiteConfig:
-    kind: Literal["gsm8k", "titles", "arc"] = _help("Metric family of the suite.")
+    kind: str = _help("Metric family of the suite (d2lora_dist.evaluate.suites.SUITES: gsm8k, titles, arc).")
     dataset: DatasetRef | None = _help("Evaluation data; null = the task's holdout rows.", default=None)
     limit: int | None = _help("Evaluate only the first k items (null = all).", default=None)
     batch_size: int = _help("Prompts per generation / scoring batch per rank.", default=8)
@@ -125,9 +130,10 @@ class SuiteConfig:
 @dataclass
 class GridBlock:
     task: str = _help("Task name (a key of `tasks`).")
-    methods: list[Method] = _help("Adaptation methods.")
+    methods: list[str] = _help("Adaptation methods (names of d2lora_dist.methods.METHODS: sft, dpo, orpo).")
     n: list[int] = _help("Task-example counts; 0 = no task training.")
-    inits: list[Init] = _help("lora = fresh adapter, d2lora = start from the warm-up adapter.",
+    inits: list[str] = _help("Initialisations (d2lora_dist.inits.INITS): lora = fresh adapter, d2lora = start "
+                             "from the warm-up adapter.",
                               default_factory=lambda: ["lora", "d2lora"])
     seeds: list[int] = _help("Training seeds.", default_factory=lambda: [0])
 
@@ -173,7 +179,8 @@ class Experiment:
     model: ModelConfig = _help("Base model.")
     tasks: dict[str, TaskConfig] = _help("Task name -> data and suites.")
     suites: dict[str, SuiteConfig] = _help("Suite name -> evaluation settings.")
-    methods: dict[str, TrainSettings] = _help("Method name (sft|dpo|orpo) -> phase-2 settings.")
+    methods: dict[str, TrainSettings] = _help("Method name (a key of d2lora_dist.methods.METHODS) -> phase-2 "
+                                              "settings.")
     grid: list[GridBlock] = _help("Cells to run: the union of the blocks' products.")
     output_dir: str = _help("Runs live in output_dir/name.", default="runs")
     data_seed: int = _help(
@@ -263,9 +270,14 @@ def validate(exp: Experiment, well_typed: bool = True) -> list[str]:
 
 
 def _suite_problems(exp: Experiment) -> list[str]:
-    return [f"suites.{name}.dataset: null means the task holdout, but no task with holdout > 0 lists suite {name!r}"
-            for name, suite in exp.suites.items()
-            if suite.dataset is None and not any(name in t.suites and t.holdout > 0 for t in exp.tasks.values())]
+    from d2lora_dist.evaluate.suites import SUITES  # late: evaluation imports torch
+
+    problems = [f"suites.{name}.kind: {suite.kind!r} is not a suite kind (valid: {', '.join(SUITES)})"
+                for name, suite in exp.suites.items() if suite.kind not in SUITES]
+    return problems + [
+        f"suites.{name}.dataset: null means the task holdout, but no task with holdout > 0 lists suite {name!r}"
+        for name, suite in exp.suites.items()
+        if suite.dataset is None and not any(name in t.suites and t.holdout > 0 for t in exp.tasks.values())]
 
 
 def _task_problems(exp: Experiment) -> list[str]:
@@ -279,10 +291,10 @@ def _task_problems(exp: Experiment) -> list[str]:
 
 
 def _method_problems(name: str, settings: TrainSettings) -> list[str]:
+    if name not in METHODS:
+        return [f"methods.{name}: unknown method (valid: {', '.join(METHODS)})"]
     problems = []
-    if name not in ("sft", "dpo", "orpo"):
-        problems.append(f"methods.{name}: unknown method (valid: sft, dpo, orpo)")
-    if name in PREFERENCE_METHODS and settings.beta is None:
+    if METHODS[name].needs_beta and settings.beta is None:
         problems.append(f"methods.{name}.beta: required for {name} (the paper uses 0.1)")
     return problems + _train_problems(f"methods.{name}", settings)
 
@@ -296,14 +308,20 @@ def _grid_problems(exp: Experiment, i: int, block: GridBlock) -> list[str]:
     if task is None:
         problems.append(f"{key}.task: unknown task {block.task!r} (defined: {sorted(exp.tasks)})")
     for m in block.methods:
-        form = "preference" if m in PREFERENCE_METHODS else "sft"
+        if m not in METHODS:
+            problems.append(f"{key}.methods: unknown method {m!r} (valid: {', '.join(METHODS)})")
+            continue
+        form = METHODS[m].form
         if m not in exp.methods:
             problems.append(f"{key}.methods: {m!r} has no settings under `methods`")
         elif task is not None and not supports(task.dataset.name, form):
             problems.append(f"{key}.methods: dataset {task.dataset.name!r} of task {block.task!r} "
                             f"has no {form} form for method {m!r}")
-    if "d2lora" in block.inits and exp.warmup is None:
-        problems.append(f"{key}.inits: d2lora needs a `warmup` section")
+    for init in block.inits:
+        if init not in INITS:
+            problems.append(f"{key}.inits: unknown init {init!r} (valid: {', '.join(INITS)})")
+        elif INITS[init].from_warmup and exp.warmup is None:
+            problems.append(f"{key}.inits: {init} needs a `warmup` section")
     return problems + [f"{key}.n: {n} must be >= 0" for n in block.n if n < 0]
 
 

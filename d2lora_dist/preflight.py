@@ -42,9 +42,11 @@ class Checks:
 def for_cells(exp: Experiment, cells: Iterable[Cell], world_size: int | None, warmup_world_size: int | None,
               slurm: bool = False) -> Checks:
     """What running these cells needs: their rows, their suites, their batches (and the warm-up's)."""
+    from d2lora_dist.sweep.grid import needs_warmup
+
     cells = tuple(cells)
-    suites = tuple((s, c.task) for c in cells for s in exp.tasks[c.task].suites)
-    return Checks(cells, any(c.init == "d2lora" for c in cells), suites, world_size, warmup_world_size, slurm)
+    suites = tuple((s, c.task) for c in cells if c.task in exp.tasks for s in exp.tasks[c.task].suites)
+    return Checks(cells, needs_warmup(list(cells)), suites, world_size, warmup_world_size, slurm)
 
 
 def for_sweep(exp: Experiment, cells: Iterable[Cell], slurm: bool) -> Checks:
@@ -54,11 +56,30 @@ def for_sweep(exp: Experiment, cells: Iterable[Cell], slurm: bool) -> Checks:
 
 
 def preflight(exp: Experiment, checks: Checks, source: str) -> None:
+    problems = _request_problems(exp, checks)
+    if problems:  # the checks below look the requested task and method up
+        raise PreflightError(problems, source)
     problems = [*_row_problems(exp, checks), *_suite_problems(exp, checks), *_batch_problems(exp, checks)]
     if checks.slurm:
         problems += slurm_problems(exp)
     if problems:
         raise PreflightError(problems, source)
+
+
+# ---- the request -----------------------------------------------------------------------------
+def _request_problems(exp: Experiment, checks: Checks) -> list[str]:
+    """A cell named on the command line (`adapt`) must exist in the experiment."""
+    from d2lora_dist.inits import INITS
+
+    problems = []
+    for cell in checks.cells:
+        if cell.task not in exp.tasks:
+            problems.append(f"--task {cell.task!r}: not a task of the experiment ({sorted(exp.tasks)})")
+        if cell.trains and cell.method not in exp.methods:
+            problems.append(f"--method {cell.method!r}: no settings under `methods` ({sorted(exp.methods)})")
+        if INITS[cell.init].from_warmup and exp.warmup is None:
+            problems.append(f"--init {cell.init}: the experiment has no `warmup` section")
+    return problems
 
 
 # ---- data ----------------------------------------------------------------------------------

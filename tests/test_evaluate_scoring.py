@@ -178,3 +178,12 @@ def test_score_file_empty_file_is_an_error(tmp_path):
 def test_score_file_unknown_kind(tmp_path):
     with pytest.raises(ValueError, match="kind must be one of"):
         score_file("mmlu", tmp_path / "x.jsonl")  # type: ignore[arg-type]
+
+
+def test_item_scores_leave_out_a_metric_whose_field_older_predictions_lack() -> None:
+    from d2lora_dist.evaluate.scoring import item_scores
+
+    old_rows = [{"id": "a", "correct": True}, {"id": "b", "correct": False}]  # before strict/flexible
+    assert item_scores("gsm8k", old_rows) == {"accuracy": {"a": 1.0, "b": 0.0}}
+    with pytest.raises(ValueError, match="row 1 has no 'id'"):
+        item_scores("gsm8k", [{"id": "a", "correct": True}, {"correct": True}])

@@ -146,17 +146,22 @@ ITEM_SCORES: dict[str, dict[str, Any]] = {
 
 
 def item_scores(kind: ScoreKind, rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """metric -> {item id -> score} for every metric of the suite kind (ids pair the arms)."""
+    """metric -> {item id -> score} for every metric of the suite kind (ids pair the arms).
+
+    A metric whose row field a file lacks (predictions written before that metric existed) is
+    left out, so the report falls back to seed level for it alone and says so."""
     if kind not in ITEM_SCORES:
         raise ValueError(f"item_scores: kind must be one of {sorted(ITEM_SCORES)}, got {kind!r}")
     rows = list(rows)
+    for i, row in enumerate(rows):
+        if "id" not in row:
+            raise ValueError(f"item_scores: {kind} row {i} has no 'id' (needed to pair items across cells)")
     out: dict[str, dict[str, float]] = {}
     for metric, value in ITEM_SCORES[kind].items():
-        out[metric] = {}
-        for i, row in enumerate(rows):
-            if "id" not in row:
-                raise ValueError(f"item_scores: {kind} row {i} has no 'id' (needed to pair items across cells)")
-            out[metric][str(row["id"])] = value(row)
+        try:
+            out[metric] = {str(row["id"]): value(row) for row in rows}
+        except KeyError:
+            continue
     return out
 
 

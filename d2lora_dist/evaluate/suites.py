@@ -127,7 +127,8 @@ class Suite:
     `metrics` are the numeric keys run_suite reports: fractions in [0, 1] plus the item
     count (what result.json and the report read); `score` may compute more (gsm8k's count
     of correct answers, shown by `d2lora score`). `labels` are strings reported next to
-    `prompt_version` that say how the numbers were made.
+    `prompt_version` that say how the numbers were made. `table` is what the report shows,
+    (metric, label), the plotted one first; adding a suite kind is one entry here.
     """
 
     prompt_version: str
@@ -135,16 +136,21 @@ class Suite:
     predict: Callable[[Sequence[Item], Any, Any, SuiteConfig, bool], list[Row]]
     score: Callable[[Sequence[Row], SuiteConfig], dict[str, float | int]]
     metrics: tuple[str, ...]
+    table: tuple[tuple[str, str], ...]
     labels: Callable[[SuiteConfig], dict[str, str]] = _no_labels
 
 
 SUITES: dict[str, Suite] = {
     "gsm8k": Suite(GSM8K_PROMPT_VERSION, ("id", "question", "answer"), predict_gsm8k, score_gsm8k_suite,
-                   ("accuracy", "strict_accuracy", "flexible_accuracy", "items"), gsm8k_labels),
+                   ("accuracy", "strict_accuracy", "flexible_accuracy", "items"),
+                   (("accuracy", "accuracy"), ("strict_accuracy", "strict accuracy"),
+                    ("flexible_accuracy", "flexible accuracy")), gsm8k_labels),
     "titles": Suite(TITLES_PROMPT_VERSION, ("id", "abstract", "title"), predict_titles,
-                    lambda rows, settings: score_titles(rows), ("rouge1", "rouge2", "rougeL", "items")),
+                    lambda rows, settings: score_titles(rows), ("rouge1", "rouge2", "rougeL", "items"),
+                    (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"))),
     "arc": Suite(ARC_PROMPT_VERSION, ("id", "question", "choices", "answer_index"), predict_arc,
-                 lambda rows, settings: score_arc(rows), ("accuracy", "accuracy_norm", "items")),
+                 lambda rows, settings: score_arc(rows), ("accuracy", "accuracy_norm", "items"),
+                 (("accuracy", "accuracy"),)),
 }
 
 

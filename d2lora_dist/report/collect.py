@@ -135,6 +135,5 @@ def read_result(path: Path, exp: Experiment) -> tuple[Cell, list[Row]]:
 
 
 def _role(exp: Experiment, task: str, suite: str) -> Role:
-    """The experiment's convention: a task's first suite is its task metric, the rest forgetting."""
-    suites = exp.tasks[task].suites if task in exp.tasks else []
-    return "forgetting" if suite in suites[1:] else "task"
+    """A result.json without its roles: the experiment's rule (config.TaskConfig.role)."""
+    return exp.tasks[task].role(suite) if task in exp.tasks else "task"

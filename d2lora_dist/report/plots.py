@@ -23,10 +23,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from d2lora_dist.fileio import write_atomic as atomic_write
+from d2lora_dist.methods import method_label
 from d2lora_dist.report.collect import Collection
 from d2lora_dist.report.paired import Delta, Deltas
 from d2lora_dist.report.stats import mean_std
-from d2lora_dist.report.tables import INITS, METHOD_LABELS, TableSpec
+from d2lora_dist.report.tables import INITS, TableSpec
 from d2lora_dist.sweep.grid import NO_TRAINING
 
 SIZE_IN = (6.4, 4.0)
@@ -128,14 +129,14 @@ def _vs_n(ax: Axes, coll: Collection, spec: TableSpec) -> int:
     drawn = sum(_line(ax, *_series(coll, spec, spec.method, init, spec.ns), label=label, slot=(i, len(INITS)),
                       color=INIT_COLOR[init], **INIT_STYLE[init]) for i, (init, label) in enumerate(INITS))
     if drawn:
-        _decorate(ax, spec, spec.ns, f"{spec.task}: {METHOD_LABELS[spec.method]}, LoRA vs D2LoRA")
+        _decorate(ax, spec, spec.ns, f"{spec.task}: {method_label(spec.method)}, LoRA vs D2LoRA")
     return drawn
 
 
 def _methods_lora(ax: Axes, coll: Collection, specs: list[TableSpec]) -> int:
     ns = tuple(sorted({n for s in specs for n in s.ns}))
     trained = [s for s in specs if s.method != NO_TRAINING]
-    drawn = sum(_line(ax, *_series(coll, s, s.method, "lora", ns), label=METHOD_LABELS[s.method],
+    drawn = sum(_line(ax, *_series(coll, s, s.method, "lora", ns), label=method_label(s.method),
                       slot=(i, len(trained)), color=METHOD_COLOR.get(s.method), marker="o")
                 for i, s in enumerate(trained))
     if drawn:
@@ -148,7 +149,7 @@ def _method_x_init(ax: Axes, coll: Collection, specs: list[TableSpec], kind: str
     if kind == "low-data":
         ns = tuple(n for n in ns if n < LOW_DATA_MAX_N)
     series = [(s, init, label) for s in specs if s.method != NO_TRAINING for init, label in INITS]
-    drawn = sum(_line(ax, *_series(coll, s, s.method, init, ns), label=f"{METHOD_LABELS[s.method]} {label}",
+    drawn = sum(_line(ax, *_series(coll, s, s.method, init, ns), label=f"{method_label(s.method)} {label}",
                       slot=(i, len(series)), color=METHOD_COLOR.get(s.method), **INIT_STYLE[init])
                 for i, (s, init, label) in enumerate(series))
     if drawn:
@@ -180,7 +181,7 @@ def delta_panel(ax: Axes, deltas: Deltas, specs: list[TableSpec], max_n: int | N
     ax.axhline(0.0, color="black", linewidth=0.8)
     trained = [s for s in specs if s.method != NO_TRAINING]
     drawn = sum(_delta_series(ax, [deltas.get(s.task, s.method, n, s.suite, s.metrics[0][0]) for n in ns],
-                              color=METHOD_COLOR.get(s.method, "tab:purple"), label=METHOD_LABELS[s.method],
+                              color=METHOD_COLOR.get(s.method, "tab:purple"), label=method_label(s.method),
                               shift=(i - (len(trained) - 1) / 2) * DODGE * 2)
                 for i, s in enumerate(trained))
     spec = specs[0]
@@ -189,7 +190,7 @@ def delta_panel(ax: Axes, deltas: Deltas, specs: list[TableSpec], max_n: int | N
     ax.set_xlabel("task examples n")
     ax.set_ylabel(f"Δ {spec.suite} {spec.metrics[0][1]} (pp)")
     ax.grid(alpha=0.3)
-    what = f"{spec.task}: Δ D2LoRA − LoRA, {METHOD_LABELS[spec.method]}, " if title else "Δ D2LoRA − LoRA, "
+    what = f"{spec.task}: Δ D2LoRA − LoRA, {method_label(spec.method)}, " if title else "Δ D2LoRA − LoRA, "
     ax.set_title(f"{what}95% paired interval (hollow, grey bar: unresolved)", fontsize=9)
     if not drawn:
         ax.text(0.5, 0.5, "no Δ yet: no seed finished for both inits", transform=ax.transAxes, ha="center",

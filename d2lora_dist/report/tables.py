@@ -13,29 +13,20 @@ import io
 from dataclasses import dataclass
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.evaluate.suites import SUITES
+from d2lora_dist.inits import INITS as INIT_SPECS
+from d2lora_dist.methods import METHODS, method_label
 from d2lora_dist.report.collect import Collection, Row
 from d2lora_dist.report.paired import ITEMS, NONE, SEEDS, Delta, Deltas
 from d2lora_dist.report.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, mean_std
 from d2lora_dist.sweep.grid import NO_TRAINING
 
 MISSING = "—"
-METHOD_ORDER = ("sft", "dpo", "orpo")
-INITS = (("lora", "LoRA"), ("d2lora", "D2LoRA"))
-METHOD_LABELS = {"sft": "SFT", "dpo": "DPO", "orpo": "ORPO", NO_TRAINING: "no training"}
+INITS = tuple((name, spec.label) for name, spec in INIT_SPECS.items())  # table rows, in registry order
 UNRESOLVED = "unresolved"
 ONE_SEED = "1 seed: test-set noise only"
 IDENTICAL = "identical outputs"
 SEED_LEVEL = "seed-level only"
-# Metrics shown per suite kind, the primary (plotted) one first; then those shown only when some
-# cell reports them. deltas.csv has every reported metric.
-SUITE_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
-    "gsm8k": (("accuracy", "accuracy"),),
-    "arc": (("accuracy", "accuracy"),),
-    "titles": (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2")),
-}
-REPORTED_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
-    "gsm8k": (("strict_accuracy", "strict accuracy"), ("flexible_accuracy", "flexible accuracy")),
-}
 
 
 @dataclass(frozen=True)
@@ -49,7 +40,7 @@ class TableSpec:
 
     @property
     def title(self) -> str:
-        return f"{self.task} · {METHOD_LABELS.get(self.method, self.method)} · {self.suite} ({self.role} suite)"
+        return f"{self.task} · {method_label(self.method)} · {self.suite} ({self.role} suite)"
 
 
 # ---- what to show ---------------------------------------------------------------------
@@ -67,10 +58,12 @@ def table_specs(exp: Experiment, coll: Collection) -> list[TableSpec]:
 
 
 def suite_metrics(exp: Experiment, coll: Collection, suite: str) -> tuple[tuple[str, str], ...]:
+    """The suite kind's table metrics (evaluate.suites.SUITES): the plotted one always, the others
+    when some cell reports them (older results lack later metrics); deltas.csv has every one."""
     reported = {r.metric for r in coll.rows if r.suite == suite}
-    if suite in exp.suites:
-        kind = exp.suites[suite].kind
-        return SUITE_METRICS[kind] + tuple(m for m in REPORTED_METRICS.get(kind, ()) if m[0] in reported)
+    if suite in exp.suites and exp.suites[suite].kind in SUITES:
+        table = SUITES[exp.suites[suite].kind].table
+        return table[:1] + tuple(m for m in table[1:] if m[0] in reported)
     return tuple((m, m) for m in sorted(reported))
 
 
@@ -83,12 +76,12 @@ def _methods(coll: Collection, task: str) -> list[str]:
     methods = {c.method for c in coll.cells() if c.task == task} - {NO_TRAINING}
     if not methods:
         return [NO_TRAINING]
-    return [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
+    return [m for m in METHODS if m in methods] + sorted(methods - set(METHODS))
 
 
 def _suites(exp: Experiment, coll: Collection, task: str) -> list[tuple[str, str]]:
     configured = list(exp.tasks[task].suites) if task in exp.tasks else []
-    roles = {s: ("task" if i == 0 else "forgetting") for i, s in enumerate(configured)}
+    roles = exp.tasks[task].roles() if task in exp.tasks else {}
     for r in coll.rows:
         if r.task == task:
             roles.setdefault(r.suite, r.role)

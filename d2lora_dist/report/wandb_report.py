@@ -16,7 +16,8 @@ from pathlib import Path
 
 from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
-from d2lora_dist.report.tables import INITS, METHOD_LABELS, TableSpec
+from d2lora_dist.methods import method_label
+from d2lora_dist.report.tables import INITS, TableSpec
 from d2lora_dist.sweep.grid import NO_TRAINING
 from d2lora_dist.tracking import link_inputs, project_and_entity, resolve_mode
 
@@ -72,7 +73,7 @@ def plan_report(exp: Experiment, specs: list[TableSpec], markdown: str, plots: l
                   for s in specs if (s.task, s.method) == (task, method)]
         panels += [PanelSpec("line", "training loss", "train/global_step", "train/loss"),
                    PanelSpec("line", "tokens per second", "train/global_step", "train/tokens_per_s")]
-        plan.sections.append(SectionSpec(f"{task} · {METHOD_LABELS.get(method, method)}", runsets, panels))
+        plan.sections.append(SectionSpec(f"{task} · {method_label(method)}", runsets, panels))
     return plan
 
 

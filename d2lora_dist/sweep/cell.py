@@ -17,6 +17,7 @@ from d2lora_dist.config import Experiment
 from d2lora_dist.data.selection import task_records
 from d2lora_dist.evaluate.adapter_eval import evaluate_suites
 from d2lora_dist.fileio import read_json, write_json_atomic
+from d2lora_dist.inits import INITS
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
 from d2lora_dist.sweep.grid import Cell
@@ -65,7 +66,7 @@ def _declare_input(exp: Experiment, run: Any, adapter_dir: Path | None, cell_id:
 
 
 def _starting_adapter(layout: RunLayout, cell: Cell) -> Path | None:
-    if cell.init == "lora":
+    if not INITS[cell.init].from_warmup:
         return None
     if not layout.warmup_result.is_file():
         raise FileNotFoundError(f"[{cell.id}] needs the warm-up adapter, but {layout.warmup_result} does not "
@@ -105,7 +106,6 @@ def _save_subset(layout: RunLayout, cell: Cell, subset: dict[str, Any]) -> None:
 
 def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, Any],
             outcome: TrainOutcome | None, eval_adapter: Path | None) -> dict[str, Any]:
-    suites = exp.tasks[cell.task].suites
     adapter = None
     if eval_adapter is not None:
         manifest = adapters.read_manifest(eval_adapter)
@@ -117,6 +117,6 @@ def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, A
     labels = {suite: {k: v for k, v in m.items() if isinstance(v, str)} for suite, m in metrics.items()}
     return {"cell": cell.to_dict(), "experiment": exp.name, "metrics": numbers, "prompt_versions": versions,
             "labels": labels,
-            "suites": {s: ("task" if i == 0 else "forgetting") for i, s in enumerate(suites)},
+            "suites": exp.tasks[cell.task].roles(),
             "train": outcome.summary() if outcome else None, "adapter": adapter,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

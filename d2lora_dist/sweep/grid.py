@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.inits import INITS
+from d2lora_dist.methods import NO_TRAINING
 
-NO_TRAINING = "none"
+__all__ = ["NO_TRAINING", "Cell", "plan_cells", "find_cell", "needs_warmup"]
 
 
 @dataclass(frozen=True, order=True)
@@ -33,6 +35,11 @@ class Cell:
         return {"id": self.id, **asdict(self)}
 
     @classmethod
+    def requested(cls, task: str, method: str, init: str, n: int, seed: int) -> Cell:
+        """The cell a request names: n = 0 trains nothing, so it is method "none", seed 0, for every method."""
+        return cls(task, NO_TRAINING, init, 0, 0) if n == 0 else cls(task, method, init, n, seed)
+
+    @classmethod
     def from_dict(cls, data: dict) -> Cell:
         return cls(task=data["task"], method=data["method"], init=data["init"], n=int(data["n"]),
                    seed=int(data["seed"]))
@@ -44,13 +51,9 @@ def plan_cells(exp: Experiment) -> list[Cell]:
     for block in exp.grid:
         for init in block.inits:
             for n in block.n:
-                if n == 0:
-                    cell = Cell(block.task, NO_TRAINING, init, 0, 0)
-                    cells.setdefault(cell.id, cell)
-                    continue
                 for method in block.methods:
                     for seed in block.seeds:
-                        cell = Cell(block.task, method, init, n, seed)
+                        cell = Cell.requested(block.task, method, init, n, seed)
                         cells.setdefault(cell.id, cell)
     return sorted(cells.values(), key=_order)
 
@@ -67,4 +70,4 @@ def find_cell(exp: Experiment, cell_id: str) -> Cell:
 
 
 def needs_warmup(cells: list[Cell]) -> bool:
-    return any(c.init == "d2lora" for c in cells)
+    return any(INITS[c.init].from_warmup for c in cells)

@@ -3,6 +3,10 @@
 An artifact directory holds `adapter_model.safetensors`, `adapter_config.json` and
 `manifest.json`. It is written to a temporary sibling and renamed into place, so a
 directory that exists is complete; an existing artifact is never overwritten.
+
+Tensors are saved in float32 under every launch: the fp32 master values when a DeepSpeed
+optimizer holds them (a bf16 run's parameters are rounded copies), else the parameters'
+values upcast. The manifest's `precision` says which (see gathered_adapter).
 """
 
 from __future__ import annotations
@@ -44,31 +48,45 @@ def library_versions() -> dict[str, str]:
 
 
 def gathered_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The trainable adapter's weights in PEFT's file naming, complete on every rank.
+    """The trainable adapter's float32 weights in PEFT's file naming, complete on every rank.
 
-    Collective under ZeRO-3: every rank must call it. A plain `save_pretrained` there
-    writes shape-(0,) tensors (trl 4416, peft 2892), so the shards are gathered first.
+    Collective under ZeRO-3 (every rank must call it); see gathered_adapter.
+    """
+    return gathered_adapter(model)[0]
+
+
+def gathered_adapter(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state, precision): the adapter in float32, and where its values came from.
+
+    Collective under ZeRO-3: every rank must call it. A plain `save_pretrained` there writes
+    shape-(0,) tensors (trl 4416, peft 2892), so the values are gathered first: the fp32
+    masters when a DeepSpeed optimizer holds them, else the parameters
+    (distributed.fp32_values). `precision` = {"saved_dtype", "parameter_dtype", "values"}.
     """
     from peft import get_peft_model_state_dict
 
     named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and ".default." in n]
-    with dist.gathered([p for _, p in named]):
-        full = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
-    return get_peft_model_state_dict(model, state_dict=full, adapter_name="default")
+    values, source = dist.fp32_values([p for _, p in named])
+    full = dict(zip([n for n, _ in named], values, strict=True))
+    state = get_peft_model_state_dict(model, state_dict=full, adapter_name="default")
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in named})
+    precision = {"saved_dtype": "float32", "parameter_dtype": ",".join(dtypes), "values": source}
+    return state, precision
 
 
 def save_adapter(model: Any, out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Gather (all ranks), write + verify on the main process, then wait for everyone.
 
     `manifest` carries lineage (base_model, lora, parent, data, phase, hyperparameters);
-    checksums, shapes and library versions are added here. Returns the final manifest on
+    checksums, shapes, library versions and `precision` (float32 tensors, the parameters'
+    training dtype, fp32 masters or parameters) are added here. Returns the final manifest on
     the main process, None elsewhere.
     """
-    state = gathered_state_dict(model)
+    state, precision = gathered_adapter(model)
     written, error = None, None
     if dist.is_main_process():
         try:
-            written = _write_artifact(model, state, Path(out_dir), manifest)
+            written = _write_artifact(model, state, Path(out_dir), {**manifest, "precision": precision})
         except AdapterError as e:
             error = str(e)
     error = dist.broadcast_object(error)  # doubles as the barrier; every rank fails together
@@ -86,6 +104,10 @@ def _write_artifact(model: Any, state: dict[str, torch.Tensor], out_dir: Path,
     empty = [k for k, v in state.items() if v.numel() == 0]
     if not state or empty:
         raise AdapterError(f"refusing to save an empty adapter (empty tensors: {empty[:5]})")
+    not_fp32 = sorted(k for k, v in state.items() if v.dtype != torch.float32)
+    if not_fp32:
+        raise AdapterError(f"refusing to save non-float32 adapter tensors {not_fp32[:3]}; gathered_adapter "
+                           "saves float32 (a bf16 copy loses updates below its resolution)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -176,9 +198,10 @@ def load_adapter_state(adapter_dir: Path, expected_base: dict[str, str] | None =
 
 
 def state_checksum(state: dict[str, torch.Tensor]) -> str:
-    """Order-independent checksum of tensors (to prove ranks hold identical weights)."""
+    """Order-independent checksum of tensors (to prove ranks hold identical weights), any dtype
+    (numpy has no bfloat16, so the raw bytes are hashed)."""
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -12,6 +12,10 @@ Settings read from the environment (documented in docs/distributed.md):
   D2LORA_PG_TIMEOUT_S              process-group timeout in seconds (default 1800): a rank
                                    stuck in a collective because a peer died gives up after it
   D2LORA_TEST_CRASH_RANK_AT_STEP   tests only, "RANK:STEP": that rank raises at that step
+  D2LORA_TEST_CPU_BF16             tests only, "1": a multi-rank DeepSpeed launch on CPU ranks may
+                                   train in bf16 (a DeepSpeed config with bf16.enabled true: the
+                                   tests write zero3_cpu_test.json with bf16 on), so the bf16 save
+                                   path runs without a GPU; see cpu_bf16_test_launch
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from d2lora_dist.schema import ConfigError
 TIMEOUT_ENV = "D2LORA_PG_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800
 CRASH_ENV = "D2LORA_TEST_CRASH_RANK_AT_STEP"
+CPU_BF16_ENV = "D2LORA_TEST_CPU_BF16"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -155,8 +160,8 @@ def check_launch(settings: Any, settings_key: str, ds_config: str | None) -> Non
     settings (e.g. "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step *
     world_size"). `settings` is a config.TrainSettings; `settings_key` its dotted key.
     """
-    problems = launch_problems(settings, settings_key, ds_config, world_size(),
-                               torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    bf16_ok = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or cpu_bf16_test_launch(ds_config)
+    problems = launch_problems(settings, settings_key, ds_config, world_size(), bf16_ok)
     if problems:
         raise LaunchError(problems, ds_config or "launch")
 
@@ -216,10 +221,17 @@ def trainer_kwargs(ds_config: str | None) -> dict[str, Any]:
     partitions the weights while they load. ACCELERATE_USE_CPU is never set: it silently turns
     a DeepSpeed run into plain DDP with no ZeRO at all. (4) `use_cpu` for DDP on CPU ranks,
     matching the MULTI_CPU state. All go when accelerate handles CPU ranks like GPUs.
+    (5) Tests only (D2LORA_TEST_CPU_BF16, see cpu_bf16_test_launch): bf16 on CPU ranks.
     """
     on_gpu = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {"bf16": on_gpu and torch.cuda.is_bf16_supported(), "fp16": False,
+    cpu_bf16 = cpu_bf16_test_launch(ds_config)
+    kwargs: dict[str, Any] = {"bf16": (on_gpu and torch.cuda.is_bf16_supported()) or cpu_bf16, "fp16": False,
                               "ddp_timeout": int(process_group_timeout().total_seconds())}
+    if cpu_bf16:
+        # transformers refuses bf16=True without a bf16 GPU unless use_cpu ("Your setup doesn't
+        # support bf16/gpu"); under use_configured_state use_cpu changes nothing else: the
+        # trainer adopts the DEEPSPEED state of init_process_group (measured: ZeRO-3, bf16).
+        kwargs["use_cpu"] = True
     if world_size() > 1:
         kwargs["accelerator_config"] = {"use_configured_state": True}
         kwargs["ddp_backend"] = None if on_gpu else "gloo"
@@ -229,6 +241,20 @@ def trainer_kwargs(ds_config: str | None) -> dict[str, Any]:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         kwargs["deepspeed"] = ds_config
     return kwargs
+
+
+def cpu_bf16_test_launch(ds_config: str | None) -> bool:
+    """Tests only: may this launch train in bf16 on CPU ranks? (D2LORA_TEST_CPU_BF16=1)
+
+    DeepSpeed ZeRO-3 with bf16 runs on 2 CPU ranks over gloo (measured with deepspeed 0.19.8,
+    torch 2.13 CPU: the parameters, LoRA included, are bf16 and the optimizer keeps fp32
+    masters), which is how the suite checks what a bf16 GPU run saves. Production refuses bf16
+    without CUDA (check_launch). Only for multi-rank DeepSpeed launches: there the trainer
+    adopts the configured DEEPSPEED state; in one process `use_cpu` would rebuild the state
+    without DeepSpeed.
+    """
+    return (os.environ.get(CPU_BF16_ENV) == "1" and ds_config is not None and world_size() > 1
+            and not torch.cuda.is_available())
 
 
 def peft_model_kwargs() -> dict[str, Any]:
@@ -286,6 +312,70 @@ def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None)
             yield
     else:
         yield
+
+
+FP32_MASTER = "fp32 master"
+PARAMETERS = "parameters"
+
+
+def fp32_values(params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], str]:
+    """Full float32 values of trainable parameters on every rank, on the CPU, and where they came from.
+
+    Collective under DeepSpeed: every rank calls it with the same parameters in the same order.
+    Source FP32_MASTER: a DeepSpeed optimizer holds the parameters' fp32 master copies, read with
+    `deepspeed.utils.safe_get_full_fp32_param` (ZeRO-3: one all_gather of the fp32 partitions per
+    parameter; ZeRO-1/2: one all_reduce of the fragments). Source PARAMETERS: the parameters'
+    own values, gathered under ZeRO-3 and upcast (one process, DDP, or no optimizer yet).
+
+    Why: under DeepSpeed with bf16 the module parameters are rounded bf16 copies of the fp32
+    masters the optimizer updates (the LoRA weights too: ZeRO-3 keeps them in the base dtype,
+    see peft_model_kwargs; ZeRO-1/2 cast the whole module). An update smaller than bf16's
+    resolution (the paper's warm-up at lr 1e-7: lora_A moves ~3.5e-5 at |A| ~0.016) moves the
+    master but not the bf16 copy, so the bf16 copy would save the initial lora_A. Not an
+    upstream bug but DeepSpeed's design: its own 16-bit save (stage3_gather_16bit_weights_on_
+    model_save) has the same limit; its fp32 route, zero_to_fp32, needs a checkpoint on disk.
+    Stays as long as DeepSpeed trains bf16 parameters against fp32 masters.
+    """
+    masters = [p for p in params if _fp32_master_linked(p)]
+    if params and len(masters) == len(params) and _fragments_held(params):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = [safe_get_full_fp32_param(p) for p in params]
+        if all(v is not None for v in full):
+            dtypes = {v.dtype for v in full}
+            source = FP32_MASTER if dtypes == {torch.float32} else f"{_short(dtypes.pop())} master"
+            return [_cpu_fp32(v) for v in full], source
+    with gathered(params):
+        return [_cpu_fp32(p) for p in params], PARAMETERS
+
+
+def _fp32_master_linked(p: torch.nn.Parameter) -> bool:
+    """Did a DeepSpeed optimizer link this parameter to its master? (the same on every rank)"""
+    if not p.requires_grad:
+        return False
+    if hasattr(p, "ds_id"):  # ZeRO-3: set on every module parameter when the optimizer is built
+        return getattr(p, "_z3_optimizer", None) is not None
+    return hasattr(p, "_hp_mapping") and hasattr(p, "get_full_hp_param")  # ZeRO-1/2, bf16 optimizer
+
+
+def _fragments_held(params: list[torch.nn.Parameter]) -> bool:
+    """ZeRO-1/2: each rank holds fragments of some masters (`_hp_mapping`, None elsewhere), and a
+    destroyed optimizer sets them all to None, so the all-reduce would return zeros: check that
+    every parameter has its fragments somewhere (one collective). ZeRO-3 needs no check."""
+    if all(hasattr(p, "ds_id") for p in params):
+        return True
+    held = torch.tensor([int(getattr(p, "_hp_mapping", None) is not None) for p in params], device=device())
+    if _group_ready():
+        torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+    return bool(held.all())
+
+
+def _cpu_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32, copy=True).contiguous()
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def device() -> torch.device:

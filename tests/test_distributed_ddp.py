@@ -13,7 +13,15 @@ import pytest
 from d2lora_dist import adapters
 from d2lora_dist.layout import RunLayout
 from tests.conftest import write_experiment
-from tests.dist_scripts.launching import CLI, PHASES_SCRIPT, experiment_dict, launch, read_jsonl, run
+from tests.dist_scripts.launching import (
+    CLI,
+    PHASES_SCRIPT,
+    assert_same_predictions,
+    experiment_dict,
+    launch,
+    read_jsonl,
+    run,
+)
 
 pytestmark = pytest.mark.distributed
 DDP = "cpu_2proc_ddp.yaml"
@@ -66,6 +74,4 @@ def test_eval_command_on_two_ranks_equals_one_process(ddp) -> None:
     evaluate_suites(ddp.exp, "math", ["gsm8k", "arc_easy"], ddp.layout.warmup_adapter,
                     lambda suite: one / f"{suite}.jsonl", progress=False)
     for suite in ("gsm8k", "arc_easy"):
-        rows = read_jsonl(two / f"{suite}.jsonl")
-        assert [r["id"] for r in rows] == [r["id"] for r in read_jsonl(one / f"{suite}.jsonl")]
-        assert rows == read_jsonl(one / f"{suite}.jsonl"), suite
+        assert_same_predictions(read_jsonl(two / f"{suite}.jsonl"), read_jsonl(one / f"{suite}.jsonl"), suite)

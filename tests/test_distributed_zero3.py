@@ -3,22 +3,36 @@
 One warm-up per module (`d2lora warmup` under accelerate), then phase 2 from it: the probe
 script (tests/dist_scripts/phases.py) for what only a rank can see, and `d2lora adapt` for the
 command path, whose in-process evaluation must equal a one-process evaluation item by item.
+The saved adapter is float32 under every launch: the same warm-up in one process saves the
+same tensors, and a bf16 ZeRO-3 warm-up saves the optimizer's fp32 masters.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from d2lora_dist import adapters
+from d2lora_dist.config import load_experiment
 from d2lora_dist.layout import RunLayout
 from tests.conftest import write_experiment
-from tests.dist_scripts.launching import CLI, PHASES_SCRIPT, experiment_dict, launch, read_jsonl, run
+from tests.dist_scripts.launching import (
+    CLI,
+    PHASES_SCRIPT,
+    assert_same_predictions,
+    bf16_cpu_deepspeed_config,
+    experiment_dict,
+    launch,
+    read_jsonl,
+    run,
+)
 
 pytestmark = pytest.mark.distributed
 ZERO3 = "cpu_2proc_zero3.yaml"
@@ -49,7 +63,7 @@ def test_warmup_saves_the_gathered_adapter_once(z3) -> None:
     assert z3.warmup.code == 0, z3.warmup.tail()
     log = z3.warmup.log
     assert "[distributed] deepspeed: 2 ranks, backend gloo" in log
-    assert "effective batch 4 (2 x 1 accum x 2 ranks)" in log
+    assert "global batch 4 = 2 per device x 1 accumulation x 2 ranks" in log
     assert log.count("attention implementation: sdpa (requested sdpa)") == 2  # logged by each rank
     assert log.count("[warmup] sft:") == 1  # rank-0 output only
     manifest = adapters.verify_adapter(z3.layout.warmup_adapter)
@@ -69,6 +83,90 @@ def test_warmup_saves_the_gathered_adapter_once(z3) -> None:
     model = plain_lora_model(z3.exp, z3.layout.warmup_adapter)
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert len(loaded) == len(state) == 8
+
+
+def saved_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / adapters.WEIGHTS))
+
+
+def test_zero3_and_one_process_save_the_same_warmup_adapter(z3) -> None:
+    """Same experiment, same global batch (2 per rank x 2 ranks = 2 x 2 accumulation in one
+    process, see two_rank_batches), same seed: the saved adapters agree tensor by tensor within
+    fp32 round-off, and both are float32."""
+    assert z3.warmup.code == 0, "warm-up failed; see test_warmup_saves_the_gathered_adapter_once"
+    data = yaml.safe_load(z3.config.read_text())
+    data["output_dir"] = str(z3.root / "one-process-runs")
+    path = write_experiment(data, z3.root / "one-process.yaml")
+    single = run([sys.executable, *CLI, "warmup", "-c", str(path)], z3.root / "one-process-warmup.log")
+    assert single.code == 0, single.tail()
+    assert "global batch 4 = 2 per device x 2 accumulation x 1 ranks" in single.log
+    one_dir = RunLayout(load_experiment(path).run_dir).warmup_adapter
+    zero3, one = saved_state(z3.layout.warmup_adapter), saved_state(one_dir)
+    assert sorted(zero3) == sorted(one) and len(one) == 8
+    for key in sorted(one):
+        assert zero3[key].dtype == one[key].dtype == torch.float32, key
+        assert zero3[key].shape == one[key].shape, key
+        # measured: at most 8e-9 apart (|A| ~ 0.06, |B| ~ 1.4e-3; summation order over ranks);
+        # the values rounded to bf16 are up to 2.4e-4 apart
+        torch.testing.assert_close(zero3[key], one[key], rtol=1e-5, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
+    recorded = [adapters.read_manifest(d)["precision"] for d in (z3.layout.warmup_adapter, one_dir)]
+    assert recorded == [{"saved_dtype": "float32", "parameter_dtype": "float32", "values": "fp32 master"},
+                        {"saved_dtype": "float32", "parameter_dtype": "float32", "values": "parameters"}]
+
+
+def test_cpu_bf16_is_a_test_only_switch_for_multi_rank_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from d2lora_dist import distributed
+
+    if torch.cuda.is_available():
+        pytest.skip("the switch is for CPU ranks")
+    ds = "ds_configs/zero3_cpu_test.json"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # trainer_kwargs sets it; restored after
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv(distributed.CPU_BF16_ENV, raising=False)
+    assert not distributed.cpu_bf16_test_launch(ds) and distributed.trainer_kwargs(ds)["bf16"] is False
+    monkeypatch.setenv(distributed.CPU_BF16_ENV, "1")
+    assert distributed.cpu_bf16_test_launch(ds)
+    kwargs = distributed.trainer_kwargs(ds)
+    assert kwargs["bf16"] is True and kwargs["use_cpu"] is True
+    assert kwargs["accelerator_config"] == {"use_configured_state": True}  # the DeepSpeed state is kept
+    assert not distributed.cpu_bf16_test_launch(None)  # DDP: no
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed.cpu_bf16_test_launch(ds)  # one process: use_cpu would drop DeepSpeed
+
+
+@pytest.mark.parametrize("shipped", ["zero3_cpu_test.json", "zero2.json"])
+def test_a_bf16_deepspeed_warmup_saves_the_fp32_masters_not_the_stalled_bf16_copy(
+        shipped: str, tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
+    """The paper's warm-up rate (1e-7) moves lora_A less than bf16 resolves at |A| ~ 0.06: the
+    bf16 parameters keep their initial lora_A, the optimizer's fp32 masters move. The saved
+    adapter must be those masters, in float32 (a bf16 save keeps the initial lora_A). ZeRO-3
+    all-gathers the masters' partitions, ZeRO-2 all-reduces their fragments."""
+    data = experiment_dict(tiny_model_dir, tiny_data, tmp_path)
+    data["warmup"]["n"] = 16  # 4 optimizer steps at global batch 4
+    data["warmup"]["train"].update(learning_rate=1e-7, lr_scheduler="constant")
+    path = write_experiment(data, tmp_path / "exp.yaml")
+    ds = bf16_cpu_deepspeed_config(tmp_path / f"bf16-{shipped}", shipped)
+    out = tmp_path / "probe"
+    result = run(launch(ZERO3, [PHASES_SCRIPT, "-c", str(path), "--out", str(out), "--warmup", "--precision"],
+                        extra=["--deepspeed_config_file", str(ds)]), tmp_path / "bf16.log", D2LORA_TEST_CPU_BF16="1")
+    assert result.code == 0, result.tail()
+    adapter_dir = RunLayout(load_experiment(path).run_dir).warmup_adapter
+    saved, rec = saved_state(adapter_dir), torch.load(out / "precision-warmup.pt")
+    assert sorted(saved) == sorted(rec["end_master"]) == sorted(rec["begin_params"]) and len(saved) == 8
+    for key, tensor in saved.items():
+        begin, end_bf16, master = rec["begin_params"][key], rec["end_params"][key], rec["end_master"][key]
+        assert begin.dtype == end_bf16.dtype == torch.bfloat16 and master.dtype == tensor.dtype == torch.float32, key
+        assert torch.equal(tensor, master), f"{key}: saved values are not the optimizer's fp32 masters"
+        if "lora_A" in key:
+            # the regime: the bf16 copy stalled (measured: 0-0.4% of elements moved) ...
+            assert (end_bf16 != begin).float().mean() < 0.05, f"{key}: bf16 lora_A moved; lr too large for this test"
+            # ... while the saved lora_A carries the update (measured: 94-100% of elements moved)
+            moved = (tensor != begin.float()).float().mean()
+            assert moved > 0.9, f"{key}: only {moved:.1%} of the saved lora_A differs from its initial bf16 value"
+    assert adapters.verify_adapter(adapter_dir)["precision"] == {
+        "saved_dtype": "float32", "parameter_dtype": "bfloat16", "values": "fp32 master"}
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +259,6 @@ def test_adapt_command_trains_and_evaluates_like_one_process(z3) -> None:
     for suite in ("gsm8k", "arc_easy"):
         two_ranks = read_jsonl(z3.layout.cell_predictions(cell, suite))
         assert len(two_ranks) == 5
-        assert two_ranks == read_jsonl(one / f"{suite}.jsonl"), suite
+        assert_same_predictions(two_ranks, read_jsonl(one / f"{suite}.jsonl"), suite)
     for suite, recorded in record["metrics"].items():
         assert recorded == {k: v for k, v in metrics[suite].items() if k in recorded}, suite

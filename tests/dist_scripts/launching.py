@@ -33,7 +33,23 @@ def experiment_dict(tiny_model_dir: Path, tiny_data: dict, root: Path) -> dict:
     data = tiny_experiment_dict(tiny_model_dir, tiny_data, root)
     data["suites"]["gsm8k"]["limit"] = 5
     data["suites"]["arc_easy"]["limit"] = 5
+    return two_rank_batches(data)
+
+
+def two_rank_batches(data: dict) -> dict:
+    """Global batch 4: 2 per rank on 2 ranks, 2 x 2 accumulation in one process (same steps)."""
+    for settings in [data["warmup"]["train"], *data["methods"].values()]:
+        settings["global_batch_size"] = 4
     return data
+
+
+def bf16_cpu_deepspeed_config(path: Path, shipped: str = "zero3_cpu_test.json") -> Path:
+    """A shipped DeepSpeed config with bf16 on, for a launch with D2LORA_TEST_CPU_BF16=1
+    (distributed.cpu_bf16_test_launch): DeepSpeed trains bf16 parameters against fp32 masters."""
+    ds = json.loads((DS_CONFIGS / shipped).read_text())
+    ds["bf16"] = {"enabled": True}
+    path.write_text(json.dumps(ds, indent=2))
+    return path
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -121,3 +137,21 @@ def run_many(commands: list[list[str]], log_dir: Path, timeout: float = 300, **e
         files[i].close()
         results.append(Result(ended[i][0], (log_dir / f"launch-{i}.log").read_text(), ended[i][1]))
     return results
+
+
+def assert_same_predictions(got: list[dict], expected: list[dict], what: str, atol: float = 1e-5) -> None:
+    """Item by item: the same ids, completions, choices and correctness; log-likelihoods equal up to
+    float reduction order (ranks batch other items together, so padding and sums differ in the last bits)."""
+    import math
+
+    assert [r["id"] for r in got] == [r["id"] for r in expected], what
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys(), (what, a["id"])
+        for key in a:
+            x, y = a[key], b[key]
+            if isinstance(x, list) and x and isinstance(x[0], float):
+                assert all(math.isclose(u, v, abs_tol=atol) for u, v in zip(x, y, strict=True)), (what, a["id"], key)
+            elif isinstance(x, float):
+                assert math.isclose(x, y, abs_tol=atol), (what, a["id"], key)
+            else:
+                assert x == y, (what, a["id"], key)

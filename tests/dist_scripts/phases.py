@@ -1,7 +1,8 @@
 """Multi-rank probe of the training pipeline (launched by tests/test_distributed_*.py).
 
     accelerate launch --config_file launch/accelerate/cpu_2proc_zero3.yaml \
-        tests/dist_scripts/phases.py -c EXP.yaml --out DIR [--warmup] [--phases sft,dpo:base,orpo] [--logits]
+        tests/dist_scripts/phases.py -c EXP.yaml --out DIR [--warmup] [--phases sft,dpo:base,orpo] [--logits] \
+        [--precision]
 
 Runs the library's own entry points (run_warmup, train_phase, load_for_eval) and records,
 per rank, into DIR/rank-R.json what the tests assert:
@@ -13,6 +14,10 @@ per rank, into DIR/rank-R.json what the tests assert:
   eval_params  after leave_zero3: are the evaluation model's parameters whole on every rank?
 With --logits, rank 0 also saves the logits of the warm-started model on a fixed batch at the
 start of the first phase (inside the training engine, before any update) to DIR/logits.pt.
+With --precision, rank 0 saves for every trained phase (the warm-up included) DIR/precision-NAME.pt:
+the adapter as the parameters hold it at the start and at the end of training (their own dtype,
+bf16 under a bf16 DeepSpeed run) and, under DeepSpeed, the optimizer's fp32 masters at the end
+(`deepspeed.utils.safe_get_full_fp32_param`), all in PEFT's file naming.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import resource
 import sys
 from pathlib import Path
 
+PHASE_SEED = 0  # every probed phase: its rows and its run
 FIXED_TEXTS = ["Sam has 3 apples and buys 4 more. How many now?", "Name a number bigger than 5."]
 
 
@@ -36,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--phases", default="", help="comma list of METHOD[:REFERENCE] trained from the warm-up")
     p.add_argument("--n", type=int, default=4, help="task examples per phase")
     p.add_argument("--logits", action="store_true")
+    p.add_argument("--precision", action="store_true")
     return p.parse_args()
 
 
@@ -57,9 +64,11 @@ def watch_opens(directory: Path) -> list[str]:
 class Recorder:
     """Captures each trainer the pipeline builds and probes it at the start of training."""
 
-    def __init__(self, want_logits: bool, out: Path, tokenizer) -> None:
+    def __init__(self, want_logits: bool, out: Path, tokenizer, want_precision: bool = False) -> None:
         self.records: list[dict] = []
         self.want_logits = want_logits
+        self.want_precision = want_precision
+        self.precision: dict = {}
         self.out = out
         self.tokenizer = tokenizer
         self.trainers: list = []
@@ -97,8 +106,31 @@ class Recorder:
                 record["base_in_training"] = list(_numel(base))
                 if recorder.want_logits and len(recorder.records) == 1:
                     recorder.save_logits(model)
+                if recorder.want_precision:  # collective under ZeRO-3: every rank runs it
+                    recorder.precision = {"begin_params": _adapter_as_held(model)}
+
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                if recorder.want_precision:
+                    recorder.save_precision(model)
 
         return Probe()
+
+    def save_precision(self, model) -> None:
+        """The end of training as held and as DeepSpeed's fp32 masters, read here with DeepSpeed's
+        own API (not the library's path, which the test checks against it)."""
+        import torch
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from d2lora_dist import distributed
+
+        named = _adapter_params(model)
+        masters = {n: safe_get_full_fp32_param(p) for n, p in named}  # collective: all_gather per parameter
+        end = {"end_params": _adapter_as_held(model),
+               "end_master": _peft_names(model, {n: v.detach().cpu().clone() for n, v in masters.items()
+                                                 if v is not None})}
+        if distributed.is_main_process():
+            torch.save({**self.precision, **end}, self.out / f"precision-{self.records[-1]['phase']}.pt")
+        self.precision = {}
 
     def save_logits(self, model) -> None:
         import torch
@@ -114,6 +146,26 @@ class Recorder:
         if distributed.is_main_process():
             torch.save({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                         "logits": logits.detach().cpu()}, self.out / "logits.pt")
+
+
+def _adapter_params(model) -> list:
+    return [(n, p) for n, p in model.named_parameters() if "lora_" in n and ".default." in n]
+
+
+def _adapter_as_held(model) -> dict:
+    """The trainable adapter gathered in the parameters' own dtype (collective under ZeRO-3)."""
+    from d2lora_dist import distributed
+
+    named = _adapter_params(model)
+    with distributed.gathered([p for _, p in named]):
+        held = {n: p.detach().to("cpu", copy=True) for n, p in named}
+    return _peft_names(model, held)
+
+
+def _peft_names(model, state: dict) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, state_dict=state, adapter_name="default")
 
 
 def _numel(params) -> tuple[int, int]:
@@ -137,7 +189,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     distributed.init_process_group()
     report: dict = {"rank": distributed.rank(), "world": distributed.world_size(), "mode": distributed.launch_mode()}
-    recorder = Recorder(args.logits, args.out, load_tokenizer(exp.model))
+    recorder = Recorder(args.logits, args.out, load_tokenizer(exp.model), args.precision)
     recorder.wrap_make_trainer(train)
 
     if args.warmup:
@@ -152,11 +204,12 @@ def main() -> int:
         settings = exp.methods[method]
         if reference:
             settings.reference = reference
-        records, _ = task_records(exp, "math", get_method(method).form, args.n)
+        records, _ = task_records(exp, "math", get_method(method).form, args.n, PHASE_SEED)
         name = f"{method}-{reference or 'default'}"
-        phase = train.Phase(name=name, method=method, settings=settings, records=records,
+        phase = train.Phase(name=name, method=method, settings=settings, settings_key=f"methods.{method}",
+                            records=records,
                             out_adapter=args.out / name / "adapter", checkpoint_dir=args.out / name / "ckpt",
-                            seed=0, lineage={"phase": "adapt"}, init_adapter=layout.warmup_adapter)
+                            seed=PHASE_SEED, lineage={"phase": "adapt"}, init_adapter=layout.warmup_adapter)
         outcome = train.train_phase(exp, phase)
         trainer = recorder.trainers[-1]
         trained = adapters.gathered_state_dict(trainer.accelerator.unwrap_model(trainer.model_wrapped))

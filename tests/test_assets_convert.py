@@ -1,0 +1,39 @@
+"""SmolLM2-135M-Instruct converted from the GGUF in its pinned wheel (`d2lora_dist.assets.convert`)
+is a plain fp32 HF model directory that loads offline and answers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from test_assets import session_cache
+
+from d2lora_dist.assets import ensure_asset, resolve_asset_uri
+
+
+@pytest.mark.slow
+def test_smollm2_is_a_plain_hf_model_dir(tmp_path_factory: pytest.TempPathFactory,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = session_cache(tmp_path_factory)
+    offline_before = os.environ.get("HF_HUB_OFFLINE")
+    path = ensure_asset("smollm2", cache, progress=False)
+    assert os.environ.get("HF_HUB_OFFLINE") == offline_before  # set only while converting
+    assert resolve_asset_uri("asset:smollm2/config.json", cache) == str(path / "config.json")
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert (path / "model.safetensors").stat().st_size > 500e6  # fp32, not the 98 MB Q4_1
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    assert model.dtype == torch.float32
+    assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -296,15 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    from d2lora_dist.errors import InputError
+
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        # Bad input (config, data, adapter, plan, predictions file): one clear line, exit 2.
-        # Our error types all derive from ValueError; D2LORA_DEBUG=1 shows the traceback.
+    except InputError as e:
+        # Bad input (config, data, adapter, plan, predictions file, asset): one clear line, exit 2.
+        # Anything else is a bug and keeps its traceback; D2LORA_DEBUG=1 shows this one's too.
         if os.environ.get("D2LORA_DEBUG"):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"d2lora: error: {message}", file=sys.stderr)
+        print(f"d2lora: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

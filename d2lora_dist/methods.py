@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from d2lora_dist.errors import UnknownName
+
 if TYPE_CHECKING:  # annotations only: config validates names against this registry
     from d2lora_dist.config import TrainSettings
 
@@ -71,7 +73,7 @@ def get_method(name: str) -> MethodSpec:
     try:
         return METHODS[name]
     except KeyError:
-        raise KeyError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
+        raise UnknownName(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
 
 
 def method_label(name: str) -> str:

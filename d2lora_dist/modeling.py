@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 from d2lora_dist.config import LoraConfig, ModelConfig
+from d2lora_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model/tokenizer that cannot be used as configured."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from d2lora_dist.config import TrainSettings
+from d2lora_dist.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def batch_problem(settings: TrainSettings, key: str, world_size: int) -> str | N
 def accumulation(settings: TrainSettings, world_size: int) -> int:
     problem = batch_problem(settings, "settings", world_size)
     if problem:
-        raise ValueError(problem)
+        raise ConfigError([problem], "global batch")
     return settings.global_batch_size // (settings.per_device_batch_size * world_size)
 
 

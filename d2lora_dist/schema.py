@@ -11,8 +11,10 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from d2lora_dist.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration problem; the message lists every problem found, one per line."""
 
     def __init__(self, problems: list[str], source: str = "<config>"):

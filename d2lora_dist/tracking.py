@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from d2lora_dist.config import Experiment, TrackingConfig
+from d2lora_dist.errors import InputError
 from d2lora_dist.layout import RunLayout
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def resolve_mode(cfg: TrackingConfig) -> Mode:
     env = os.environ.get("WANDB_MODE", "").strip().lower()
     if env:
         if env not in _ENV_MODES:
-            raise ValueError(f"WANDB_MODE={env!r} is not one of {sorted(_ENV_MODES)}; unset it or pick one")
+            raise InputError(f"WANDB_MODE={env!r} is not one of {sorted(_ENV_MODES)}; unset it or pick one")
         return _ENV_MODES[env]
     if cfg.mode != "auto":
         return cfg.mode

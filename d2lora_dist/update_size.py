@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from d2lora_dist.errors import InputError
+
 PEFT_PREFIX = "base_model.model."
 _SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
 _SINGLE_FILE = "model.safetensors"
@@ -44,7 +46,7 @@ _BLOCK_ELEMENTS = 1 << 24  # elements per block when reading a base weight (64 M
 BF16_RESOLUTION = 2.0 ** -8
 
 
-class UpdateSizeError(ValueError):
+class UpdateSizeError(InputError):
     """Adapter states or base weights that cannot be compared (missing keys, shapes that differ)."""
 
 

@@ -9,6 +9,7 @@ from d2lora_dist.config import Experiment
 from d2lora_dist.data.selection import warmup_records
 from d2lora_dist.fileio import read_json, write_json_atomic
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.schema import ConfigError
 from d2lora_dist.train import Phase, train_phase
 
 
@@ -19,7 +20,7 @@ def warmup_artifact(exp: Experiment) -> str:
 def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train the warm-up adapter unless it is already done; return its result record."""
     if exp.warmup is None:
-        raise ValueError(f"experiment {exp.name!r} has no `warmup` section")
+        raise ConfigError([f"experiment {exp.name!r} has no `warmup` section"], exp.name)
     if layout.warmup_result.is_file():
         if distributed.is_main_process():
             print(f"warm-up already done: {layout.warmup_adapter}", flush=True)

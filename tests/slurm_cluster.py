@@ -316,7 +316,7 @@ def cluster(local_slurm: LocalSlurm) -> Iterator[LocalSlurm]:
 
 # ---------------------------------------------------------------- test experiments
 
-_TRAIN = {"learning_rate": 1.0e-4, "epochs": 1}
+_TRAIN = {"learning_rate": 1.0e-4, "epochs": 1, "global_batch_size": 8}
 
 
 def experiment_dict(name: str, output_dir: str, **slurm: object) -> dict:

@@ -119,3 +119,20 @@ def test_sweep_refuses_cells_larger_than_the_data_before_loading_a_model(tiny_ex
     assert "math-dpo-lora-n41-s0: n=41 but task 'math' has only 40 usable preference rows" in err
     assert "math-sft-d2lora-n500-s0" in err and "-n4-" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_bug_keeps_its_traceback_while_bad_input_exits_2(tiny_experiment: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from d2lora_dist import preflight
+
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+
+    def buggy(*args, **kwargs):
+        return {}["a key the code forgot"]  # a KeyError from code, not from the user
+
+    monkeypatch.setattr(preflight, "preflight", buggy)
+    with pytest.raises(KeyError, match="a key the code forgot"):
+        main(["sweep", "plan", "-c", str(path)])
+    assert main(["score", "gsm8k", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such predictions file" in capsys.readouterr().err

@@ -463,7 +463,7 @@ def test_missing_unreadable_or_unknown_item_scores_fall_back_to_seed_level(run, 
     assert delta[0].endswith("items · 1 seed: test-set noise only · unresolved")  # accuracy still has items
     notes = result.markdown.split("## Notes on Δ", 1)[1]
     assert "cells/math-sft-lora-n100-s1/predictions/gsm8k.jsonl: missing" in notes
-    assert "cells/math-sft-d2lora-n1000-s0/predictions/gsm8k.jsonl: unreadable (ValueError:" in notes
+    assert "cells/math-sft-d2lora-n1000-s0/predictions/gsm8k.jsonl: unreadable (InputError:" in notes
     assert "gsm8k: evaluate.scoring.item_scores gives no per-item 'exact_match'" in notes
     rows = deltas_csv(layout)
     exact = delta_row(rows, "math", "none", 0, "gsm8k", "exact_match")

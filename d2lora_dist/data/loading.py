@@ -13,11 +13,12 @@ from typing import Any
 from d2lora_dist.config import DatasetRef
 from d2lora_dist.data.normalize import BadRow
 from d2lora_dist.data.registry import DatasetSpec, get_spec
+from d2lora_dist.errors import InputError
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A dataset that cannot be used as configured; the message names the file/column/row."""
 
 

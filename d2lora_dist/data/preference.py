@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from d2lora_dist.errors import InputError
+
 TARGETS = ("step", "full")
 STEP_KEYS = ("prefix", "chosen_step", "rejected_step", "chosen_full", "rejected_full")
 OPEN_END = "open_end"  # row marker: TRL's EOS after this response is removed by drop_eos_after_steps
@@ -47,12 +49,12 @@ def preference_rows(records: Sequence[dict[str, Any]], target: str, tokenizer: A
     """The rows for DPOTrainer/ORPOTrainer: step-wise records rendered for `target`
     (TrainSettings.preference_target), conversational records as they are."""
     if target not in TARGETS:
-        raise ValueError(f"preference_target: {target!r} is not one of {', '.join(TARGETS)}")
+        raise InputError(f"preference_target: {target!r} is not one of {', '.join(TARGETS)}")
     stepwise = [is_stepwise(r) for r in records]
     if not any(stepwise):
         return list(records)
     if not all(stepwise):
-        raise ValueError("preference records mix step-wise and conversational rows; TRL needs one format "
+        raise InputError("preference records mix step-wise and conversational rows; TRL needs one format "
                          "per dataset (one phase reads one dataset)")
     end = end_of_turn(tokenizer) if target == "full" else ""
     return [_stepwise_row(r, target, end, tokenizer) for r in records]
@@ -86,7 +88,7 @@ def end_of_turn(tokenizer: Any) -> str:
     after = text.split(probe, 1)[1] if probe in text else ""
     eos = tokenizer.eos_token
     if not eos or not after.lstrip().startswith(eos):
-        raise ValueError(f"the chat template ends an assistant turn with {after!r} but tokenizer.eos_token is "
+        raise InputError(f"the chat template ends an assistant turn with {after!r} but tokenizer.eos_token is "
                          f"{eos!r}: TRL ends plain-text responses with eos_token, so preference_target 'full' "
                          "would not end with the template's end of turn; fix eos_token in tokenizer_config.json")
     return eos
@@ -101,7 +103,7 @@ def drop_eos_after_steps(trainer: Any) -> int:
         return 0
     columns = set(data.column_names)
     if "ref_chosen_logps" in columns:
-        raise ValueError("precompute_ref_log_probs scored the step responses with TRL's EOS appended; "
+        raise InputError("precompute_ref_log_probs scored the step responses with TRL's EOS appended; "
                          "leave it off for preference_target 'step'")
     sides = next((s for s in _TOKENIZED if all(k in columns for side in s for k in side)), None)
     if sides is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from d2lora_dist.data import normalize as nz
+from d2lora_dist.errors import UnknownName
 
 Form = Literal["sft", "preference", "eval"]
 Normalizer = Callable[[dict[str, Any]], dict[str, Any]]
@@ -59,7 +60,7 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown dataset {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+        raise UnknownName(f"unknown dataset {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
 
 
 def supports(name: str, form: str) -> bool:

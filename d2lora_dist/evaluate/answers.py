@@ -31,6 +31,8 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
+from d2lora_dist.errors import InputError
+
 ANSWER_RULES_VERSION = "gsm8k-answers-v2"  # v1: first marker by priority, first number after it
 
 AnswerFilter = Literal["strict", "flexible"]
@@ -132,7 +134,7 @@ ANSWER_FILTERS: dict[str, Callable[[str], str | None]] = {"strict": extract_stri
 def answer_extractor(name: str) -> Callable[[str], str | None]:
     """The extraction function of a filter name, or a ValueError listing the valid names."""
     if name not in ANSWER_FILTERS:
-        raise ValueError(f"answer_filter must be one of {sorted(ANSWER_FILTERS)}, got {name!r}")
+        raise InputError(f"answer_filter must be one of {sorted(ANSWER_FILTERS)}, got {name!r}")
     return ANSWER_FILTERS[name]
 
 
@@ -142,7 +144,7 @@ def reference_answer(reference: str) -> str:
     tail = text.rsplit("####", 1)[1] if "####" in text else text
     number = canonical_number(tail)
     if number is None:
-        raise ValueError(f"GSM8K reference has no number after '####' or as a bare value: {text[-200:]!r}")
+        raise InputError(f"GSM8K reference has no number after '####' or as a bare value: {text[-200:]!r}")
     return number
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from d2lora_dist.errors import InputError, MissingInput
 from d2lora_dist.evaluate.answers import (
     ANSWER_FILTERS,
     AnswerFilter,
@@ -169,6 +170,8 @@ def read_predictions(path: str | Path, required: dict[str, type | tuple[type, ..
     """Rows of a predictions JSONL; blank lines are skipped, anything else bad raises
     ValueError naming the file, the line number and the problem."""
     path = Path(path)
+    if not path.is_file():
+        raise MissingInput(f"{path}: no such predictions file")
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -177,21 +180,21 @@ def read_predictions(path: str | Path, required: dict[str, type | tuple[type, ..
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             missing = [key for key in required if key not in row]
             if missing:
-                raise ValueError(f"{path}:{lineno}: missing key {missing[0]!r} "
+                raise InputError(f"{path}:{lineno}: missing key {missing[0]!r} "
                                  f"(each row needs {list(required)}; this row has {sorted(row)})")
             for key, types in required.items():
                 if not isinstance(row[key], types):
                     names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-                    raise ValueError(f"{path}:{lineno}: key {key!r} is a {type(row[key]).__name__}, "
+                    raise InputError(f"{path}:{lineno}: key {key!r} is a {type(row[key]).__name__}, "
                                      f"expected {names}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: empty predictions file (no rows to score)")
+        raise InputError(f"{path}: empty predictions file (no rows to score)")
     return rows
 
 
@@ -204,7 +207,7 @@ def score_file(kind: ScoreKind, path: str | Path, answer_filter: AnswerFilter | 
     if kind not in SCORERS:
         raise ValueError(f"score_file: kind must be one of {sorted(SCORERS)}, got {kind!r}")
     if answer_filter is not None and kind != "gsm8k":
-        raise ValueError(f"score_file: answer_filter applies to gsm8k only, got it for kind {kind!r}")
+        raise InputError(f"score_file: answer_filter applies to gsm8k only, got it for kind {kind!r}")
     rows = read_predictions(path, REQUIRED_KEYS[kind])
     if kind == "gsm8k":
         return score_gsm8k(rows, answer_filter or "flexible")

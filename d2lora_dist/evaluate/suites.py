@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from d2lora_dist import prompts
+from d2lora_dist.errors import InputError
 from d2lora_dist.evaluate.answers import ANSWER_RULES_VERSION, answer_extractor
 from d2lora_dist.evaluate.generation import generate
 from d2lora_dist.evaluate.loglik import choice_logliks
@@ -156,14 +157,14 @@ SUITES: dict[str, Suite] = {
 
 def _check_items(kind: str, items: Sequence[Item], keys: tuple[str, ...]) -> None:
     if not items:
-        raise ValueError(f"suite {kind!r}: no items to evaluate")
+        raise InputError(f"suite {kind!r}: no items to evaluate")
     for i, item in enumerate(items):
         missing = [k for k in keys if k not in item]
         if missing:
-            raise ValueError(f"suite {kind!r}: item {i} (id={item.get('id')!r}) lacks key "
+            raise InputError(f"suite {kind!r}: item {i} (id={item.get('id')!r}) lacks key "
                              f"{missing[0]!r}; items need {list(keys)}")
         if kind == "arc" and not 0 <= item["answer_index"] < len(item["choices"]):
-            raise ValueError(f"suite 'arc': item {i} (id={item['id']!r}) answer_index "
+            raise InputError(f"suite 'arc': item {i} (id={item['id']!r}) answer_index "
                              f"{item['answer_index']} is outside its {len(item['choices'])} choices")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.errors import InputError
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep.grid import NO_TRAINING, Cell, plan_cells
 
@@ -116,10 +117,10 @@ def read_result(path: Path, exp: Experiment) -> tuple[Cell, list[Row]]:
         cell = Cell.from_dict(data["cell"])
         metrics = data["metrics"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a valid result.json ({type(e).__name__}: {e}); "
+        raise InputError(f"{path}: not a valid result.json ({type(e).__name__}: {e}); "
                          f"delete it to re-run the cell") from e
     if cell.id != path.parent.name:
-        raise ValueError(f"{path}: cell.id {cell.id!r} does not match its directory {path.parent.name!r}")
+        raise InputError(f"{path}: cell.id {cell.id!r} does not match its directory {path.parent.name!r}")
     suites_roles = data.get("suites") or {}
     rows = []
     for suite, values in metrics.items():
@@ -128,7 +129,7 @@ def read_result(path: Path, exp: Experiment) -> tuple[Cell, list[Row]]:
             if metric in NOT_METRICS:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{path}: metrics.{suite}.{metric} = {value!r}; expected a fraction in [0, 1]")
+                raise InputError(f"{path}: metrics.{suite}.{metric} = {value!r}; expected a fraction in [0, 1]")
             rows.append(Row(cell.id, cell.task, cell.method, cell.init, cell.n, cell.seed, suite, role,
                             metric, float(value)))
     return cell, rows

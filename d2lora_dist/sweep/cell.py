@@ -14,7 +14,9 @@ from typing import Any
 
 from d2lora_dist import adapters, distributed, tracking
 from d2lora_dist.config import Experiment
+from d2lora_dist.data.loading import DataError
 from d2lora_dist.data.selection import task_records
+from d2lora_dist.errors import MissingInput
 from d2lora_dist.evaluate.adapter_eval import evaluate_suites
 from d2lora_dist.fileio import read_json, write_json_atomic
 from d2lora_dist.inits import INITS
@@ -69,7 +71,7 @@ def _starting_adapter(layout: RunLayout, cell: Cell) -> Path | None:
     if not INITS[cell.init].from_warmup:
         return None
     if not layout.warmup_result.is_file():
-        raise FileNotFoundError(f"[{cell.id}] needs the warm-up adapter, but {layout.warmup_result} does not "
+        raise MissingInput(f"[{cell.id}] needs the warm-up adapter, but {layout.warmup_result} does not "
                                 "exist; run `d2lora warmup` first")
     return layout.warmup_adapter
 
@@ -99,7 +101,7 @@ def _save_subset(layout: RunLayout, cell: Cell, subset: dict[str, Any]) -> None:
     path = layout.cell_subset(cell.id)
     if distributed.is_main_process():
         if path.is_file() and read_json(path)["sha256"] != subset["sha256"]:
-            raise ValueError(f"[{cell.id}] the task data changed since this cell started: {path} records "
+            raise DataError(f"[{cell.id}] the task data changed since this cell started: {path} records "
                              f"other rows; move the cell directory away to start it again")
         write_json_atomic(path, subset)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.errors import UnknownName
 from d2lora_dist.inits import INITS
 from d2lora_dist.methods import NO_TRAINING
 
@@ -66,7 +67,7 @@ def find_cell(exp: Experiment, cell_id: str) -> Cell:
     for cell in plan_cells(exp):
         if cell.id == cell_id:
             return cell
-    raise KeyError(f"cell {cell_id!r} is not in the plan of experiment {exp.name!r}")
+    raise UnknownName(f"cell {cell_id!r} is not in the plan of experiment {exp.name!r}")
 
 
 def needs_warmup(cells: list[Cell]) -> bool:

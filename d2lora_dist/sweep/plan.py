@@ -13,12 +13,13 @@ from typing import Any
 import yaml
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.errors import InputError
 from d2lora_dist.fileio import read_json, write_json_atomic, write_text_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep.grid import Cell, plan_cells
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """The run directory's frozen plan disagrees with the request."""
 
 

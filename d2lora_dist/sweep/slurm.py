@@ -26,6 +26,7 @@ from string import Template
 from typing import Any
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.errors import InputError, MissingInput
 from d2lora_dist.fileio import write_text_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep.grid import Cell, needs_warmup, plan_cells
@@ -107,7 +108,7 @@ def index_ranges(indices: Sequence[int]) -> str:
 def array_spec(indices: Sequence[int], max_parallel: int) -> str:
     """Plan indices -> `--array` value: index ranges and the `%M` throttle."""
     if max_parallel < 1:
-        raise ValueError(f"slurm.max_parallel: must be >= 1, got {max_parallel}")
+        raise InputError(f"slurm.max_parallel: must be >= 1, got {max_parallel}")
     return f"{index_ranges(indices)}%{max_parallel}"
 
 
@@ -192,7 +193,7 @@ def _main_port(exp: Experiment) -> str:
 def _render(name: str, **values: str) -> str:
     path = TEMPLATE_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(f"Slurm template {path} not found: the slurm/ directory ships with "
+        raise MissingInput(f"Slurm template {path} not found: the slurm/ directory ships with "
                                 "the repository (install with `pip install -e .`)")
     return _ShellTemplate(path.read_text()).substitute(values)
 
@@ -201,7 +202,7 @@ def render_warmup(exp: Experiment, layout: RunLayout, command: str | None = None
     """warmup.sbatch: one srun task per node, each starting `accelerate launch` for its ranks."""
     nodes = exp.slurm.nodes
     if nodes > 1 and exp.launch.accelerate_config is None:
-        raise ValueError(f"slurm.nodes: {nodes} nodes need launch.accelerate_config (a plain command "
+        raise InputError(f"slurm.nodes: {nodes} nodes need launch.accelerate_config (a plain command "
                          "would run the whole warm-up once per node); set it or use slurm.nodes=1")
     header = _header(exp, [f"--job-name=d2lora-{exp.name}-warmup",
                            *_resource_lines(exp, nodes, gpus=True), *_preemptible_lines(exp),
@@ -236,7 +237,7 @@ def render_report(exp: Experiment, layout: RunLayout, command: str | None = None
 def _check_signal_time(exp: Experiment) -> None:
     limit = _slurm_seconds(exp.slurm.time)
     if limit is not None and exp.slurm.signal_seconds >= limit:
-        raise ValueError(f"slurm.signal_seconds: {exp.slurm.signal_seconds} s is not shorter than "
+        raise InputError(f"slurm.signal_seconds: {exp.slurm.signal_seconds} s is not shorter than "
                          f"slurm.time={exp.slurm.time!r}: the checkpoint signal would never come in time")
 
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from d2lora_dist import distributed as dist
+from d2lora_dist import distributed
+from d2lora_dist.errors import InputError
 from d2lora_dist.fileio import sha256_file
 
 WEIGHTS = "adapter_model.safetensors"
@@ -33,7 +34,7 @@ FORMAT = "d2lora-adapter/1"
 _VERSIONED = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "datasets")
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError):
     """An adapter that is missing, corrupted, empty, or made for another base model."""
 
 
@@ -66,7 +67,7 @@ def gathered_adapter(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, str
     from peft import get_peft_model_state_dict
 
     named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and ".default." in n]
-    values, source = dist.fp32_values([p for _, p in named])
+    values, source = distributed.fp32_values([p for _, p in named])
     full = dict(zip([n for n, _ in named], values, strict=True))
     state = get_peft_model_state_dict(model, state_dict=full, adapter_name="default")
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in named})
@@ -84,12 +85,12 @@ def save_adapter(model: Any, out_dir: Path, manifest: dict[str, Any]) -> dict[st
     """
     state, precision = gathered_adapter(model)
     written, error = None, None
-    if dist.is_main_process():
+    if distributed.is_main_process():
         try:
             written = _write_artifact(model, state, Path(out_dir), {**manifest, "precision": precision})
         except AdapterError as e:
             error = str(e)
-    error = dist.broadcast_object(error)  # doubles as the barrier; every rank fails together
+    error = distributed.broadcast_object(error)  # doubles as the barrier; every rank fails together
     if error is not None:
         raise AdapterError(error)
     return written
@@ -185,16 +186,16 @@ def load_adapter_state(adapter_dir: Path, expected_base: dict[str, str] | None =
 
     payload: tuple[dict, dict] | None = None
     error: str | None = None
-    if dist.is_main_process():
+    if distributed.is_main_process():
         try:
             manifest = verify_adapter(adapter_dir, expected_base, expected_lora)
             payload = (load_file(str(Path(adapter_dir) / WEIGHTS)), manifest)
         except AdapterError as e:
             error = str(e)
-    error = dist.broadcast_object(error)
+    error = distributed.broadcast_object(error)
     if error is not None:
         raise AdapterError(error)
-    return dist.broadcast_object(payload)
+    return distributed.broadcast_object(payload)
 
 
 def state_checksum(state: dict[str, torch.Tensor]) -> str:

@@ -26,27 +26,6 @@ def _load(args: argparse.Namespace):
     return exp, RunLayout(exp.run_dir)
 
 
-def _preflight(args: argparse.Namespace, exp, checks) -> None:
-    """Every check that can run before a model loads, all problems at once."""
-    from d2lora_dist.preflight import preflight
-
-    preflight(exp, checks, str(args.config))
-
-
-def _sweep_preflight(args: argparse.Namespace, exp, slurm: bool) -> None:
-    from d2lora_dist.preflight import for_sweep
-    from d2lora_dist.sweep.grid import plan_cells
-
-    _preflight(args, exp, for_sweep(exp, plan_cells(exp), slurm))
-
-
-def _cell_preflight(args: argparse.Namespace, exp, cell) -> None:
-    from d2lora_dist.distributed import world_size
-    from d2lora_dist.preflight import for_cells
-
-    _preflight(args, exp, for_cells(exp, [cell], world_size(), None))
-
-
 # ---- handlers -------------------------------------------------------------------------------
 def cmd_assets(args: argparse.Namespace) -> int:
     from d2lora_dist import assets
@@ -58,54 +37,26 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    from d2lora_dist.distributed import world_size
-    from d2lora_dist.preflight import Checks
-    from d2lora_dist.warmup import run_warmup
+    from d2lora_dist import entries
 
     exp, layout = _load(args)
-    _preflight(args, exp, Checks(warmup=True, warmup_world_size=world_size()))
-    return _preemptible(lambda callbacks: run_warmup(exp, layout, callbacks=callbacks))
+    return entries.warmup(exp, layout, str(args.config))
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
+    from d2lora_dist import entries
     from d2lora_dist.sweep.grid import Cell
 
     exp, layout = _load(args)
     cell = Cell.requested(args.task, args.method, args.init, args.n, args.seed)
-    _cell_preflight(args, exp, cell)
-    return _run_cell(exp, layout, cell)
-
-
-def _run_cell(exp, layout, cell) -> int:
-    from d2lora_dist.sweep.cell import run_cell
-
-    return _preemptible(lambda callbacks: run_cell(exp, layout, cell, callbacks=callbacks))
-
-
-def _preemptible(phase) -> int:
-    """Run a training phase so that SIGUSR1 (Slurm's warning) checkpoints it and exits 75."""
-    from d2lora_dist.sweep.preemption import PreemptionCallback, PreemptionWatcher, exit_if_preempted
-    from d2lora_dist.train import Preempted
-
-    watcher = PreemptionWatcher()
-    try:
-        phase([PreemptionCallback(watcher)])
-    except Preempted as e:
-        print(str(e), file=sys.stderr)
-        exit_if_preempted(watcher)  # waits for every rank, then exits PREEMPTED_EXIT_CODE
-        raise
-    return 0
+    return entries.cell(exp, layout, cell, str(args.config))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from d2lora_dist.evaluate.adapter_eval import evaluate_suites
-    from d2lora_dist.preflight import Checks
+    from d2lora_dist import entries
 
     exp, layout = _load(args)
-    suites = args.suites or (exp.tasks[args.task].suites if args.task else sorted(exp.suites))
-    _preflight(args, exp, Checks(suites=tuple((s, args.task) for s in suites)))
-    out = args.out or layout.root / "eval" / (args.adapter.name if args.adapter else "base")
-    metrics = evaluate_suites(exp, args.task, suites, args.adapter, lambda s: out / f"{s}.jsonl")
+    metrics = entries.evaluate(exp, layout, str(args.config), args.adapter, args.task, args.suites, args.out)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -135,11 +86,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_plan(args: argparse.Namespace) -> int:
-    from d2lora_dist.sweep.plan import estimate, measure_workload
+    from d2lora_dist import entries
 
     exp, layout = _load(args)
-    _sweep_preflight(args, exp, slurm=False)
-    rows = estimate(exp, layout, *measure_workload(exp))
+    rows = entries.plan(exp, layout, str(args.config))
     if args.json:
         print(json.dumps([{**r.cell.to_dict(), "done": r.done, "train_examples": r.train_examples,
                            "train_tokens": r.train_tokens, "eval_items": r.eval_items} for r in rows], indent=2))
@@ -155,38 +105,27 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
-    from d2lora_dist.report import report
-    from d2lora_dist.sweep.local import run_sweep
-    from d2lora_dist.sweep.plan import freeze_plan
+    from d2lora_dist import entries
 
     exp, layout = _load(args)
-    _sweep_preflight(args, exp, slurm=False)
-    cells = freeze_plan(exp, layout)
-    failed = run_sweep(exp, layout, cells, layout.experiment_file)
-    report(exp, layout)
-    if failed:
-        print(f"{len(failed)} cell(s) failed: {', '.join(failed)}; rerun the same command to retry them",
-              file=sys.stderr)
-        return 1
-    return 0
+    return entries.run_sweep(exp, layout, str(args.config))
 
 
 def cmd_sweep_cell(args: argparse.Namespace) -> int:
+    from d2lora_dist import entries
     from d2lora_dist.sweep.grid import find_cell
     from d2lora_dist.sweep.plan import cell_at
 
     exp, layout = _load(args)
     cell = cell_at(layout, args.index) if args.index is not None else find_cell(exp, args.cell)
-    _cell_preflight(args, exp, cell)
-    return _run_cell(exp, layout, cell)
+    return entries.cell(exp, layout, cell, str(args.config))
 
 
 def cmd_sweep_submit(args: argparse.Namespace) -> int:
-    from d2lora_dist.sweep.slurm import submit
+    from d2lora_dist import entries
 
     exp, layout = _load(args)
-    _sweep_preflight(args, exp, slurm=True)
-    result = submit(exp, layout, dry_run=args.dry_run, only_failed=args.only_failed)
+    result = entries.submit(exp, layout, str(args.config), args.dry_run, args.only_failed)
     if not args.dry_run:
         print(result.describe())
     return 0

@@ -257,6 +257,27 @@ def cpu_bf16_test_launch(ds_config: str | None) -> bool:
             and not torch.cuda.is_available())
 
 
+def import_experimental_trl() -> None:
+    """Workaround (trl 1.16): ORPO lives in trl.experimental and warns on every import unless
+    TRL_EXPERIMENTAL_SILENCE is set; the warning says nothing the user can act on. Goes away when
+    ORPO returns to trl's stable API."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def use_base_model_as_reference(trainer: Any) -> None:
+    """DPO's reference = the base model with adapters disabled, also for a warm-started adapter.
+
+    Workaround (trl 1.16): given an already wrapped PeftModel, DPOTrainer adds a frozen copy of the
+    starting adapter named "ref" and uses it as the reference (no `ref_adapter_name` option any
+    more); deleting that copy makes TRL fall back to disabling the adapters. Goes away if TRL
+    offers the reference choice as a setting.
+    """
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in unwrapped.peft_config:
+        unwrapped.delete_adapter("ref")
+        unwrapped.set_adapter("default")
+
+
 def peft_model_kwargs() -> dict[str, Any]:
     """Workaround (DeepSpeed 8072, trl 6089): PEFT upcasts LoRA weights to fp32 by default;
     ZeRO-3 then gathers mixed bf16/fp32 parameters and fails with a TypeError. Keeping the
@@ -402,12 +423,20 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
+def any_rank(flag: bool) -> bool:
+    """True when the flag is set on any rank (the flag itself without a process group)."""
     if not _group_ready():
-        return [obj]
-    out: list[Any] = [None] * world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def collective_device() -> torch.device:
+    """Where tensors of a collective live: NCCL reduces only CUDA tensors, gloo CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def local_shard_numel(model: torch.nn.Module) -> tuple[int, int]:

@@ -64,6 +64,10 @@ class RunLayout:
     def report_dir(self) -> Path:
         return self.root / "report"
 
+    def eval_dir(self, name: str) -> Path:
+        """Predictions of `d2lora eval` on an adapter (or "base") outside any cell."""
+        return self.root / "eval" / name
+
     @property
     def wandb_dir(self) -> Path:
         return self.root / "wandb"

@@ -46,9 +46,9 @@ def _dpo() -> tuple[type, type]:
 
 
 def _orpo() -> tuple[type, type]:
-    import os
+    from d2lora_dist.distributed import import_experimental_trl
 
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import_experimental_trl()
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     return ORPOConfig, ORPOTrainer

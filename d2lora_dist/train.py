@@ -208,12 +208,7 @@ def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: A
         drop_eos_after_steps(trainer)  # a step is not the end of the answer (docs/preference-targets.md)
     add_throughput_callback(trainer)
     if method.uses_reference and phase.settings.reference == "base":
-        # TRL keeps a frozen copy of a given adapter ("ref") as the reference; without it, the
-        # reference is the model with adapters disabled, i.e. the base model.
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        if "ref" in unwrapped.peft_config:
-            unwrapped.delete_adapter("ref")
-            unwrapped.set_adapter("default")
+        distributed.use_base_model_as_reference(trainer)
     return trainer
 
 

@@ -124,14 +124,14 @@ def test_sweep_refuses_cells_larger_than_the_data_before_loading_a_model(tiny_ex
 def test_a_bug_keeps_its_traceback_while_bad_input_exits_2(tiny_experiment: dict, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
-    from d2lora_dist import preflight
+    from d2lora_dist import entries
 
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
 
     def buggy(*args, **kwargs):
         return {}["a key the code forgot"]  # a KeyError from code, not from the user
 
-    monkeypatch.setattr(preflight, "preflight", buggy)
+    monkeypatch.setattr(entries, "preflight", buggy)
     with pytest.raises(KeyError, match="a key the code forgot"):
         main(["sweep", "plan", "-c", str(path)])
     assert main(["score", "gsm8k", str(tmp_path / "missing.jsonl")]) == 2

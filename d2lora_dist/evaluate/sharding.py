@@ -14,16 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-import torch.distributed as dist
+import torch.distributed
 
 T = TypeVar("T")
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
@@ -56,14 +49,14 @@ def gather_in_order(local_rows: Sequence[Any], rank: int, world: int,
     travel over the process group's backend (gloo on CPU; NCCL needs the current CUDA
     device set, which accelerate does at start-up).
     """
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+    if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         if world != 1:
             raise RuntimeError(f"gather_in_order: world={world} but torch.distributed is not initialised")
         return list(local_rows)
     if all_ranks:
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, list(local_rows))
+        torch.distributed.all_gather_object(gathered, list(local_rows))
         return _interleave(gathered, world)
     on_rank0: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(list(local_rows), on_rank0, dst=0)
+    torch.distributed.gather_object(list(local_rows), on_rank0, dst=0)
     return _interleave(on_rank0, world) if on_rank0 is not None else None

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from d2lora_dist import prompts
+from d2lora_dist import distributed, prompts
 from d2lora_dist.errors import InputError
 from d2lora_dist.evaluate.answers import ANSWER_RULES_VERSION, answer_extractor
 from d2lora_dist.evaluate.generation import generate
 from d2lora_dist.evaluate.loglik import choice_logliks
 from d2lora_dist.evaluate.scoring import arc_predictions, score_arc, score_gsm8k, score_row, score_titles
-from d2lora_dist.evaluate.sharding import gather_in_order, rank_and_world, shard
+from d2lora_dist.evaluate.sharding import gather_in_order, shard
 from d2lora_dist.fileio import write_text_atomic
 
 if TYPE_CHECKING:  # annotations only: evaluation reads settings, it does not parse configs
@@ -188,7 +188,7 @@ def run_suite(kind: str, items: Sequence[Item], model: Any, tokenizer: Any, sett
     items = list(items)[:settings.limit]  # a slice to None keeps everything
     _check_items(kind, items, suite.item_keys)
     labels = suite.labels(settings)
-    rank, world = rank_and_world()
+    rank, world = distributed.rank(), distributed.world_size()
     local = suite.predict(shard(items, rank, world), model, tokenizer, settings, progress and rank == 0)
     rows = gather_in_order(local, rank, world, all_ranks=True)
     assert rows is not None  # all_ranks=True returns the rows on every rank

@@ -102,24 +102,6 @@ class PreemptionWatcher:
         self.uninstall()
 
 
-def any_rank(flag: bool) -> bool:
-    """True when the flag is set on any rank; the flag itself without a process group."""
-    if not _process_group_active():
-        return flag
-    import torch
-    import torch.distributed as dist
-
-    if dist.get_world_size() == 1:
-        return flag
-
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":  # NCCL reduces only CUDA tensors
-        device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def exit_if_preempted(watcher: PreemptionWatcher) -> None:
     """After train(): write the marker and exit PREEMPTED_EXIT_CODE when preempted."""
     if not watcher.preempted:
@@ -145,19 +127,11 @@ def write_marker() -> None:
 
 def _barrier() -> None:
     # A rank that exits first makes torchrun kill the others: wait until all are done writing.
-    if _process_group_active():
-        import torch.distributed as dist
+    # Without torch imported there is no process group (and no reason to pay for the import).
+    if "torch" in sys.modules:
+        from d2lora_dist import distributed
 
-        dist.barrier()
-
-
-def _process_group_active() -> bool:
-    # without torch imported there is no process group (and no reason to pay for the import)
-    if "torch" not in sys.modules:
-        return False
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+        distributed.barrier()
 
 
 @functools.cache
@@ -172,6 +146,8 @@ def _callback_class() -> type:
             self.stopped_at_step: int | None = None
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            from d2lora_dist.distributed import any_rank
+
             if not any_rank(self.watcher.preempted):
                 return control
             self.watcher.request()  # so every rank exits as preempted, not only the signalled ones

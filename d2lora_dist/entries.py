@@ -1,0 +1,93 @@
+"""What each `d2lora` command does, whole: preflight, the work, preemption and the exit code.
+
+The CLI parses arguments and calls one of these; an entry owns everything between. Training
+entries run preemptible: Slurm's SIGUSR1 checkpoints the phase at a step boundary on every
+rank and the process exits PREEMPTED_EXIT_CODE (75) so the job requeues itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from d2lora_dist.config import Experiment
+from d2lora_dist.layout import RunLayout
+from d2lora_dist.preflight import Checks, for_cells, for_sweep, preflight
+from d2lora_dist.sweep.grid import Cell, plan_cells
+
+EXIT_OK, EXIT_FAILED_CELLS = 0, 1
+
+
+def warmup(exp: Experiment, layout: RunLayout, source: str) -> int:
+    from d2lora_dist.distributed import world_size
+    from d2lora_dist.warmup import run_warmup
+
+    preflight(exp, Checks(warmup=True, warmup_world_size=world_size()), source)
+    return run_preemptible(lambda callbacks: run_warmup(exp, layout, callbacks=callbacks))
+
+
+def cell(exp: Experiment, layout: RunLayout, cell: Cell, source: str) -> int:
+    """One cell (`adapt`, or an array task's `sweep cell`): train if it trains, evaluate, result.json."""
+    from d2lora_dist.distributed import world_size
+    from d2lora_dist.sweep.cell import run_cell
+
+    preflight(exp, for_cells(exp, [cell], world_size(), None), source)
+    return run_preemptible(lambda callbacks: run_cell(exp, layout, cell, callbacks=callbacks))
+
+
+def evaluate(exp: Experiment, layout: RunLayout, source: str, adapter: Path | None, task: str | None,
+             suites: list[str] | None, out: Path | None) -> dict[str, dict[str, Any]]:
+    from d2lora_dist.evaluate.adapter_eval import evaluate_suites
+
+    suites = suites or (exp.tasks[task].suites if task in exp.tasks else sorted(exp.suites))
+    preflight(exp, Checks(suites=tuple((s, task) for s in suites)), source)
+    out = out or layout.eval_dir(adapter.name if adapter else "base")
+    return evaluate_suites(exp, task, suites, adapter, lambda s: out / f"{s}.jsonl")
+
+
+def plan(exp: Experiment, layout: RunLayout, source: str) -> list[Any]:
+    """The cells with the work each needs (sweep.plan.CellEstimate), checked first."""
+    from d2lora_dist.sweep.plan import estimate, measure_workload
+
+    preflight(exp, for_sweep(exp, plan_cells(exp), slurm=False), source)
+    return estimate(exp, layout, *measure_workload(exp))
+
+
+def run_sweep(exp: Experiment, layout: RunLayout, source: str) -> int:
+    """Warm-up, every unfinished cell and the report on this machine; 1 when some cell failed."""
+    from d2lora_dist.report import report
+    from d2lora_dist.sweep.local import run_sweep as run_local
+    from d2lora_dist.sweep.plan import freeze_plan
+
+    preflight(exp, for_sweep(exp, plan_cells(exp), slurm=False), source)
+    failed = run_local(exp, layout, freeze_plan(exp, layout), layout.experiment_file)
+    report(exp, layout)
+    if failed:
+        print(f"{len(failed)} cell(s) failed: {', '.join(failed)}; rerun the same command to retry them",
+              file=sys.stderr)
+        return EXIT_FAILED_CELLS
+    return EXIT_OK
+
+
+def submit(exp: Experiment, layout: RunLayout, source: str, dry_run: bool, only_failed: bool) -> Any:
+    from d2lora_dist.sweep.slurm import submit as submit_jobs
+
+    preflight(exp, for_sweep(exp, plan_cells(exp), slurm=True), source)
+    return submit_jobs(exp, layout, dry_run=dry_run, only_failed=only_failed)
+
+
+def run_preemptible(phase: Callable[[list[Any]], Any]) -> int:
+    """Run a training phase so that SIGUSR1 (Slurm's warning) checkpoints it and exits 75."""
+    from d2lora_dist.sweep.preemption import PreemptionCallback, PreemptionWatcher, exit_if_preempted
+    from d2lora_dist.train import Preempted
+
+    watcher = PreemptionWatcher()
+    try:
+        phase([PreemptionCallback(watcher)])
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        exit_if_preempted(watcher)  # waits for every rank, then exits PREEMPTED_EXIT_CODE
+        raise
+    return EXIT_OK

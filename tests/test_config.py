@@ -41,13 +41,6 @@ def test_paper_presets_carry_the_papers_values() -> None:
     assert title.tasks["titles"].holdout == 100 and title.suites["titles"].dataset is None
 
 
-def test_demo_grid_has_sft_and_dpo_both_inits_n0_and_two_small_n() -> None:
-    cells = plan_cells(load_experiment(REPO / "launch/experiments/demo_cpu.yaml"))
-    assert {c.method for c in cells} >= {"sft", "dpo", "none"}
-    assert {c.init for c in cells} == {"lora", "d2lora"}
-    assert len({c.n for c in cells if c.n > 0}) >= 2 and any(c.n == 0 for c in cells)
-
-
 def test_unknown_keys_are_named_with_the_file(tiny_experiment: dict, tmp_path: Path) -> None:
     tiny_experiment["lora"]["rank"] = 8
     tiny_experiment["methods"]["dpo"]["betta"] = 0.2

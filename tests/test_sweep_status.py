@@ -2,7 +2,7 @@
 
 The files in tests/fixtures/slurm/scontrol/ were recorded on the local test cluster
 (tests/slurm_cluster.py) with the fake steps, paths rewritten to /runs/demo. The live
-equivalents of these states are asserted in tests/test_slurm_cluster.py.
+equivalents of these states are asserted in tests/test_sweep_slurm_cluster.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Preemption: checkpoint at a step boundary when Slurm says time is up, exit, get requeued.
 
-The chain (tested end to end on a real Slurm cluster in tests/test_slurm_cluster.py):
+The chain (tested end to end on a real Slurm cluster in tests/test_sweep_slurm_cluster.py):
 
 1. Slurm sends SIGUSR1 to the batch shell `signal_seconds` before the time limit
    (`--signal=B:USR1@N`) or when an operator runs `scancel --batch --signal=USR1 JOB`.

@@ -1,7 +1,7 @@
 """PreemptionWatcher / PreemptionCallback / exit_if_preempted in one process.
 
 The Slurm side of the chain (USR1 -> batch shell -> srun -> ranks, requeue) is tested on
-the local cluster in tests/test_slurm_cluster.py.
+the local cluster in tests/test_sweep_slurm_cluster.py.
 """
 
 from __future__ import annotations

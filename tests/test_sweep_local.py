@@ -1,0 +1,26 @@
+"""The local executor: warm-up, every unfinished cell as its own launch, the report; reruns resume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.conftest import write_experiment
+from tests.test_cli import _cli
+
+
+def test_sweep_run_executes_the_grid_and_reports(tiny_experiment: dict, tmp_path: Path) -> None:
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0, 4]}]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    done = _cli("sweep", "run", "-c", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    assert sorted(p.name for p in (run_dir / "cells").iterdir()) == [
+        "math-none-d2lora-n0-s0", "math-none-lora-n0-s0", "math-sft-d2lora-n4-s0", "math-sft-lora-n4-s0"]
+    assert all((run_dir / "cells" / c / "result.json").is_file() for c in os.listdir(run_dir / "cells"))
+    assert (run_dir / "report" / "results.md").is_file()
+    again = _cli("sweep", "run", "-c", str(path))
+    assert again.returncode == 0 and "4 of 4 cells done; running 0" in again.stdout
+    # the frozen experiment protects finished results from an edited config
+    changed = _cli("sweep", "run", "-c", str(path), "--set", "methods.sft.learning_rate=0.5")
+    assert changed.returncode == 2 and "was frozen with other settings" in changed.stderr

@@ -117,3 +117,19 @@ def tiny_experiment_dict(model_dir: Path, data: dict[str, str], root: Path) -> d
 def write_experiment(data: dict[str, Any], path: Path) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's offline asset cache (tests/assets_fixtures.py)."""
+    from tests.assets_fixtures import session_cache
+
+    return session_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def data(cache: Path) -> dict[str, Path]:
+    """Every data asset, fetched once and verified."""
+    from tests.assets_fixtures import fetch_data
+
+    return fetch_data(cache)

@@ -1,6 +1,6 @@
 """The offline assets' public API (names, paths, `asset:` URIs, fetch and verify), built from the real
 pinned archives. The modules' own tests are in test_assets_{cache,pypi,datasets,synthetic_math,convert}.py,
-which share the helpers below.
+which share the helpers of assets_fixtures.py.
 
 The archives (~190 MB) are downloaded once per session into a temp cache, or reused from the cache
 that D2LORA_ASSETS names (set it in CI so they are downloaded once). Tests that damage outputs work
@@ -9,8 +9,6 @@ on a private cache whose archives/ links to the session's, so they never touch a
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -26,42 +24,7 @@ from d2lora_dist.assets import (
     resolve_asset_uri,
 )
 from d2lora_dist.assets import cache as asset_cache_module
-
-DATA_ASSETS = [n for n in ASSET_NAMES if n != "smollm2"]
-
-
-# --- helpers shared by the test_assets_*.py modules ------------------------------------------------
-def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """$D2LORA_ASSETS, else one temp cache for the whole session (every module finds the same one)."""
-    shared = os.environ.get("D2LORA_ASSETS")
-    return Path(shared) if shared else tmp_path_factory.getbasetemp() / "assets"
-
-
-def fetch_data(cache: Path) -> dict[str, Path]:
-    """Every data asset, fetched (once) and verified."""
-    return fetch_all(cache, only=DATA_ASSETS, progress=False)
-
-
-def private_copy(tmp_path: Path, cache: Path) -> Path:
-    """A fresh cache that shares `cache`'s (already verified) archives."""
-    root = tmp_path / "cache"
-    root.mkdir()
-    (root / "archives").symlink_to(cache / "archives")
-    return root
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return session_cache(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data(cache: Path) -> dict[str, Path]:
-    return fetch_data(cache)
+from tests.assets_fixtures import private_copy
 
 
 # --- names, paths, URIs ---------------------------------------------------------------------------

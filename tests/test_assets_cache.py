@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_assets import fetch_data, private_copy, rows, session_cache
 
 from d2lora_dist.assets import MARKER, asset_path, ensure_asset
 from d2lora_dist.assets import datasets as asset_datasets
+from tests.assets_fixtures import fetch_data, private_copy, rows, session_cache
 
 
 @pytest.fixture

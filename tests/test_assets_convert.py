@@ -7,9 +7,9 @@ import json
 import os
 
 import pytest
-from test_assets import session_cache
 
 from d2lora_dist.assets import ensure_asset, resolve_asset_uri
+from tests.assets_fixtures import session_cache
 
 
 @pytest.mark.slow

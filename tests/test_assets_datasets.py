@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_assets import fetch_data, rows, session_cache
+
+from tests.assets_fixtures import fetch_data, rows, session_cache
 
 
 @pytest.fixture(scope="module")

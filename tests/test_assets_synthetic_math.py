@@ -7,20 +7,8 @@ import random
 from decimal import Decimal
 from pathlib import Path
 
-import pytest
-from test_assets import fetch_data, private_copy, rows, session_cache
-
 from d2lora_dist.assets import MATH_ROWS, ensure_asset, math_step_row, synthetic_math
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return session_cache(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data(cache: Path) -> dict[str, Path]:
-    return fetch_data(cache)
+from tests.assets_fixtures import private_copy, rows
 
 
 def _final_answer(text: str) -> Decimal:

@@ -304,3 +304,21 @@ def test_link_inputs_declares_recorded_inputs_once(wandb_env, monkeypatch):
     assert queries == [("me/d2lora", {"group": "report_fixture"})]
     assert declared == [("cell-a", art)]
     assert linked == ["me/d2lora/cell-a <- me/d2lora/report_fixture-warmup:v0"]
+
+
+def test_a_real_warmup_logs_its_schedule_truncation_and_update_size_to_wandb(wandb_env, tiny_experiment: dict) -> None:
+    from d2lora_dist.config import experiment_from_dict
+    from d2lora_dist.warmup import run_warmup
+
+    tiny_experiment["tracking"] = {"mode": "offline"}
+    exp = experiment_from_dict(tiny_experiment)
+    layout = RunLayout(exp.run_dir)
+    result = run_warmup(exp, layout)
+    (warm_dir,) = offline_runs(layout, f"{exp.name}-warmup", exp.name)
+    summary = {}
+    for update in records(read_run(warm_dir), "summary"):
+        summary.update(update["update"])
+    update = result["train"]["update"]
+    assert summary["train/update/phase_rel_max"] == update["phase_rel_max"] > 0
+    assert summary["train/optimizer_steps"] == 4 and summary["train/global_batch_size"] == 2
+    assert summary["train/truncation/rows"] == 8 and summary["train/tokens_seen"] > 0

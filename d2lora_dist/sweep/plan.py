@@ -87,6 +87,7 @@ def estimate(exp: Experiment, layout: RunLayout, tokens_per_example: dict[str, f
 
 def measure_workload(exp: Experiment, sample: int = 200) -> tuple[dict[str, float], dict[str, int]]:
     """Mean tokens per training example of each task (first `sample` rows) and items per suite."""
+    from d2lora_dist.data.lengths import record_lengths
     from d2lora_dist.data.loading import normalize
     from d2lora_dist.data.selection import suite_items
     from d2lora_dist.modeling import load_tokenizer
@@ -95,8 +96,8 @@ def measure_workload(exp: Experiment, sample: int = 200) -> tuple[dict[str, floa
     per_task: dict[str, float] = {}
     for name, task in exp.tasks.items():
         records = list(normalize(task.dataset, "sft").records.values())[:sample]
-        lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True))
-                   for r in records]
+        # prompt + response tokens through the chat template (data.lengths counts them as the trainers do)
+        lengths = [max(record_lengths(r, tokenizer)[1]) for r in records]
         per_task[name] = sum(lengths) / max(1, len(lengths))
     items: dict[str, int] = {}
     for suite, cfg in exp.suites.items():

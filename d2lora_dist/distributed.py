@@ -31,12 +31,12 @@ from typing import Any
 import torch
 
 from d2lora_dist.schema import ConfigError
+from d2lora_dist.shipped import find_file, shipped_names
 
 TIMEOUT_ENV = "D2LORA_PG_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800
 CRASH_ENV = "D2LORA_TEST_CRASH_RANK_AT_STEP"
 CPU_BF16_ENV = "D2LORA_TEST_CPU_BF16"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class LaunchError(ConfigError):
@@ -131,8 +131,8 @@ def deepspeed_config_file(default: str | None) -> str | None:
     """The DeepSpeed JSON of this launch (absolute), or None when not launched with DeepSpeed.
 
     accelerate passes the accelerate config's `deepspeed_config_file` as given; a relative
-    path is read from the working directory, else from the repository root (so the shipped
-    `ds_configs/...` work from any directory, e.g. a Slurm job's).
+    path is read from the working directory, else from the shipped copy (d2lora_dist/shipped.py:
+    `ds_configs/...` work from any directory, e.g. a Slurm job's, and from a wheel install).
     """
     if not _deepspeed_launch():
         return None
@@ -140,13 +140,14 @@ def deepspeed_config_file(default: str | None) -> str | None:
     if not given:
         raise LaunchError("launched with DeepSpeed but no DeepSpeed config: set deepspeed_config_file in the "
                           "accelerate config (or launch.deepspeed_config in the experiment)")
-    for candidate in (Path(given), REPO_ROOT / given):
-        if candidate.is_file():
-            resolved = str(candidate.resolve())
-            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = resolved
-            return resolved
-    raise LaunchError(f"deepspeed_config_file {given!r} not found (looked in {Path.cwd()} and {REPO_ROOT}); "
-                      "fix deepspeed_config_file in the accelerate config")
+    found = find_file(given)
+    if found is not None:
+        resolved = str(found.resolve())
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = resolved
+        return resolved
+    shipped = ", ".join(f"ds_configs/{name}" for name in shipped_names("ds_configs")) or "none"
+    raise LaunchError(f"deepspeed_config_file {given!r} not found (looked in {Path.cwd()} and among the "
+                      f"shipped configs: {shipped}); fix deepspeed_config_file in the accelerate config")
 
 
 # ---- validation before any model loads ----------------------------------------------------------

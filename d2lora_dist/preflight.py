@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from d2lora_dist.config import Experiment, TrainSettings
 from d2lora_dist.schedule import batch_problem
@@ -200,6 +199,7 @@ def _launch_files(exp: Experiment) -> Iterable[tuple[str, str]]:
 
 
 def _exists(path: str) -> bool:
-    from d2lora_dist.distributed import REPO_ROOT
+    """As given (the working directory first), else the shipped copy (d2lora_dist/shipped.py)."""
+    from d2lora_dist.shipped import find_file
 
-    return Path(path).is_file() or (REPO_ROOT / path).is_file()
+    return find_file(path) is not None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.shipped import for_command
 from d2lora_dist.sweep.grid import Cell, needs_warmup
 
 
@@ -34,7 +35,8 @@ def launch_command(exp: Experiment, cli_args: list[str]) -> list[str]:
     if exp.launch.accelerate_config is None:
         return [sys.executable, *module]
     port = exp.launch.main_process_port or free_port()
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", exp.launch.accelerate_config,
+    config = for_command(exp.launch.accelerate_config)  # the user's file as given, else the shipped copy
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
             "--num_processes", str(exp.launch.num_processes), "--main_process_port", str(port), *module]
 
 

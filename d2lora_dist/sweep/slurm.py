@@ -5,7 +5,8 @@
 
 Rendering (`render_warmup`, `render_cell_array`, `render_report`, `array_spec`) is pure:
 experiment + layout (+ cell indices) -> script text, tested against recorded files in
-tests/fixtures/slurm/. The templates are plain text in slurm/ with `@name` placeholders
+tests/fixtures/slurm/. The templates are plain text in slurm/ (shipped with the package,
+see d2lora_dist/shipped.py) with `@name` placeholders
 (`@` rather than `$`: the scripts are full of shell variables). Dependencies are given on
 the sbatch command line, not in the scripts, because job ids exist only at submission;
 the scripts stay valid for a manual `sbatch`. `submit` writes the scripts, calls
@@ -26,14 +27,14 @@ from string import Template
 from typing import Any
 
 from d2lora_dist.config import Experiment
-from d2lora_dist.errors import InputError, MissingInput
+from d2lora_dist.errors import InputError
 from d2lora_dist.fileio import write_text_atomic
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.shipped import for_command, shipped_path
 from d2lora_dist.sweep.grid import Cell, needs_warmup, plan_cells
 from d2lora_dist.sweep.plan import freeze_plan, load_plan
 from d2lora_dist.sweep.preemption import PREEMPTED_EXIT_CODE
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
 WARMUP_SCRIPT = "warmup.sbatch"
 ARRAY_SCRIPT = "cell_array.sbatch"
 REPORT_SCRIPT = "report.sbatch"
@@ -156,11 +157,13 @@ def _srun_options(exp: Experiment) -> str:
 def _launch(exp: Experiment, command: str, multinode: bool) -> str:
     """The per-node step: launcher (or the plain command) with USR1 ignored by the launcher."""
     lc = exp.launch
+    # the user's file as given, else the shipped copy (absolute: the job may run anywhere)
+    config = shlex.quote(for_command(lc.accelerate_config)) if lc.accelerate_config else ""
     if lc.accelerate_config is None:
         launched = command
     elif multinode:
         # accelerate's --num_processes is the total over all machines; ours is per node
-        launched = (f"accelerate launch --config_file {shlex.quote(lc.accelerate_config)}"
+        launched = (f"accelerate launch --config_file {config}"
                     " --num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID"
                     " --main_process_ip $MAIN_PROCESS_IP --main_process_port $MAIN_PROCESS_PORT"
                     f" --num_processes $((SLURM_NNODES * {lc.num_processes}))"
@@ -169,7 +172,7 @@ def _launch(exp: Experiment, command: str, multinode: bool) -> str:
                     f" --no_python {command}")
     else:
         # port 0: accelerate picks a free one, so cells sharing a node do not collide
-        launched = (f"accelerate launch --config_file {shlex.quote(lc.accelerate_config)}"
+        launched = (f"accelerate launch --config_file {config}"
                     f" --num_machines 1 --num_processes {lc.num_processes}"
                     f" --main_process_port {lc.main_process_port} --no_python {command}")
     # `trap "" USR1` is inherited through exec: the launcher ignores USR1, ranks handle it
@@ -177,7 +180,7 @@ def _launch(exp: Experiment, command: str, multinode: bool) -> str:
 
 
 def _preemption_block(layout: RunLayout) -> str:
-    text = (TEMPLATE_DIR / "preemption.sh").read_text().rstrip("\n")
+    text = shipped_path("slurm", "preemption.sh").read_text().rstrip("\n")
     return _ShellTemplate(text).substitute(preempted_exit_code=PREEMPTED_EXIT_CODE,
                                            marker_dir=_q(marker_dir(layout)))
 
@@ -191,11 +194,7 @@ def _main_port(exp: Experiment) -> str:
 
 
 def _render(name: str, **values: str) -> str:
-    path = TEMPLATE_DIR / name
-    if not path.is_file():
-        raise MissingInput(f"Slurm template {path} not found: the slurm/ directory ships with "
-                                "the repository (install with `pip install -e .`)")
-    return _ShellTemplate(path.read_text()).substitute(values)
+    return _ShellTemplate(shipped_path("slurm", name).read_text()).substitute(values)
 
 
 def render_warmup(exp: Experiment, layout: RunLayout, command: str | None = None) -> str:

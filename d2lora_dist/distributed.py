@@ -424,6 +424,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable object, in rank order, on every rank."""
+    if not _group_ready():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def gather_objects_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's picklable object, in rank order, on the main process (None elsewhere)."""
+    if not _group_ready():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main_process() else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True when the flag is set on any rank (the flag itself without a process group)."""
     if not _group_ready():

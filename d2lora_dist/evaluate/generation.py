@@ -148,7 +148,7 @@ class Active:
                 return t
             shape = list(t.shape)
             shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([pad(mine.keys, -2), pad(theirs.keys, -2)])

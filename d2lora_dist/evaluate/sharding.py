@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-import torch.distributed
+from d2lora_dist import distributed
 
 T = TypeVar("T")
 
@@ -46,17 +46,14 @@ def gather_in_order(local_rows: Sequence[Any], rank: int, world: int,
     every rank with `all_ranks` (so each rank can compute the same metrics).
 
     Collective: every rank of the group must call it. Rows are pickled objects, so they
-    travel over the process group's backend (gloo on CPU; NCCL needs the current CUDA
-    device set, which accelerate does at start-up).
+    travel over the process group's backend (distributed owns the collectives).
     """
-    if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        if world != 1:
-            raise RuntimeError(f"gather_in_order: world={world} but torch.distributed is not initialised")
+    if world == 1:
         return list(local_rows)
+    if world != distributed.world_size():
+        raise RuntimeError(f"gather_in_order: world={world} but the process group has {distributed.world_size()} "
+                           "rank(s): torch.distributed is not initialised for this launch")
     if all_ranks:
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, list(local_rows))
-        return _interleave(gathered, world)
-    on_rank0: list[Any] | None = [None] * world if rank == 0 else None
-    torch.distributed.gather_object(list(local_rows), on_rank0, dst=0)
-    return _interleave(on_rank0, world) if on_rank0 is not None else None
+        return _interleave(distributed.all_gather_objects(list(local_rows)), world)
+    shards = distributed.gather_objects_to_main(list(local_rows))
+    return _interleave(shards, world) if shards is not None else None

@@ -97,7 +97,6 @@ def print_plan(phase: Phase, schedule: Schedule, cut: Truncation, lora: LoraConf
 def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     from datasets import Dataset
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     distributed.init_process_group()
     ds_config = distributed.deepspeed_config_file(exp.launch.deepspeed_config)
@@ -123,7 +122,7 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     start_state = adapters.gathered_state_dict(model)  # where this phase starts, for its update size
     trainer = make_trainer(phase, model, args, Dataset.from_list(rows), tokenizer)
     schedule = _replan_for_kept_rows(phase, trainer, cut, schedule)
-    resume = get_last_checkpoint(str(phase.checkpoint_dir)) if phase.checkpoint_dir.is_dir() else None
+    resume = last_complete_checkpoint(phase.checkpoint_dir)
     if resume and distributed.is_main_process():
         print(f"[{phase.name}] resuming from {resume}", flush=True)
     start = time.time()
@@ -146,6 +145,23 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
                            int(trainer.state.num_input_tokens_seen), cut, update)
     distributed.release_training_state()  # the next phase or evaluation in this process starts clean
     return outcome
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing, or None.
+
+    A job killed while saving leaves a checkpoint-N directory without trainer_state.json (the
+    Trainer writes it last); resuming from it fails, so it is skipped for the one before it.
+    """
+    if not checkpoint_dir.is_dir():
+        return None
+    found = [(int(p.name.split("-")[1]), p) for p in checkpoint_dir.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        log.warning("skipping incomplete checkpoint %s (no trainer_state.json: interrupted while saving)", path)
+    return None
 
 
 def training_rows(phase: Phase, tokenizer: Any) -> list[dict[str, Any]]:

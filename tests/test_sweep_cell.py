@@ -188,3 +188,16 @@ def test_a_cell_on_another_base_model_than_its_warmup_stops(run, tmp_path: Path)
     exp.model.name_or_path = str(other)
     with pytest.raises(adapters.AdapterError, match="different base model"):
         run_cell(exp, layout, Cell("math", "sft", "d2lora", 4, 0))
+
+
+def test_a_checkpoint_interrupted_while_saving_is_skipped_for_the_one_before(run) -> None:
+    exp, layout = run
+    cell = Cell("math", "dpo", "lora", 8, 0)  # 4 steps at batch 2, checkpoints every 2
+    with pytest.raises(RuntimeError, match="simulated crash at step 3"):
+        run_cell(exp, layout, cell, callbacks=[CrashAtStep(3)])
+    partial = layout.cell_checkpoints(cell.id) / "checkpoint-3"  # killed while saving: no trainer_state.json
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"")
+    resumed = StepCounter()
+    result = run_cell(exp, layout, cell, callbacks=[resumed])
+    assert resumed.steps == 2 and result["train"]["steps"] == 4  # from checkpoint-2

@@ -12,6 +12,8 @@ Settings read from the environment (documented in docs/distributed.md):
   D2LORA_PG_TIMEOUT_S              process-group timeout in seconds (default 1800): a rank
                                    stuck in a collective because a peer died gives up after it
   D2LORA_TEST_CRASH_RANK_AT_STEP   tests only, "RANK:STEP": that rank raises at that step
+  D2LORA_TEST_STEP_DELAY_S         tests only, seconds every optimizer step waits: a tiny model's
+                                   steps are otherwise over before a test's signal arrives
   D2LORA_TEST_CPU_BF16             tests only, "1": a multi-rank DeepSpeed launch on CPU ranks may
                                    train in bf16 (a DeepSpeed config with bf16.enabled true: the
                                    tests write zero3_cpu_test.json with bf16 on), so the bf16 save
@@ -36,6 +38,7 @@ from d2lora_dist.shipped import find_file, shipped_names
 TIMEOUT_ENV = "D2LORA_PG_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800
 CRASH_ENV = "D2LORA_TEST_CRASH_RANK_AT_STEP"
+STEP_DELAY_ENV = "D2LORA_TEST_STEP_DELAY_S"
 CPU_BF16_ENV = "D2LORA_TEST_CPU_BF16"
 
 
@@ -480,9 +483,10 @@ def test_callbacks() -> list[Any]:
     stuck rank: the others must give up after D2LORA_PG_TIMEOUT_S). Either way the run dies
     after its last checkpoint, and a restart must resume from it.
     """
+    callbacks = _step_delay_callbacks()
     raw = os.environ.get(CRASH_ENV)
     if not raw:
-        return []
+        return callbacks
     parts = raw.split(":")
     try:
         crash_rank, crash_step, how = int(parts[0]), int(parts[1]), (parts[2:] or ["raise"])[0]
@@ -502,4 +506,23 @@ def test_callbacks() -> list[Any]:
             print(message + " (test hook)", flush=True)
             time.sleep(24 * 3600)
 
-    return [CrashAtStep()]
+    return [*callbacks, CrashAtStep()]
+
+
+def _step_delay_callbacks() -> list[Any]:
+    raw = os.environ.get(STEP_DELAY_ENV)
+    if not raw:
+        return []
+    try:
+        delay = float(raw)
+    except ValueError:
+        delay = -1.0
+    if delay < 0:
+        raise LaunchError(f"{STEP_DELAY_ENV}={raw!r}: expected a number of seconds >= 0")
+    from transformers import TrainerCallback
+
+    class DelayEveryStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(delay)
+
+    return [DelayEveryStep()]

@@ -22,6 +22,8 @@ cluster = slurm_cluster.cluster
 
 pytestmark = pytest.mark.slurm
 SLOW_CELL = "math-sft-lora-n36-s0"  # 18 steps at batch 2: long enough to be killed mid-training
+# The tiny model trains 18 steps in under a second: each step waits, so a signal lands mid-training.
+SLOW_STEPS = "export D2LORA_TEST_STEP_DELAY_S=0.5"
 
 
 def _d2lora(*args: str) -> subprocess.CompletedProcess:
@@ -35,7 +37,7 @@ def test_submit_warmup_cells_report_then_only_failed_resumes(cluster: LocalSlurm
                                                              tmp_path: Path) -> None:
     tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0, 4, 36]}]
     tiny_experiment["slurm"] = {"time": "00:20:00", "signal_seconds": 60, "max_parallel": 2,
-                                "setup": [f"export PATH={Path(sys.executable).parent}:$PATH"]}
+                                "setup": [f"export PATH={Path(sys.executable).parent}:$PATH", SLOW_STEPS]}
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
     run_dir = tmp_path / "runs" / "tiny"
     submitted = _d2lora("sweep", "submit", "-c", str(path))
@@ -71,7 +73,7 @@ def test_usr1_on_a_real_cell_checkpoints_requeues_and_resumes(cluster: LocalSlur
                                                               tmp_path: Path) -> None:
     tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora"], "n": [36]}]
     tiny_experiment["slurm"] = {"time": "00:20:00", "signal_seconds": 60,
-                                "setup": [f"export PATH={Path(sys.executable).parent}:$PATH"]}
+                                "setup": [f"export PATH={Path(sys.executable).parent}:$PATH", SLOW_STEPS]}
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
     run_dir = tmp_path / "runs" / "tiny"
     _d2lora("sweep", "submit", "-c", str(path))

@@ -14,7 +14,7 @@ from typing import Any
 
 from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
-from d2lora_dist.preflight import Checks, for_cells, for_sweep, preflight
+from d2lora_dist.preflight import Checks, PreflightError, for_cells, for_sweep, preflight
 from d2lora_dist.sweep.grid import Cell, plan_cells
 
 EXIT_OK, EXIT_FAILED_CELLS = 0, 1
@@ -41,7 +41,9 @@ def evaluate(exp: Experiment, layout: RunLayout, source: str, adapter: Path | No
              suites: list[str] | None, out: Path | None) -> dict[str, dict[str, Any]]:
     from d2lora_dist.evaluate.adapter_eval import evaluate_suites
 
-    suites = suites or (exp.tasks[task].suites if task in exp.tasks else sorted(exp.suites))
+    if task is not None and task not in exp.tasks:
+        raise PreflightError([f"--task {task!r}: not a task of the experiment ({sorted(exp.tasks)})"], source)
+    suites = suites or (exp.tasks[task].suites if task is not None else sorted(exp.suites))
     preflight(exp, Checks(suites=tuple((s, task) for s in suites)), source)
     out = out or layout.eval_dir(adapter.name if adapter else "base")
     return evaluate_suites(exp, task, suites, adapter, lambda s: out / f"{s}.jsonl")

@@ -110,3 +110,10 @@ def test_submit_dry_run_refuses_the_cells_a_small_table_cannot_hold(tmp_path: Pa
     too_big = [line for line in err.splitlines() if "usable" in line]
     assert len(too_big) == 3 * 3 * 2 * 3  # n = 2k, 5k, 10k x 3 methods x 2 inits x 3 seeds
     assert "#SBATCH" not in err and not (tmp_path / "paper_math").exists()
+
+
+def test_eval_on_a_task_the_experiment_lacks_is_named(tiny_experiment: dict, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main(["eval", "-c", str(path), "--task", "titels"]) == 2
+    assert "--task 'titels': not a task of the experiment (['math', 'titles'])" in capsys.readouterr().err

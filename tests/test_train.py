@@ -185,9 +185,6 @@ def test_min_steps_repeats_small_data_and_responses_cut_by_max_length_are_counte
     phase = _phase(exp, layout, "sft", None, min_steps=5, max_length=40)  # 4 rows at batch 2: 2 steps
     outcome = train_phase(exp, phase)
     assert outcome.steps == 5 and outcome.schedule.raised_to_min_steps and outcome.schedule.epochs == 2.5
-    lengths = [len(load_tokenizer(exp.model).apply_chat_template(r["prompt"] + r["completion"], tokenize=False))
-               for r in phase.records]
-    assert lengths  # the rows exist; how many the cut hits is counted from their tokens
     cut = outcome.truncation
     assert cut.rows == 4 and cut.response_cut + cut.prompt_fills > 0 and cut.longest > 40
     assert outcome.summary()["truncation"]["response_cut"] == cut.response_cut

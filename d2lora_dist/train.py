@@ -132,7 +132,7 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
                         f"the checkpoint in {phase.checkpoint_dir} resumes it")
     trained = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     end_state = adapters.gathered_state_dict(trained)
-    update = measure_phase_update(exp, phase, start_state, end_state)
+    update = measure_phase_update(exp, phase, start_state, end_state, base["weights_fingerprint"])
     lineage = {**phase.lineage, "base_model": base, "lora": lora_summary(exp), "method": phase.method,
                "hyperparameters": _as_dict(phase.settings), "seed": phase.seed, "lora_dropout": lora.dropout,
                "schedule": schedule.to_dict(), "tokens_seen": int(trainer.state.num_input_tokens_seen),
@@ -179,13 +179,14 @@ def phase_lora(exp: Experiment, phase: Phase) -> LoraConfig:
     return exp.lora if dropout is None else replace(exp.lora, dropout=dropout)
 
 
-def measure_phase_update(exp: Experiment, phase: Phase, start: dict[str, Any], end: dict[str, Any]) -> dict | None:
+def measure_phase_update(exp: Experiment, phase: Phase, start: dict[str, Any], end: dict[str, Any],
+                         weights_fingerprint: str) -> dict | None:
     """How far the phase moved the model (main process): printed, warned about, kept in the manifest."""
     if not distributed.is_main_process():
         return None
     from d2lora_dist.update_size import adapted_modules, lora_scaling, measure_update
 
-    norms = base_weight_norms(exp, adapted_modules(end))
+    norms = base_weight_norms(exp, adapted_modules(end), weights_fingerprint)
     size = measure_update(start, end, lora_scaling(exp.lora.alpha, exp.lora.r), norms)
     print(size.describe(f"[{phase.name}]"), flush=True)
     warning = size.warning(exp.update_warning_below)
@@ -195,7 +196,7 @@ def measure_phase_update(exp: Experiment, phase: Phase, start: dict[str, Any], e
     return {**size.to_dict(), "warning": warning, "threshold": exp.update_warning_below}
 
 
-def base_weight_norms(exp: Experiment, modules: list[str]) -> dict[str, float]:
+def base_weight_norms(exp: Experiment, modules: list[str], weights_fingerprint: str) -> dict[str, float]:
     """||W|| of the adapted modules, cached in the run directory per base model (reading an 8B
     model's weights takes a while; every cell of a sweep needs the same numbers)."""
     from d2lora_dist.fileio import read_json, write_json_atomic
@@ -203,7 +204,7 @@ def base_weight_norms(exp: Experiment, modules: list[str]) -> dict[str, float]:
     from d2lora_dist.update_size import base_weight_norms as read_norms
 
     cache = exp.run_dir / "base_weight_norms.json"
-    key = base_fingerprint(exp.model)["weights_fingerprint"]
+    key = weights_fingerprint  # computed once per phase by train_phase
     cached = read_json(cache) if cache.is_file() else {}
     norms = cached.get("norms", {}) if cached.get("weights_fingerprint") == key else {}
     missing = [m for m in modules if m not in norms]

@@ -24,6 +24,15 @@ MATH_SENTENCES = [
     "She pays $1,250 for rent and $300 for food, a total of $1,550 dollars.",
 ]
 
+# Prompts of 1 to ~20 tokens, so batches mix left padding widths.
+MIXED_PROMPTS = [
+    "hi",
+    "The quick answer is a long prompt about json, regular expressions and paths on disk.",
+    "Question: Janet has 16 eggs. How many are left?",
+    "x",
+    "A train travels 120 km in 2 hours.",
+]
+
 
 def _corpus() -> list[str]:
     texts = MATH_SENTENCES * 20
@@ -71,3 +80,16 @@ def build_tiny_llama(tokenizer: Any, seed: int = 0) -> Any:
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     return model.eval()
+
+
+def greedy_ids(model: Any, tokenizer: Any, prompt: str, n: int) -> list[int]:
+    """Reference greedy new tokens of one unpadded prompt, straight from HF generate, no stop token."""
+    import torch
+
+    from d2lora_dist.evaluate.generation import encode_prompt
+
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()

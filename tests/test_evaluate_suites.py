@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from evaluate_fixtures import build_tiny_llama, build_tiny_tokenizer
+from evaluate_fixtures import MIXED_PROMPTS, build_tiny_llama, build_tiny_tokenizer, greedy_ids
 
 from d2lora_dist import fileio
 from d2lora_dist.config import SuiteConfig
@@ -21,13 +21,7 @@ from d2lora_dist.evaluate.scoring import score_file
 from d2lora_dist.evaluate.sharding import gather_in_order, shard
 from d2lora_dist.evaluate.suites import run_suite
 
-PROMPTS = [
-    "hi",
-    "The quick answer is a long prompt about json, regular expressions and paths on disk.",
-    "Question: Janet has 16 eggs. How many are left?",
-    "x",
-    "A train travels 120 km in 2 hours.",
-]
+PROMPTS = MIXED_PROMPTS
 GSM8K_ITEMS = [{"id": f"g{i}", "question": f"Tom has {i} apples and buys {i + 2} more. How many now?",
                 "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"} for i in range(5)]
 TITLE_ITEMS = [{"id": f"t{i}", "abstract": f"We study low rank adapters number {i} for language models.",
@@ -62,14 +56,6 @@ def model(tokenizer):
 def settings(kind: str, **overrides) -> SuiteConfig:
     return SuiteConfig(**{"kind": kind, "batch_size": 2, "max_new_tokens": 8, **overrides})
 
-
-def greedy_ids(model, tokenizer, prompt: str, n: int) -> list[int]:
-    """Reference greedy continuation of one unpadded prompt, straight from HF generate."""
-    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
 
 
 # --- stop tokens ---------------------------------------------------------------------

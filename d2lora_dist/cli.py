@@ -87,20 +87,30 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_sweep_plan(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
+    from d2lora_dist.sweep.plan import Throughput
 
     exp, layout = _load(args)
-    rows = entries.plan(exp, layout, str(args.config))
+    speed = Throughput(args.train_tokens_per_s, args.eval_tokens_per_s)
+    rows = entries.plan(exp, layout, str(args.config), speed)
     if args.json:
-        print(json.dumps([{**r.cell.to_dict(), "done": r.done, "train_examples": r.train_examples,
-                           "train_tokens": r.train_tokens, "eval_items": r.eval_items} for r in rows], indent=2))
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
     print(f"{exp.name}: {len(rows)} cells, {sum(r.done for r in rows)} done; run dir {layout.root}")
-    print(f"{'cell':<34} {'done':<5} {'train ex.':>10} {'~tokens':>12} {'eval items':>10}")
+    print(f"GPU-hours at {speed.train:g} training and {speed.eval:g} evaluation tokens per GPU-second "
+          "(--train-tokens-per-s, --eval-tokens-per-s); memory per device from launch.strategy's estimate")
+    print(f"{'cell':<34} {'done':<5} {'launch':<16} {'GiB/GPU':>8} {'train ex.':>10} {'train tokens':>13} "
+          f"{'eval tokens':>12} {'GPU-h':>8}")
     for r in rows:
-        print(f"{r.cell.id:<34} {'yes' if r.done else '-':<5} {r.train_examples:>10} {r.train_tokens:>12} "
-              f"{r.eval_items:>10}")
-    print(f"total: ~{sum(r.train_tokens for r in rows if not r.done):,} task tokens to train, "
-          f"{sum(r.eval_items for r in rows if not r.done):,} items to evaluate (cells not done)")
+        launch = f"{r.launch.choice.strategy} x{r.launch.num_processes}" if r.launch.choice else "as configured"
+        memory = f"{r.memory_gib:.1f}" if r.memory_gib is not None else "-"
+        print(f"{r.cell.id:<34} {'yes' if r.done else '-':<5} {launch:<16} {memory:>8} {r.train_examples:>10} "
+              f"{r.train_tokens:>13,} {r.eval_tokens:>12,} {r.gpu_hours:>8.2f}")
+    for method, reason in {r.cell.method: r.launch.describe() for r in rows}.items():
+        print(f"launch of {method} cells: {reason}")
+    todo = [r for r in rows if not r.done]
+    print(f"total ({len(todo)} cells not done): {sum(r.train_tokens for r in todo):,} train tokens, "
+          f"{sum(r.eval_tokens for r in todo):,} eval tokens, {sum(r.eval_items for r in todo):,} eval items, "
+          f"{sum(r.gpu_hours for r in todo):.1f} GPU-hours")
     return 0
 
 
@@ -200,9 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_check)
 
     sweep = sub.add_parser("sweep", help="the adaptation grid").add_subparsers(dest="sweep_command", required=True)
-    p = sweep.add_parser("plan", help="list cells, what is done, and the work per cell")
+    p = sweep.add_parser("plan", help="list cells, what is done, the work, launch and GPU-hours per cell")
     _experiment_args(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--train-tokens-per-s", type=float, default=3000.0, metavar="TOKENS",
+                   help="training throughput per GPU the GPU-hours assume (3000: LoRA on an 8B model, bf16, "
+                        "A100-class)")
+    p.add_argument("--eval-tokens-per-s", type=float, default=1000.0, metavar="TOKENS",
+                   help="evaluation throughput per GPU (prompt + generated tokens) the GPU-hours assume")
     p.set_defaults(func=cmd_sweep_plan)
     p = sweep.add_parser("run", help="run warm-up, every unfinished cell and the report on this machine")
     _experiment_args(p)

@@ -139,12 +139,37 @@ class GridBlock:
 
 
 @dataclass
+class ModelShapeConfig:
+    """The values of the model's config.json that the memory estimate reads."""
+
+    hidden_size: int = _help("Width of the residual stream.")
+    num_hidden_layers: int = _help("Decoder layers.")
+    vocab_size: int = _help("Vocabulary (the logits' width).")
+    num_attention_heads: int = _help("Query heads.")
+    intermediate_size: int = _help("MLP width.")
+    num_key_value_heads: int | None = _help("Key/value heads (null = num_attention_heads).", default=None)
+    head_dim: int | None = _help("Per-head width (null = hidden_size / num_attention_heads).", default=None)
+    tie_word_embeddings: bool = _help("LM head shares the embedding matrix.", default=False)
+
+
+@dataclass
 class LaunchConfig:
     accelerate_config: str | None = _help(
-        "accelerate config file for `accelerate launch` (null = one plain process).", default=None)
-    num_processes: int = _help("Ranks per node.", default=1)
+        "accelerate config file for `accelerate launch` (null = one plain process, or what `strategy` "
+        "chooses).", default=None)
+    num_processes: int = _help("Ranks per node (with a strategy: the most GPUs one cell may use).", default=1)
     deepspeed_config: str | None = _help("DeepSpeed JSON (ZeRO stage, offload).", default=None)
     main_process_port: int = _help("Rendezvous port; 0 = pick a free one.", default=0)
+    strategy: Literal["auto", "ddp", "zero2", "zero3", "zero3_offload"] | None = _help(
+        "How ranks share the model: auto = the fastest of ddp > zero2 > zero3 > zero3_offload whose memory "
+        "estimate fits gpu_memory_gib, on the fewest GPUs; a name = that one (an error if it cannot fit). "
+        "null = the named accelerate_config / deepspeed_config as they are, or auto when none is named. "
+        "See docs/performance.md.", default=None)
+    gpu_memory_gib: float = _help("Memory of one GPU, for the strategy choice (an H100/A100 has 80).",
+                                  default=80.0)
+    model_shape: ModelShapeConfig | None = _help(
+        "The model's dimensions for the memory estimate when its config.json is not on this machine and "
+        "its shape is not built in (d2lora_dist.memory_estimate.KNOWN_SHAPES).", default=None)
 
 
 @dataclass
@@ -167,6 +192,11 @@ class SlurmConfig:
     time: str = "04:00:00"
     constraint: str | None = None
     max_parallel: int = _help("Array throttle: cells running at once.", default=8)
+    whole_node: bool = _help(
+        "Give every cell a whole node (gpus_per_node GPUs, launch.num_processes ranks). false = a cell asks "
+        "for the GPUs its memory estimate needs (with cpus_per_task and mem scaled to that share), so "
+        "array tasks share nodes. Named accelerate/deepspeed configs without a strategy always take "
+        "whole nodes.", default=False)
     signal_seconds: int = _help("Seconds before the time limit when USR1 asks to checkpoint.", default=300)
     extra_sbatch: list[str] = _help("Extra `#SBATCH` lines, verbatim.", default_factory=list)
     setup: list[str] = _help("Shell lines run before the job (module load, venv activate).",
@@ -333,6 +363,14 @@ def _global_problems(exp: Experiment) -> list[str]:
         problems.append(f"update_warning_below: must be >= 0, got {exp.update_warning_below}")
     if exp.launch.num_processes < 1:
         problems.append(f"launch.num_processes: must be >= 1, got {exp.launch.num_processes}")
+    if exp.launch.gpu_memory_gib <= 0:
+        problems.append(f"launch.gpu_memory_gib: must be > 0, got {exp.launch.gpu_memory_gib}")
+    from d2lora_dist.strategy import STRATEGIES  # late: strategy reads these config types
+
+    named = [k for k in ("accelerate_config", "deepspeed_config") if getattr(exp.launch, k)]
+    if exp.launch.strategy in ("auto", *STRATEGIES) and named:
+        problems.append(f"launch.strategy: {exp.launch.strategy!r} chooses the accelerate and DeepSpeed configs, "
+                        f"but launch.{named[0]} names one too; keep one of them (strategy: null keeps the named files)")
     return problems
 
 

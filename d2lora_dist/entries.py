@@ -49,12 +49,12 @@ def evaluate(exp: Experiment, layout: RunLayout, source: str, adapter: Path | No
     return evaluate_suites(exp, task, suites, adapter, lambda s: out / f"{s}.jsonl")
 
 
-def plan(exp: Experiment, layout: RunLayout, source: str) -> list[Any]:
-    """The cells with the work each needs (sweep.plan.CellEstimate), checked first."""
+def plan(exp: Experiment, layout: RunLayout, source: str, speed: Any) -> list[Any]:
+    """The cells with the work, launch and cost each needs (sweep.plan.CellEstimate), checked first."""
     from d2lora_dist.sweep.plan import estimate, measure_workload
 
     preflight(exp, for_sweep(exp, plan_cells(exp), slurm=False), source)
-    return estimate(exp, layout, *measure_workload(exp))
+    return estimate(exp, layout, measure_workload(exp), speed)
 
 
 def run_sweep(exp: Experiment, layout: RunLayout, source: str) -> int:

@@ -19,6 +19,7 @@ from d2lora_dist.data.loading import DataError
 from d2lora_dist.methods import get_method
 from d2lora_dist.modeling import attach_lora, base_fingerprint, load_base_model, load_tokenizer
 from d2lora_dist.schedule import Schedule, plan_schedule
+from d2lora_dist.strategy import describe_record, launch_record
 from d2lora_dist.tracking import add_throughput_callback
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,11 @@ def training_arguments(exp: Experiment, phase: Phase, ds_config: str | None, sch
         **method.extra_args(s), **distributed.trainer_kwargs(ds_config))
 
 
-def print_plan(phase: Phase, schedule: Schedule, cut: Truncation, lora: LoraConfig) -> None:
-    """Derived quantities at start-up: the batch, the steps, truncation, where the adapter starts."""
+def print_plan(phase: Phase, schedule: Schedule, cut: Truncation, lora: LoraConfig, launch: dict[str, Any]) -> None:
+    """Derived quantities at start-up: the launch, the batch, the steps, truncation, where the adapter starts."""
     if distributed.is_main_process():
         s = phase.settings
+        print(f"[{phase.name}] launch: {describe_record(launch)}", flush=True)
         print(f"[{phase.name}] {phase.method}: {schedule.describe()}; lr {s.learning_rate:g}, seed {phase.seed}, "
               f"LoRA dropout {lora.dropout:g}, init {phase.init_adapter or 'fresh LoRA'}", flush=True)
         print(f"[{phase.name}] {cut.describe()}", flush=True)
@@ -101,6 +103,8 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     distributed.init_process_group()
     ds_config = distributed.deepspeed_config_file(exp.launch.deepspeed_config)
     distributed.check_launch(phase.settings, phase.settings_key, ds_config)  # before any model loads
+    launch = launch_record(exp, phase.settings_key, phase.settings, phase.method, distributed.launch_mode(),
+                           ds_config, distributed.world_size())
     tokenizer = load_tokenizer(exp.model)
     rows = training_rows(phase, tokenizer)
     cut = truncation(rows, tokenizer, phase.settings.max_length)
@@ -111,7 +115,7 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     schedule = plan_schedule(phase.settings, cut.kept, distributed.world_size())  # re-planned if TRL keeps more
     args = training_arguments(exp, phase, ds_config, schedule)
     lora = phase_lora(exp, phase)
-    print_plan(phase, schedule, cut, lora)
+    print_plan(phase, schedule, cut, lora, launch)
     base = base_fingerprint(exp.model)
     init_state, parent = None, None
     if phase.init_adapter is not None:
@@ -135,7 +139,7 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     update = measure_phase_update(exp, phase, start_state, end_state, base["weights_fingerprint"])
     lineage = {**phase.lineage, "base_model": base, "lora": lora_summary(exp), "method": phase.method,
                "hyperparameters": _as_dict(phase.settings), "seed": phase.seed, "lora_dropout": lora.dropout,
-               "schedule": schedule.to_dict(), "tokens_seen": int(trainer.state.num_input_tokens_seen),
+               "schedule": schedule.to_dict(), "launch": launch, "tokens_seen": int(trainer.state.num_input_tokens_seen),
                "truncation": cut.to_dict(), "update": update,
                "parent": _parent_ref(phase.init_adapter, parent)}
     manifest = adapters.save_adapter(trained, phase.out_adapter, lineage)

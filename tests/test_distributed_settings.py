@@ -56,10 +56,12 @@ def _accelerate_config(name: str):
     return load_config_from_file(str(ACCELERATE[name]))
 
 
-def test_the_four_accelerate_configs_load_and_point_at_shipped_deepspeed_configs() -> None:
-    assert sorted(ACCELERATE) == ["1node_8gpu_zero3.yaml", "cpu_2proc_ddp.yaml", "cpu_2proc_zero3.yaml",
-                                  "multinode_zero3.yaml"]
+def test_the_accelerate_configs_load_and_point_at_shipped_deepspeed_configs() -> None:
+    assert sorted(ACCELERATE) == ["1node_8gpu_zero3.yaml", "cpu_2proc_ddp.yaml", "cpu_2proc_zero3.yaml", "ddp.yaml",
+                                  "deepspeed.yaml", "multinode_zero3.yaml"]
     expected = {"1node_8gpu_zero3.yaml": ("DEEPSPEED", 8, "zero3_bf16.json"),
+                # launch.strategy's two: its JSON and rank count come on the command line
+                "deepspeed.yaml": ("DEEPSPEED", 8, "zero3_bf16.json"), "ddp.yaml": ("MULTI_GPU", 8, None),
                 "multinode_zero3.yaml": ("DEEPSPEED", 16, "zero3_bf16.json"),
                 "cpu_2proc_zero3.yaml": ("DEEPSPEED", 2, "zero3_cpu_test.json"),
                 "cpu_2proc_ddp.yaml": ("MULTI_GPU", 2, None)}

@@ -40,8 +40,10 @@ def test_the_token_estimate_counts_every_token_of_prompt_and_response(tiny_exper
     from d2lora_dist.modeling import load_tokenizer
     from d2lora_dist.sweep.plan import measure_workload
 
+    tiny_experiment["grid"] = [{"task": "titles", "methods": ["sft"], "n": [4]}]
+    tiny_experiment["methods"]["sft"]["max_length"] = 512
     exp = experiment_from_dict(tiny_experiment)
-    per_task, items = measure_workload(exp)
+    work = measure_workload(exp)
     tokenizer = load_tokenizer(exp.model)
 
     def n(text: str) -> int:
@@ -50,5 +52,89 @@ def test_the_token_estimate_counts_every_token_of_prompt_and_response(tiny_exper
     records = list(normalize(exp.tasks["titles"].dataset, "sft").records.values())
     by_pieces = [4 + n("\n" + r["prompt"][0]["content"]) + n("\n") + n("\n" + r["completion"][0]["content"]) + n("\n")
                  for r in records]
-    assert per_task["titles"] == sum(by_pieces) / len(by_pieces) > 20  # not 2 per example
-    assert items == {"gsm8k": 4, "arc_easy": 4, "titles": 4}
+    assert max(by_pieces) < exp.methods["sft"].max_length  # nothing cut
+    assert work.train_tokens_per_example == {("titles", "sft"): sum(by_pieces) / len(by_pieces)}
+    assert work.train_tokens_per_example[("titles", "sft")] > 20  # not 2 per example
+    assert work.eval_items == {"gsm8k": 4, "arc_easy": 4, "titles": 4}
+
+
+# ---- the real SmolLM2 tokenizer: trained tokens against apply_chat_template(tokenize=True) -------------
+def _smollm2_experiment(tiny_experiment: dict) -> dict:
+    from d2lora_dist.assets import MARKER, asset_path
+
+    path = asset_path("smollm2")
+    if not (path / MARKER).exists():
+        pytest.skip(f"offline asset 'smollm2' not fetched ({path}); `d2lora assets` fetches it")
+    tiny_experiment["model"]["name_or_path"] = "asset:smollm2"
+    tiny_experiment["methods"]["dpo"]["preference_target"] = "step"
+    for method in ("sft", "dpo"):
+        tiny_experiment["methods"][method]["max_length"] = 256
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft", "dpo"], "inits": ["lora"], "n": [0, 4]}]
+    return tiny_experiment
+
+
+def test_trained_tokens_match_a_hand_count_with_the_smollm2_chat_template(tiny_experiment: dict) -> None:
+    from transformers import AutoTokenizer
+
+    from d2lora_dist.data.loading import normalize
+    from d2lora_dist.sweep.plan import Throughput, estimate, measure_workload
+
+    exp = experiment_from_dict(_smollm2_experiment(tiny_experiment))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(exp))
+    data = exp.tasks["math"].dataset
+
+    def chat_tokens(messages: list[dict], **kw: object) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
+
+    sft = [chat_tokens(r["prompt"] + r["completion"]) for r in normalize(data, "sft").records.values()]
+    # DPO, step target: the solution's first steps open the assistant turn, then chosen or rejected next step
+    dpo = [sum(chat_tokens(r["prompt"] + [{"role": "assistant", "content": r["prefix"] + r[side]}],
+                           continue_final_message=True) for side in ("chosen_step", "rejected_step"))
+           for r in normalize(data, "preference").records.values()]
+    assert min(sft) > 40 and max(sft + dpo) < 256  # max_length cuts nothing (DPO: both sides together)
+    work = measure_workload(exp)
+    assert work.train_tokens_per_example[("math", "sft")] == pytest.approx(sum(sft) / len(sft))
+    assert work.train_tokens_per_example[("math", "dpo")] == pytest.approx(sum(dpo) / len(dpo))
+
+    rows = {r.cell.id: r for r in estimate(exp, RunLayout(exp.run_dir), work, Throughput(100.0, 50.0))}
+    cell = rows["math-sft-lora-n4-s0"]  # 4 examples, 1 epoch
+    assert (cell.train_examples, cell.train_tokens) == (4, round(4 * sum(sft) / len(sft)))
+    assert cell.gpu_hours == pytest.approx((cell.train_tokens / 100 + cell.eval_tokens / 50) / 3600)
+    assert rows["math-none-lora-n0-s0"].train_tokens == 0 and rows["math-none-lora-n0-s0"].eval_tokens > 0
+
+    prompts = [chat_tokens(r["prompt"], add_generation_prompt=True) for r in normalize(data, "sft").records.values()]
+    cut = min(sft) - 5
+    assert max(prompts) < cut
+    exp.methods["sft"].max_length = cut  # every SFT row loses its end: `cut` tokens each
+    assert measure_workload(exp).train_tokens_per_example[("math", "sft")] == cut
+    exp.methods["sft"].max_length = min(prompts)  # a prompt that fills max_length: TRL drops the row
+    assert measure_workload(exp).train_tokens_per_example[("math", "sft")] < cut * (len(sft) - 1) / len(sft)
+
+
+def model_dir(exp) -> str:
+    from d2lora_dist.modeling import model_path
+
+    return model_path(exp.model)
+
+
+def test_sweep_plan_prints_launch_memory_tokens_gpu_hours_and_a_total(tiny_experiment: dict, tmp_path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from d2lora_dist.cli import main
+    from tests.conftest import write_experiment
+
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main(["sweep", "plan", "-c", str(path), "--train-tokens-per-s", "10", "--eval-tokens-per-s", "5"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("cell "))
+    for column in ("launch", "GiB/GPU", "train ex.", "train tokens", "eval tokens", "GPU-h"):
+        assert column in header, column
+    assert "GPU-hours at 10 training and 5 evaluation tokens per GPU-second" in out
+    assert "math-sft-lora-n4-s0" in out and "ddp x1" in out
+    assert "launch of sft cells: ddp on 1 GPU(s)" in out
+    total = out.splitlines()[-1]
+    assert total.startswith("total (6 cells not done): ") and "train tokens" in total and "GPU-hours" in total
+    assert main(["sweep", "plan", "-c", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    sft = next(r for r in rows if r["id"] == "math-sft-lora-n4-s0")
+    assert sft["strategy"] == "ddp" and sft["gpus"] == 1 and sft["memory_gib_per_device"] > 0
+    assert sft["train_tokens"] > 0 and sft["eval_tokens"] > 0 and sft["gpu_hours"] > 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from d2lora_dist.config import experiment_from_dict
+from d2lora_dist.errors import InputError
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep import slurm
 from d2lora_dist.sweep.plan import freeze_plan
@@ -119,9 +120,13 @@ def test_plain_command_without_accelerate_config():
 
 
 def test_multi_node_without_launcher_is_refused():
-    exp = experiment_from_dict(experiment_dict("demo", "/r", nodes=2))
+    data = experiment_dict("demo", "/r", nodes=2)
+    data["model"]["name_or_path"] = "someone/unknown-model"  # no shape: no strategy, the plain command
     with pytest.raises(ValueError, match="slurm.nodes: 2 nodes need launch.accelerate_config"):
-        slurm.render_warmup(exp, RUN)
+        slurm.render_warmup(experiment_from_dict(data), RUN)
+    # a model the estimate can size gets auto's launcher: DDP over both nodes
+    step = slurm.render_warmup(experiment_from_dict(experiment_dict("demo", "/r", nodes=2)), RUN)
+    assert "accelerate launch --config_file" in step and "launch/accelerate/ddp.yaml" in step
 
 
 def test_signal_must_come_before_the_time_limit():
@@ -194,3 +199,54 @@ def test_rendered_scripts_are_valid_bash(tmp_path):
         (tmp_path / name).write_text(text)
         proc = subprocess.run(["bash", "-n", str(tmp_path / name)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
+
+
+# ---- right-sized requests from the memory estimate (launch.strategy) ----------------------------
+def paper_auto(**slurm_settings: object):
+    """The paper's 8B model under `strategy: auto` on 8-GPU nodes (960G, 64 CPUs each)."""
+    data = experiment_dict("paper_math", "/shared/runs", partition="gpu", gpus_per_node=8, cpus_per_task=64,
+                           mem="960G", **slurm_settings)
+    data["model"].update(dtype="bfloat16", gradient_checkpointing=True)
+    data["launch"] = {"strategy": "auto", "num_processes": 8}
+    return experiment_from_dict(data)
+
+
+def test_a_cell_that_fits_one_gpu_asks_for_one_and_a_share_of_the_node():
+    text = slurm.render_cell_array(paper_auto(), RUN, [0, 1, 2, 3])
+    lines = sbatch_lines(text)
+    assert "#SBATCH --gpus-per-node=1" in lines and "#SBATCH --nodes=1" in lines
+    assert "#SBATCH --cpus-per-task=8" in lines and "#SBATCH --mem=120G" in lines  # 1/8 of the node
+    assert "#SBATCH --exclusive" not in lines
+    assert "# launch: ddp on 1 GPU(s)" in text  # why, in the script
+    step = next(x for x in text.splitlines() if x.startswith("  bash -c "))
+    assert "accelerate launch" not in step and "d2lora sweep cell" in step  # one GPU: one plain process
+    assert "srun --nodes=1 --ntasks=1 --cpus-per-task=8 \\" in text
+
+
+def test_whole_node_asks_for_the_node_and_runs_every_rank():
+    text = slurm.render_cell_array(paper_auto(whole_node=True), RUN, [0, 1, 2, 3])
+    lines = sbatch_lines(text)
+    assert {"#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=64", "#SBATCH --mem=960G",
+            "#SBATCH --exclusive"} <= set(lines)
+    step = next(x for x in text.splitlines() if x.startswith("  bash -c "))
+    assert "--config_file" in step and "launch/accelerate/ddp.yaml" in step and "--num_processes 8" in step
+
+
+def test_a_sharded_strategy_asks_for_the_gpus_it_needs_and_launches_its_json():
+    data = experiment_dict("paper_math", "/shared/runs", gpus_per_node=8, cpus_per_task=64, mem="960G")
+    data["model"].update(dtype="bfloat16", gradient_checkpointing=True)
+    data["launch"] = {"strategy": "zero3", "num_processes": 8, "gpu_memory_gib": 12}
+    text = slurm.render_cell_array(experiment_from_dict(data), RUN, [0])
+    gpus = next(int(x.split("=")[1]) for x in sbatch_lines(text) if x.startswith("#SBATCH --gpus-per-node="))
+    assert 1 < gpus < 8
+    step = next(x for x in text.splitlines() if x.startswith("  bash -c "))
+    assert f"--num_processes {gpus}" in step and "--deepspeed_config_file" in step and "zero3_bf16.json" in step
+
+
+def test_a_whole_node_memory_request_cannot_be_shared():
+    exp = paper_auto()
+    exp.slurm.mem = "0"  # all of a node's memory
+    with pytest.raises(InputError, match=r"slurm.mem: '0' cannot be split .* slurm.whole_node: true"):
+        slurm.render_cell_array(exp, RUN, [0])
+    exp.slurm.whole_node = True
+    assert "#SBATCH --mem=0" in sbatch_lines(slurm.render_cell_array(exp, RUN, [0]))

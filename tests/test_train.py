@@ -162,6 +162,10 @@ def test_a_phase_records_its_schedule_tokens_truncation_and_update_size(warmed) 
                                     "gradient_accumulation_steps": 1, "global_batch_size": 2, "steps_per_epoch": 4,
                                     "optimizer_steps": 4, "epochs": 1.0, "raised_to_min_steps": False}
     assert manifest["tokens_seen"] > 8 and manifest["truncation"]["rows"] == 8
+    # the launch that really ran (one process) and its memory estimate at the phase's batch and length
+    launch = manifest["launch"]
+    assert (launch["strategy"], launch["world_size"], launch["fits"]) == ("ddp", 1, True)
+    assert launch["estimate"]["devices"] == 1 and launch["estimate"]["total"] > launch["estimate"]["weights"] > 0
     update = manifest["update"]
     assert update["summary"]["phase_rel_max"] > exp.update_warning_below and update["warning"] is None
     assert set(update["modules"]) == {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}

@@ -16,6 +16,7 @@ from pathlib import Path
 from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.shipped import for_command
+from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
 from d2lora_dist.sweep.grid import Cell, needs_warmup
 
 
@@ -29,19 +30,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(exp: Experiment, cli_args: list[str]) -> list[str]:
+def launch_command(exp: Experiment, launch: Launch, cli_args: list[str]) -> list[str]:
     """`accelerate launch ... -m d2lora_dist.cli ARGS`, or plain Python for one process."""
     module = ["-m", "d2lora_dist.cli", *cli_args]
-    if exp.launch.accelerate_config is None:
+    if launch.accelerate_config is None:
         return [sys.executable, *module]
     port = exp.launch.main_process_port or free_port()
-    config = for_command(exp.launch.accelerate_config)  # the user's file as given, else the shipped copy
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
-            "--num_processes", str(exp.launch.num_processes), "--main_process_port", str(port), *module]
+    config = for_command(launch.accelerate_config)  # the user's file as given, else the shipped copy
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *launch.accelerate_flags(),
+            "--num_processes", str(launch.num_processes), "--main_process_port", str(port), *module]
 
 
-def run_launch(exp: Experiment, cli_args: list[str], what: str) -> None:
-    command = launch_command(exp, cli_args)
+def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str) -> None:
+    command = launch_command(exp, launch, cli_args)
+    print(f"[launch] {what}: {launch.describe()}", flush=True)
     print(f"$ {' '.join(command)}", flush=True)
     code = subprocess.call(command, env=os.environ.copy())
     if code != 0:
@@ -52,14 +54,15 @@ def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_
     """Run what is not done; returns the ids of cells that failed (the sweep goes on past them)."""
     config = ["-c", str(experiment_file)]
     if needs_warmup(cells) and not layout.warmup_result.is_file():
-        run_launch(exp, ["warmup", *config], "warm-up")
+        run_launch(exp, warmup_launch(exp), ["warmup", *config], "warm-up")
     todo = [c for c in cells if not layout.cell_result(c.id).is_file()]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}", flush=True)
     failed = []
     for i, cell in enumerate(todo, 1):
         print(f"=== cell {i}/{len(todo)}: {cell.id}", flush=True)
         try:
-            run_launch(exp, ["sweep", "cell", *config, "--cell", cell.id], f"cell {cell.id}")
+            run_launch(exp, cell_launch(exp, [cell.method], packed=False), ["sweep", "cell", *config, "--cell", cell.id],
+                       f"cell {cell.id}")
         except LaunchFailed as e:
             print(f"!!! {e}", flush=True)
             failed.append(cell.id)

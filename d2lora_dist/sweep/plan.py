@@ -6,16 +6,18 @@ shift if someone edits the experiment file while jobs are queued.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
 
-from d2lora_dist.config import Experiment
+from d2lora_dist.config import Experiment, TrainSettings
 from d2lora_dist.errors import InputError
 from d2lora_dist.fileio import read_json, write_json_atomic, write_text_atomic
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.memory_estimate import GIB
+from d2lora_dist.strategy import Launch, cell_launch, requested_strategy
 from d2lora_dist.sweep.grid import Cell, plan_cells
 
 
@@ -63,45 +65,130 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """Tokens one GPU processes per second: what the GPU-hour column assumes (stated with it)."""
+
+    train: float
+    eval: float
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Measured once per plan: trained tokens per example of each (task, method), eval tokens per suite item."""
+
+    train_tokens_per_example: dict[tuple[str, str], float]
+    eval_items: dict[str, int]
+    eval_tokens_per_item: dict[str, float]
+
+
 @dataclass
 class CellEstimate:
     cell: Cell
     done: bool
-    train_examples: int
+    train_examples: int  # examples the optimizer sees: n x the epochs the schedule really takes
     train_tokens: int
     eval_items: int
+    eval_tokens: int
+    launch: Launch
+    gpu_hours: float
+
+    @property
+    def memory_gib(self) -> float | None:
+        return round(self.launch.choice.estimate.total / GIB, 1) if self.launch.choice else None
+
+    def to_dict(self) -> dict[str, Any]:
+        choice = self.launch.choice
+        return {**self.cell.to_dict(), "done": self.done, "train_examples": self.train_examples,
+                "train_tokens": self.train_tokens, "eval_items": self.eval_items, "eval_tokens": self.eval_tokens,
+                "strategy": choice.strategy if choice else None, "gpus": self.launch.num_processes,
+                "memory_gib_per_device": self.memory_gib, "gpu_hours": self.gpu_hours}
 
 
-def estimate(exp: Experiment, layout: RunLayout, tokens_per_example: dict[str, float],
-             eval_items: dict[str, int]) -> list[CellEstimate]:
-    """Work per cell: task tokens to train on (examples x epochs x mean length) and items to evaluate."""
+def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughput) -> list[CellEstimate]:
+    """Work per cell: trained tokens (examples x epochs the schedule takes x tokens per example),
+    evaluated tokens, the launch it gets (strategy, GPUs, memory per device) and GPU-hours at `speed`."""
+    packed = not exp.slurm.whole_node and requested_strategy(exp) is not None
+    launches: dict[str, Launch] = {}
     rows = []
     for cell in plan_cells(exp):
-        epochs = exp.methods[cell.method].epochs if cell.trains else 0
-        examples = cell.n * math.ceil(epochs)
-        tokens = int(examples * tokens_per_example.get(cell.task, 0.0))
-        items = sum(eval_items.get(s, 0) for s in exp.tasks[cell.task].suites)
-        rows.append(CellEstimate(cell, layout.cell_result(cell.id).is_file(), examples, tokens, items))
+        if cell.method not in launches:
+            launches[cell.method] = cell_launch(exp, [cell.method], packed)
+        examples = trained_examples(exp.methods[cell.method], cell.n) if cell.trains else 0
+        tokens = round(examples * work.train_tokens_per_example.get((cell.task, cell.method), 0.0))
+        suites = exp.tasks[cell.task].suites
+        items = sum(work.eval_items[s] for s in suites)
+        eval_tokens = round(sum(work.eval_items[s] * work.eval_tokens_per_item[s] for s in suites))
+        hours = (tokens / speed.train + eval_tokens / speed.eval) / 3600
+        rows.append(CellEstimate(cell, layout.cell_result(cell.id).is_file(), examples, tokens, items, eval_tokens,
+                                 launches[cell.method], hours))
     return rows
 
 
-def measure_workload(exp: Experiment, sample: int = 200) -> tuple[dict[str, float], dict[str, int]]:
-    """Mean tokens per training example of each task (first `sample` rows) and items per suite."""
-    from d2lora_dist.data.lengths import record_lengths
-    from d2lora_dist.data.loading import normalize
-    from d2lora_dist.data.selection import suite_items
+def trained_examples(settings: TrainSettings, n: int) -> int:
+    """Examples the optimizer sees: min_steps may repeat the data beyond `epochs` (schedule.py decides)."""
+    from d2lora_dist.schedule import plan_schedule
+
+    schedule = plan_schedule(settings, n, 1)  # the world size does not change the steps of a global batch
+    if settings.max_steps > 0:  # a fixed number of full global batches, the data repeating as needed
+        return schedule.optimizer_steps * settings.global_batch_size
+    return round(n * schedule.epochs)
+
+
+def measure_workload(exp: Experiment, sample: int = 200) -> Workload:
+    """Tokens per trained example of each (task, method) and per evaluated item of each suite, counted
+    with the model's tokenizer through the chat template on the first `sample` rows; items per suite."""
     from d2lora_dist.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(exp.model)
-    per_task: dict[str, float] = {}
-    for name, task in exp.tasks.items():
-        records = list(normalize(task.dataset, "sft").records.values())[:sample]
-        # prompt + response tokens through the chat template (data.lengths counts them as the trainers do)
-        lengths = [max(record_lengths(r, tokenizer)[1]) for r in records]
-        per_task[name] = sum(lengths) / max(1, len(lengths))
+    methods = sorted({(c.task, c.method) for c in plan_cells(exp) if c.trains})
+    per_example = {(task, method): _train_tokens(exp, task, method, tokenizer, sample) for task, method in methods}
     items: dict[str, int] = {}
+    per_item: dict[str, float] = {}
     for suite, cfg in exp.suites.items():
-        task = next((t for t, tc in exp.tasks.items() if suite in tc.suites), None)
-        count = len(suite_items(exp, suite, task))
-        items[suite] = min(count, cfg.limit) if cfg.limit is not None else count
-    return per_task, items
+        all_items = _suite_items(exp, suite)
+        items[suite] = min(len(all_items), cfg.limit) if cfg.limit is not None else len(all_items)
+        per_item[suite] = _eval_tokens(cfg, all_items[:min(sample, items[suite])], tokenizer)
+    return Workload(per_example, items, per_item)
+
+
+def _train_tokens(exp: Experiment, task: str, method: str, tokenizer: Any, sample: int) -> float:
+    """Mean tokens the trainer runs per example: prompt + response after the chat template, each side
+    (chosen and rejected) cut at max_length; a row whose prompt fills max_length is dropped (0 tokens)."""
+    from d2lora_dist.data.lengths import record_lengths
+    from d2lora_dist.data.loading import normalize
+    from d2lora_dist.methods import get_method
+    from d2lora_dist.train import training_rows
+
+    settings = exp.methods[method]
+    records = list(normalize(exp.tasks[task].dataset, get_method(method).form).records.values())[:sample]
+    # the rows the trainer gets (train.training_rows owns the step-wise preference format)
+    phase = SimpleNamespace(method=method, records=records, settings=settings)
+    counts = []
+    for row in training_rows(phase, tokenizer):
+        prompt, sides = record_lengths(row, tokenizer)
+        counts.append(0 if prompt >= settings.max_length else sum(min(t, settings.max_length) for t in sides))
+    return sum(counts) / max(1, len(counts))
+
+
+def _suite_items(exp: Experiment, suite: str) -> list[dict[str, Any]]:
+    from d2lora_dist.data.selection import suite_items
+
+    task = next((t for t, tc in exp.tasks.items() if suite in tc.suites), None)
+    return suite_items(exp, suite, task)
+
+
+def _eval_tokens(cfg: Any, items: list[dict[str, Any]], tokenizer: Any) -> float:
+    """Mean tokens one item costs: generation = the templated prompt + max_new_tokens (an upper bound:
+    most answers stop earlier); multiple choice = the context + every scored choice."""
+    from d2lora_dist.evaluate import suites
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompts = {"gsm8k": suites.gsm8k_prompt, "titles": suites.titles_prompt}
+    if cfg.kind in prompts:
+        costs = [count(prompts[cfg.kind](item, tokenizer)) + cfg.max_new_tokens for item in items]
+    else:  # arc: the context once, each choice as its continuation (what loglik scores)
+        costs = [count(suites.arc_prompt(item)) + sum(count(" " + c) for c in item["choices"]) for item in items]
+    return sum(costs) / max(1, len(costs))

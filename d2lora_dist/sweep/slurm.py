@@ -31,6 +31,7 @@ from d2lora_dist.errors import InputError
 from d2lora_dist.fileio import write_text_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.shipped import for_command, shipped_path
+from d2lora_dist.strategy import Launch, cell_launch, requested_strategy, warmup_launch
 from d2lora_dist.sweep.grid import Cell, needs_warmup, plan_cells
 from d2lora_dist.sweep.plan import freeze_plan, load_plan
 from d2lora_dist.sweep.preemption import PREEMPTED_EXIT_CODE
@@ -113,19 +114,47 @@ def array_spec(indices: Sequence[int], max_parallel: int) -> str:
     return f"{index_ranges(indices)}%{max_parallel}"
 
 
-def _resource_lines(exp: Experiment, nodes: int, gpus: bool) -> list[str]:
+def _resource_lines(exp: Experiment, nodes: int, gpus: bool, share: int | None = None) -> list[str]:
+    """The allocation; `share` = GPUs of a right-sized cell (cpus and memory scaled to that share of a node)."""
     s = exp.slurm
+    gpus_per_node, cpus, mem = s.gpus_per_node, s.cpus_per_task, s.mem
+    if share is not None and s.gpus_per_node:
+        gpus_per_node, cpus, mem = share, _scaled_cpus(exp, share), _scaled_mem(exp, share)
     lines = [f"--partition={s.partition}" if s.partition else None,
              f"--account={s.account}" if s.account else None,
              f"--qos={s.qos}" if s.qos else None,
              f"--nodes={nodes}",
              "--ntasks-per-node=1",  # one launcher per node; it starts the node's ranks
-             f"--gpus-per-node={s.gpus_per_node}" if gpus and s.gpus_per_node else None,
-             f"--cpus-per-task={s.cpus_per_task}" if s.cpus_per_task else None,
-             f"--mem={s.mem}" if s.mem else None,
+             f"--gpus-per-node={gpus_per_node}" if gpus and gpus_per_node else None,
+             f"--cpus-per-task={cpus}" if cpus else None,
+             f"--mem={mem}" if mem else None,
              f"--time={s.time}",
-             f"--constraint={s.constraint}" if gpus and s.constraint else None]
+             f"--constraint={s.constraint}" if gpus and s.constraint else None,
+             "--exclusive" if gpus and s.whole_node else None]
     return [line for line in lines if line]
+
+
+def _scaled_cpus(exp: Experiment, share: int) -> int | None:
+    s = exp.slurm
+    return max(1, s.cpus_per_task * share // s.gpus_per_node) if s.cpus_per_task else None
+
+
+_MEM = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)B?$", re.IGNORECASE)
+_MIB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2, "": 1}  # Slurm reads a bare number as MB
+
+
+def _scaled_mem(exp: Experiment, share: int) -> str | None:
+    s = exp.slurm
+    if not s.mem:
+        return None
+    m = _MEM.match(s.mem.strip())
+    if m is None or float(m.group(1)) == 0:
+        raise InputError(f"slurm.mem: {s.mem!r} cannot be split into a share of a node for a cell on {share} of "
+                         f"{s.gpus_per_node} GPUs (\"0\" asks for all of a node's memory, which no other task could "
+                         "share); give an amount such as 960G (cells get share/gpus_per_node of it) or set "
+                         "slurm.whole_node: true")
+    mib = int(float(m.group(1)) * _MIB[m.group(2).upper()] * share / s.gpus_per_node)
+    return f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
 
 
 def _preemptible_lines(exp: Experiment) -> list[str]:
@@ -140,25 +169,28 @@ def _log_lines(layout: RunLayout, stem: str) -> list[str]:
     return [f"--output={base}/{stem}.out", f"--error={base}/{stem}.err"]
 
 
-def _header(exp: Experiment, lines: list[str]) -> str:
+def _header(exp: Experiment, lines: list[str], launch: Launch | None = None) -> str:
     extra = [x if x.startswith("#SBATCH") else f"#SBATCH {x}" for x in exp.slurm.extra_sbatch]
-    return "\n".join([f"#SBATCH {x}" for x in lines] + extra)
+    # after every #SBATCH line: why this many GPUs and this launch (absent for the named files)
+    note = [f"# launch: {launch.choice.reason}"] if launch is not None and launch.choice is not None else []
+    return "\n".join([f"#SBATCH {x}" for x in lines] + extra + note)
 
 
 def _setup(exp: Experiment) -> str:
     return "\n".join(exp.slurm.setup) if exp.slurm.setup else "# (no slurm.setup lines)"
 
 
-def _srun_options(exp: Experiment) -> str:
+def _srun_options(exp: Experiment, share: int | None = None) -> str:
     # srun does not inherit --cpus-per-task from sbatch since Slurm 22.05: say it again
-    return f" --cpus-per-task={exp.slurm.cpus_per_task}" if exp.slurm.cpus_per_task else ""
+    cpus = _scaled_cpus(exp, share) if share is not None and exp.slurm.gpus_per_node else exp.slurm.cpus_per_task
+    return f" --cpus-per-task={cpus}" if cpus else ""
 
 
-def _launch(exp: Experiment, command: str, multinode: bool) -> str:
+def _launch(exp: Experiment, lc: Launch, command: str, multinode: bool) -> str:
     """The per-node step: launcher (or the plain command) with USR1 ignored by the launcher."""
-    lc = exp.launch
     # the user's file as given, else the shipped copy (absolute: the job may run anywhere)
     config = shlex.quote(for_command(lc.accelerate_config)) if lc.accelerate_config else ""
+    config += "".join(f" {shlex.quote(flag)}" for flag in lc.accelerate_flags())
     if lc.accelerate_config is None:
         launched = command
     elif multinode:
@@ -174,7 +206,7 @@ def _launch(exp: Experiment, command: str, multinode: bool) -> str:
         # port 0: accelerate picks a free one, so cells sharing a node do not collide
         launched = (f"accelerate launch --config_file {config}"
                     f" --num_machines 1 --num_processes {lc.num_processes}"
-                    f" --main_process_port {lc.main_process_port} --no_python {command}")
+                    f" --main_process_port {exp.launch.main_process_port} --no_python {command}")
     # `trap "" USR1` is inherited through exec: the launcher ignores USR1, ranks handle it
     return shlex.quote(f'trap "" USR1; exec {launched}')
 
@@ -200,29 +232,44 @@ def _render(name: str, **values: str) -> str:
 def render_warmup(exp: Experiment, layout: RunLayout, command: str | None = None) -> str:
     """warmup.sbatch: one srun task per node, each starting `accelerate launch` for its ranks."""
     nodes = exp.slurm.nodes
-    if nodes > 1 and exp.launch.accelerate_config is None:
+    launch = warmup_launch(exp, nodes)
+    if nodes > 1 and launch.accelerate_config is None:
         raise InputError(f"slurm.nodes: {nodes} nodes need launch.accelerate_config (a plain command "
                          "would run the whole warm-up once per node); set it or use slurm.nodes=1")
     header = _header(exp, [f"--job-name=d2lora-{exp.name}-warmup",
                            *_resource_lines(exp, nodes, gpus=True), *_preemptible_lines(exp),
-                           *_log_lines(layout, "warmup-%j")])
+                           *_log_lines(layout, "warmup-%j")], launch)
     return _render(WARMUP_SCRIPT, experiment=exp.name, header=header, setup=_setup(exp),
                    preemption=_preemption_block(layout), main_port=_main_port(exp),
                    srun_options=_srun_options(exp),
-                   step=_launch(exp, command or warmup_command(layout), multinode=True))
+                   step=_launch(exp, launch, command or warmup_command(layout), multinode=True))
+
+
+def array_launch(exp: Experiment, cells: Sequence[Cell]) -> tuple[Launch, int | None]:
+    """The one launch of an array job and the GPUs its tasks ask for (None = a whole node's).
+
+    With a strategy, each task asks for the GPUs its memory estimate needs, so tasks share nodes
+    (slurm.whole_node: true gives each a node). One array has one request: it is sized for its
+    most demanding method (the cells of a method all need the same).
+    """
+    packed = not exp.slurm.whole_node and requested_strategy(exp) is not None
+    launch = cell_launch(exp, [c.method for c in cells], packed)
+    return launch, (launch.num_processes if packed and launch.choice is not None else None)
 
 
 def render_cell_array(exp: Experiment, layout: RunLayout, indices: Sequence[int],
-                      command: str | None = None) -> str:
-    """cell_array.sbatch: array task i runs cell i of the frozen plan, one node each."""
+                      command: str | None = None, cells: Sequence[Cell] | None = None) -> str:
+    """cell_array.sbatch: array task i runs cell i of the frozen plan (`cells`; default the experiment's)."""
+    cells = plan_cells(exp) if cells is None else cells
+    launch, share = array_launch(exp, [cells[i] for i in indices if 0 <= i < len(cells)] or cells)
     header = _header(exp, [f"--job-name=d2lora-{exp.name}-cells",
                            f"--array={array_spec(indices, exp.slurm.max_parallel)}",
-                           *_resource_lines(exp, 1, gpus=True), *_preemptible_lines(exp),
-                           *_log_lines(layout, "cell-%A_%a")])
+                           *_resource_lines(exp, 1, gpus=True, share=share), *_preemptible_lines(exp),
+                           *_log_lines(layout, "cell-%A_%a")], launch)
     return _render(ARRAY_SCRIPT, experiment=exp.name, plan_file=str(_abs(layout.plan_file)),
                    header=header, setup=_setup(exp), preemption=_preemption_block(layout),
-                   srun_options=_srun_options(exp),
-                   step=_launch(exp, command or cell_command(layout), multinode=False))
+                   srun_options=_srun_options(exp, share),
+                   step=_launch(exp, launch, command or cell_command(layout), multinode=False))
 
 
 def render_report(exp: Experiment, layout: RunLayout, command: str | None = None) -> str:
@@ -311,7 +358,7 @@ def plan_submission(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], i
         steps.append(Step("warmup", d / WARMUP_SCRIPT, render_warmup(exp, layout, commands.get("warmup"))))
     array_after = ("afterok", "warmup") if steps else None
     steps.append(Step("array", d / ARRAY_SCRIPT,
-                      render_cell_array(exp, layout, indices, commands.get("cell")), array_after))
+                      render_cell_array(exp, layout, indices, commands.get("cell"), cells), array_after))
     steps.append(Step("report", d / REPORT_SCRIPT, render_report(exp, layout, commands.get("report")),
                       ("afterany", "array")))
     return steps, skipped

@@ -94,7 +94,9 @@ def test_set_overrides_parse_yaml_values_and_reject_bad_syntax(tiny_experiment: 
 
 
 def test_preference_method_on_a_dataset_without_preference_form(tiny_experiment: dict) -> None:
-    tiny_experiment["grid"] = [{"task": "titles", "methods": ["dpo"], "n": [4]}]
+    tiny_experiment["tasks"]["chat"] = {"dataset": {"name": "alpaca", "data_files": ["chat.jsonl"]},
+                                        "suites": ["arc_easy"]}
+    tiny_experiment["grid"] = [{"task": "chat", "methods": ["dpo"], "n": [4]}]
     with pytest.raises(ConfigError, match="has no preference form for method 'dpo'"):
         experiment_from_dict(tiny_experiment)
 

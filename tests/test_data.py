@@ -130,3 +130,21 @@ def test_eval_forms(tmp_path: Path) -> None:
     gsm = [{"question": "1+1?", "answer": "1+1=2\n#### 2"}, {"question": "2+2?", "answer": "4"}]
     data = normalize(DatasetRef("gsm8k", data_files=[_jsonl(tmp_path / "g.jsonl", gsm)]), "eval")
     assert list(data.records) == [0] and data.bad == {"answer has no '#### N' final answer": ["row-1"]}
+
+
+def test_title_preference_rejects_the_abstract_opening_or_a_given_rejected_title(tmp_path: Path) -> None:
+    abstract = "We study low rank adapters for small language models and find that warm starts help."
+    rows = [{"abstract": abstract, "title": "Warm Starts for Low Rank Adapters"},
+            {"abstract": abstract, "title": "Adapters", "rejected_title": "A Study"},
+            {"abstract": "Short one here.", "title": "Short one here."},  # the opening IS the title
+            {"abstract": abstract, "title": "Adapters", "rejected_title": "  "}]
+    result = normalize(DatasetRef("econ_abstracts", data_files=[_jsonl(tmp_path / "t.jsonl", rows)]), "preference")
+    first, second = result.records[0], result.records[1]
+    assert first["chosen"] == [{"role": "assistant", "content": "Warm Starts for Low Rank Adapters"}]
+    # as many words as the title (6), never fewer than 4
+    assert first["rejected"] == [{"role": "assistant", "content": "We study low rank adapters for"}]
+    assert second["rejected"][0]["content"] == "A Study"
+    assert first["prompt"] == normalize(DatasetRef("econ_abstracts", data_files=[_jsonl(tmp_path / "u.jsonl", rows[:1])]),
+                                        "sft").records[0]["prompt"]
+    assert sorted(result.records) == [0, 1]
+    assert result.bad == {"chosen == rejected": ["row-2"], "rejected_title is not text": ["row-3"]}

@@ -141,6 +141,20 @@ def title_sft(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": _user(title_prompt(_text(row, "abstract"))), "completion": _assistant(_text(row, "title"))}
 
 
+def title_preference(row: dict[str, Any]) -> dict[str, Any]:
+    """The paper's title against a rejected title: the row's `rejected_title` when the data has
+    one, else the abstract's opening words cut to the title's length. Copying the start of the
+    abstract is how a small model fails the task, so the pair teaches what a title is; it never
+    borrows another paper's title, which could be a held-out one."""
+    abstract, title = _text(row, "abstract"), _text(row, "title").strip()
+    rejected = row.get("rejected_title")
+    if rejected is None:
+        rejected = " ".join(abstract.split()[:max(len(title.split()), 4)])
+    elif not isinstance(rejected, str) or not rejected.strip():
+        raise BadRow("rejected_title is not text")
+    return _pair(_user(title_prompt(abstract)), title, rejected.strip())
+
+
 def title_item(row: dict[str, Any]) -> dict[str, Any]:
     return {"abstract": _text(row, "abstract"), "title": _text(row, "title").strip()}
 

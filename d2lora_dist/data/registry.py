@@ -46,8 +46,10 @@ REGISTRY: dict[str, DatasetSpec] = {
                           "prompt + initial_reason_steps -> next step or rest of the solution "
                           "(preference_target, docs/preference-targets.md)"),
         DatasetSpec("econ_abstracts", "onurkeles/econ_paper_abstracts", None, "train", ("abstract", "title"),
-                    {"sft": nz.title_sft, "eval": nz.title_item}, optional=("id",), id_column="id",
-                    notes="abstract -> title; rename columns with `columns: {abstract: ..., title: ...}`"),
+                    {"sft": nz.title_sft, "preference": nz.title_preference, "eval": nz.title_item},
+                    optional=("id", "rejected_title"), id_column="id",
+                    notes="abstract -> title; rename columns with `columns: {abstract: ..., title: ...}`. "
+                          "DPO/ORPO reject `rejected_title`, else the abstract's opening words"),
         DatasetSpec("gsm8k", "openai/gsm8k", "main", "test", ("question", "answer"),
                     {"eval": nz.gsm8k_item, "sft": nz.gsm8k_sft}),
         DatasetSpec("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", ("question", "choices", "answerKey"),

@@ -136,6 +136,10 @@ class GridBlock:
                              "from the warm-up adapter.",
                               default_factory=lambda: ["lora", "d2lora"])
     seeds: list[int] = _help("Training seeds.", default_factory=lambda: [0])
+    suites: list[str] | None = _help(
+        "Suites these cells evaluate: a subset of the task's that keeps its task metric (null = all of the "
+        "task's). Lets a costly forgetting suite run at a few n only; a cell in several blocks runs the union.",
+        default=None)
 
 
 @dataclass
@@ -352,6 +356,11 @@ def _grid_problems(exp: Experiment, i: int, block: GridBlock) -> list[str]:
             problems.append(f"{key}.inits: unknown init {init!r} (valid: {', '.join(INITS)})")
         elif INITS[init].from_warmup and exp.warmup is None:
             problems.append(f"{key}.inits: {init} needs a `warmup` section")
+    if block.suites is not None and task is not None:
+        problems += [f"{key}.suites: {s!r} is not a suite of task {block.task!r} ({task.suites})"
+                     for s in block.suites if s not in task.suites]
+        if task.suites and task.suites[0] not in block.suites:
+            problems.append(f"{key}.suites: must keep the task metric {task.suites[0]!r} of task {block.task!r}")
     return problems + [f"{key}.n: {n} must be >= 0" for n in block.n if n < 0]
 
 

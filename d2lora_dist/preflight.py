@@ -41,10 +41,10 @@ class Checks:
 def for_cells(exp: Experiment, cells: Iterable[Cell], world_size: int | None, warmup_world_size: int | None,
               slurm: bool = False) -> Checks:
     """What running these cells needs: their rows, their suites, their batches (and the warm-up's)."""
-    from d2lora_dist.sweep.grid import needs_warmup
+    from d2lora_dist.sweep.grid import cell_suites, needs_warmup
 
     cells = tuple(cells)
-    suites = tuple((s, c.task) for c in cells if c.task in exp.tasks for s in exp.tasks[c.task].suites)
+    suites = tuple((s, c.task) for c in cells if c.task in exp.tasks for s in cell_suites(exp, c))
     return Checks(cells, needs_warmup(list(cells)), suites, world_size, warmup_world_size, slurm)
 
 

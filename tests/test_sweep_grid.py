@@ -42,3 +42,27 @@ def test_an_unknown_cell_id_is_named_and_only_d2lora_cells_need_the_warmup(tiny_
     assert find_cell(exp, "math-sft-d2lora-n4-s0").init == "d2lora"
     assert not needs_warmup([c for c in plan_cells(exp) if c.init == "lora"])
     assert needs_warmup(plan_cells(exp))
+
+
+def test_a_block_can_restrict_its_cells_to_some_suites_and_overlapping_blocks_take_the_union(
+        tiny_experiment: dict) -> None:
+    from d2lora_dist.config import ConfigError
+    from d2lora_dist.sweep.grid import cell_suites
+
+    tiny_experiment["grid"] = [
+        {"task": "math", "methods": ["sft"], "n": [0, 8], "seeds": [0]},                      # every suite
+        {"task": "math", "methods": ["sft"], "n": [4, 8], "seeds": [0], "suites": ["gsm8k"]}]  # task metric only
+    exp = experiment_from_dict(tiny_experiment)
+    by_id = {c.id: c for c in plan_cells(exp)}
+    assert cell_suites(exp, by_id["math-sft-lora-n4-s0"]) == ["gsm8k"]
+    assert cell_suites(exp, by_id["math-sft-lora-n8-s0"]) == exp.tasks["math"].suites == ["gsm8k", "arc_easy"]
+    assert cell_suites(exp, by_id["math-none-lora-n0-s0"]) == ["gsm8k", "arc_easy"]
+    restricted = by_id["math-sft-d2lora-n4-s0"]
+    assert restricted.to_dict()["suites"] == ["gsm8k"] and "suites" not in by_id["math-sft-d2lora-n8-s0"].to_dict()
+    assert Cell.from_dict(restricted.to_dict()).suites == ("gsm8k",)
+
+    tiny_experiment["grid"][1]["suites"] = ["arc_easy", "titles"]
+    with pytest.raises(ConfigError) as err:
+        experiment_from_dict(tiny_experiment)
+    assert "grid[1].suites: 'titles' is not a suite of task 'math'" in str(err.value)
+    assert "grid[1].suites: must keep the task metric 'gsm8k' of task 'math'" in str(err.value)

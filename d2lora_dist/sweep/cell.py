@@ -22,7 +22,7 @@ from d2lora_dist.fileio import read_json, write_json_atomic
 from d2lora_dist.inits import INITS
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
-from d2lora_dist.sweep.grid import Cell
+from d2lora_dist.sweep.grid import Cell, cell_suites
 from d2lora_dist.train import Phase, TrainOutcome, train_phase
 from d2lora_dist.warmup import warmup_artifact
 
@@ -46,7 +46,7 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
     eval_adapter = layout.cell_adapter(cell.id) if cell.trains else start_adapter
     run = tracking.start_run(exp, layout, "eval", f"{cell.id}-eval", cell.to_dict(), tags)
     _declare_input(exp, run, eval_adapter, cell_id=cell.id if cell.trains else None)
-    metrics = evaluate_suites(exp, cell.task, exp.tasks[cell.task].suites, eval_adapter,
+    metrics = evaluate_suites(exp, cell.task, cell_suites(exp, cell), eval_adapter,
                               lambda suite: layout.cell_predictions(cell.id, suite))
     result = None
     if distributed.is_main_process():

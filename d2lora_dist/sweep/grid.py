@@ -6,14 +6,14 @@ planned once per (task, init) with method "none" and every method's table uses t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 from d2lora_dist.config import Experiment
 from d2lora_dist.errors import UnknownName
 from d2lora_dist.inits import INITS
 from d2lora_dist.methods import NO_TRAINING
 
-__all__ = ["NO_TRAINING", "Cell", "plan_cells", "find_cell", "needs_warmup"]
+__all__ = ["NO_TRAINING", "Cell", "plan_cells", "find_cell", "needs_warmup", "cell_suites"]
 
 
 @dataclass(frozen=True, order=True)
@@ -23,6 +23,8 @@ class Cell:
     init: str  # lora | d2lora
     n: int
     seed: int
+    # The suites a grid block restricts the cell to (empty = the task's); not part of its identity.
+    suites: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def id(self) -> str:
@@ -33,7 +35,12 @@ class Cell:
         return self.n > 0
 
     def to_dict(self) -> dict:
-        return {"id": self.id, **asdict(self)}
+        data = {"id": self.id, **asdict(self)}
+        if self.suites:
+            data["suites"] = list(self.suites)
+        else:
+            del data["suites"]  # plans and results of unrestricted cells read as before
+        return data
 
     @classmethod
     def requested(cls, task: str, method: str, init: str, n: int, seed: int) -> Cell:
@@ -43,12 +50,13 @@ class Cell:
     @classmethod
     def from_dict(cls, data: dict) -> Cell:
         return cls(task=data["task"], method=data["method"], init=data["init"], n=int(data["n"]),
-                   seed=int(data["seed"]))
+                   seed=int(data["seed"]), suites=tuple(data.get("suites") or ()))
 
 
 def plan_cells(exp: Experiment) -> list[Cell]:
     """Every cell of the experiment, deduplicated, in a stable order."""
     cells: dict[str, Cell] = {}
+    suites: dict[str, set[str] | None] = {}  # None: some block asks for every suite of the task
     for block in exp.grid:
         for init in block.inits:
             for n in block.n:
@@ -56,7 +64,22 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                     for seed in block.seeds:
                         cell = Cell.requested(block.task, method, init, n, seed)
                         cells.setdefault(cell.id, cell)
-    return sorted(cells.values(), key=_order)
+                        asked = suites.get(cell.id, set())
+                        suites[cell.id] = None if asked is None or block.suites is None else asked | set(block.suites)
+    restricted = [_restrict(exp, cell, suites[cell.id]) for cell in cells.values()]
+    return sorted(restricted, key=_order)
+
+
+def _restrict(exp: Experiment, cell: Cell, asked: set[str] | None) -> Cell:
+    task_suites = exp.tasks[cell.task].suites if cell.task in exp.tasks else []
+    if asked is None or asked >= set(task_suites):
+        return cell
+    return replace(cell, suites=tuple(s for s in task_suites if s in asked))  # the task's order: metric first
+
+
+def cell_suites(exp: Experiment, cell: Cell) -> list[str]:
+    """The suites a cell evaluates: its block's restriction, else every suite of its task."""
+    return list(cell.suites) if cell.suites else list(exp.tasks[cell.task].suites)
 
 
 def _order(cell: Cell) -> tuple:

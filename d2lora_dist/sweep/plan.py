@@ -18,7 +18,7 @@ from d2lora_dist.fileio import read_json, write_json_atomic, write_text_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.memory_estimate import GIB
 from d2lora_dist.strategy import Launch, cell_launch, requested_strategy
-from d2lora_dist.sweep.grid import Cell, plan_cells
+from d2lora_dist.sweep.grid import Cell, cell_suites, plan_cells
 
 
 class PlanError(InputError):
@@ -116,7 +116,7 @@ def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughp
             launches[cell.method] = cell_launch(exp, [cell.method], packed)
         examples = trained_examples(exp.methods[cell.method], cell.n) if cell.trains else 0
         tokens = round(examples * work.train_tokens_per_example.get((cell.task, cell.method), 0.0))
-        suites = exp.tasks[cell.task].suites
+        suites = cell_suites(exp, cell)
         items = sum(work.eval_items[s] for s in suites)
         eval_tokens = round(sum(work.eval_items[s] * work.eval_tokens_per_item[s] for s in suites))
         hours = (tokens / speed.train + eval_tokens / speed.eval) / 3600

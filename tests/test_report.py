@@ -25,7 +25,7 @@ from d2lora_dist.layout import RunLayout
 from d2lora_dist.report import report
 from d2lora_dist.report.collect import collect
 from d2lora_dist.report.paired import DELTAS_CSV_COLUMNS, Deltas, load_item_scores
-from d2lora_dist.report.plots import TREND, UNRESOLVED, delta_panel, joined_runs
+from d2lora_dist.report.plots import INTERVAL, TREND, UNRESOLVED, delta_panel, joined_runs
 from d2lora_dist.report.stats import excludes_zero, mean_std, paired_bootstrap_ci
 from d2lora_dist.report.tables import table_specs
 from d2lora_dist.report.wandb_report import build, plan_report
@@ -572,6 +572,16 @@ def test_delta_plot_draws_unresolved_points_hollow_and_unjoined(empty_run):
               and len(line.get_xdata())]
     assert sorted(np.round(line.get_xdata()[0]) for line in filled) == [1, 2]
     assert any(line.get_ydata()[0] == 0 and line.get_ydata()[-1] == 0 for line in ax.get_lines())  # zero line
+    # every Δ with an interval draws it, at its n, from its lower to its upper bound (in points)
+    drawn = sorted((round(float(seg[0][0])), round(float(seg[0][1]), 6), round(float(seg[1][1]), 6))
+                   for c in ax.collections if c.get_gid() == INTERVAL for seg in c.get_segments())
+    expected = sorted((i, round(d.ci[0] * 100, 6), round(d.ci[1] * 100, 6))
+                      for i, n in enumerate(spec.ns)
+                      if (d := deltas.get(spec.task, "sft", n, "gsm8k", spec.metrics[0][0])).ci is not None)
+    assert drawn == expected and len(drawn) >= 3
+    # and each unresolved one says so in words next to it
+    labels = [a for a in ax.texts if a.get_gid() == UNRESOLVED]
+    assert sorted(round(a.xy[0]) for a in labels) == [0, 3] and {a.get_text() for a in labels} == {"unresolved"}
 
 
 # ---- the rest of the report ----------------------------------------------------------------------

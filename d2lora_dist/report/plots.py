@@ -34,7 +34,7 @@ SIZE_IN = (6.4, 4.0)
 DELTA_ROW_IN = 2.4  # height of the Δ row under a figure that compares the inits
 DPI = 100  # 640 x 400 pixels per panel, 640 x 640 with a Δ row
 UNRESOLVED_COLOR = "0.6"  # grey
-TREND, UNRESOLVED = "trend", "unresolved"  # gids of the artists (tests look them up)
+TREND, UNRESOLVED, INTERVAL = "trend", "unresolved", "interval"  # gids of the artists (tests look them up)
 LOW_DATA_MAX_N = 1000
 DODGE = 0.04  # sideways shift between series at one n, in units of the n spacing
 INIT_STYLE = {"lora": {"linestyle": "--", "marker": "o"}, "d2lora": {"linestyle": "-", "marker": "s"}}
@@ -211,9 +211,12 @@ def _delta_series(ax: Axes, deltas: list[Delta], color: str, label: str, shift: 
             continue
         if d.ci is not None:
             ax.vlines(x[i], d.ci[0] * 100, d.ci[1] * 100, color=color if d.resolved else UNRESOLVED_COLOR,
-                      linewidth=1.5)
+                      linewidth=1.5, gid=INTERVAL)
         ax.plot([x[i]], [d.value * 100], linestyle="none", marker="o", markersize=6, color=color,
                 markerfacecolor=color if d.resolved else "none", gid=None if d.resolved else UNRESOLVED)
+        if not d.resolved:  # said in words too: a hollow marker alone is easy to misread in print
+            ax.annotate("unresolved", (x[i], d.value * 100), xytext=(4, 4), textcoords="offset points",
+                        fontsize=7, color=UNRESOLVED_COLOR, gid=UNRESOLVED)
     for run in joined_runs([d.resolved if d.value is not None else None for d in deltas]):
         ax.plot(x[run], [deltas[i].value * 100 for i in run], color=color, linewidth=1.2, gid=TREND)
     ax.plot([], [], marker="o", linestyle="none", color=color, label=label)  # legend entry

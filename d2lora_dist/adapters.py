@@ -105,6 +105,10 @@ def _write_artifact(model: Any, state: dict[str, torch.Tensor], out_dir: Path,
     empty = [k for k, v in state.items() if v.numel() == 0]
     if not state or empty:
         raise AdapterError(f"refusing to save an empty adapter (empty tensors: {empty[:5]})")
+    non_finite = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    if non_finite:
+        raise AdapterError(f"refusing to save an adapter with NaN/inf values in {len(non_finite)} tensors "
+                           f"(first: {non_finite[0]}): training diverged")
     not_fp32 = sorted(k for k, v in state.items() if v.dtype != torch.float32)
     if not_fp32:
         raise AdapterError(f"refusing to save non-float32 adapter tensors {not_fp32[:3]}; gathered_adapter "

@@ -118,7 +118,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
 
     exp, layout = _load(args)
-    return entries.run_sweep(exp, layout, str(args.config))
+    return entries.run_sweep(exp, layout, str(args.config), cell_worker=args.cell_worker)
 
 
 def cmd_sweep_cell(args: argparse.Namespace) -> int:
@@ -129,6 +129,14 @@ def cmd_sweep_cell(args: argparse.Namespace) -> int:
     exp, layout = _load(args)
     cell = cell_at(layout, args.index) if args.index is not None else find_cell(exp, args.cell)
     return entries.cell(exp, layout, cell, str(args.config))
+
+
+def cmd_sweep_worker(args: argparse.Namespace) -> int:
+    from d2lora_dist import entries
+    from d2lora_dist.sweep.grid import find_cell
+
+    exp, layout = _load(args)
+    return entries.worker(exp, layout, [find_cell(exp, cell_id) for cell_id in args.cells], str(args.config))
 
 
 def cmd_sweep_submit(args: argparse.Namespace) -> int:
@@ -221,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep_plan)
     p = sweep.add_parser("run", help="run warm-up, every unfinished cell and the report on this machine")
     _experiment_args(p)
+    p.add_argument("--cell-worker", action=argparse.BooleanOptionalAction, default=True,
+                   help="cells launched as one plain process run in one worker process that loads the base "
+                        "model once (default); --no-cell-worker gives every cell a process of its own "
+                        "(same results; see docs/choices.md)")
     p.set_defaults(func=cmd_sweep_run)
     p = sweep.add_parser("cell", help="run one cell of the frozen plan (what array tasks call)")
     _experiment_args(p)
@@ -228,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--index", type=int, help="index into plan.json (SLURM_ARRAY_TASK_ID)")
     group.add_argument("--cell", help="cell id, e.g. math-dpo-d2lora-n1000-s0")
     p.set_defaults(func=cmd_sweep_cell)
+    p = sweep.add_parser("worker", help="run several cells in this one process on one loaded base model "
+                                        "(what `sweep run` calls for cells launched as one plain process)")
+    _experiment_args(p)
+    p.add_argument("--cells", nargs="+", required=True, metavar="CELL", help="cell ids, run in this order")
+    p.set_defaults(func=cmd_sweep_worker)
     p = sweep.add_parser("submit", help="render sbatch scripts and submit warm-up, array and report jobs")
     _experiment_args(p)
     p.add_argument("--dry-run", action="store_true", help="print scripts and sbatch lines only")

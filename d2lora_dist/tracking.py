@@ -23,6 +23,7 @@ import hashlib
 import netrc
 import os
 import re
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -160,6 +161,14 @@ def finish_run(run: Any | None, summary: Mapping[str, Any], exit_code: int = 0) 
         return
     run.summary.update(flatten(scrub(dict(summary))))
     run.finish(exit_code=exit_code)
+
+
+def finish_open_run(exit_code: int) -> None:
+    """Finish a run a failed phase left open (a cell worker goes on in the same process; a process of
+    its own would have ended it with its exit code). No-op when none is open or W&B was never used."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish(exit_code=exit_code)
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from d2lora_dist import adapters, distributed
+from d2lora_dist.base_cache import FreshBase
 from d2lora_dist.config import Experiment, LoraConfig, TrainSettings
-from d2lora_dist.data.lengths import Truncation, truncation
+from d2lora_dist.data.lengths import Truncation, truncation, with_response
 from d2lora_dist.data.loading import DataError
+from d2lora_dist.divergence import stop_on_non_finite
 from d2lora_dist.methods import get_method
-from d2lora_dist.modeling import attach_lora, base_fingerprint, load_base_model, load_tokenizer
+from d2lora_dist.modeling import attach_lora, base_fingerprint
 from d2lora_dist.schedule import Schedule, plan_schedule
 from d2lora_dist.strategy import describe_record, launch_record
 from d2lora_dist.tracking import add_throughput_callback
@@ -45,6 +47,7 @@ class Phase:
     init_adapter: Path | None = None
     report_to: list[str] = field(default_factory=list)
     callbacks: list[Any] = field(default_factory=list)
+    models: FreshBase = field(default_factory=FreshBase)  # tokenizer and base: loaded here, or a worker's shared one
 
 
 @dataclass
@@ -105,13 +108,15 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     distributed.check_launch(phase.settings, phase.settings_key, ds_config)  # before any model loads
     launch = launch_record(exp, phase.settings_key, phase.settings, phase.method, distributed.launch_mode(),
                            ds_config, distributed.world_size())
-    tokenizer = load_tokenizer(exp.model)
+    tokenizer = phase.models.tokenizer(exp.model)
     rows = training_rows(phase, tokenizer)
     cut = truncation(rows, tokenizer, phase.settings.max_length)
     if cut.kept == 0:
         raise DataError(f"[{phase.name}] all {cut.rows} training rows have a prompt that fills max_length="
                         f"{phase.settings.max_length} tokens, so no response token is left to train; raise "
                         f"{phase.settings_key}.max_length (longest row: {cut.longest} tokens)")
+    if cut.prompt_fills and get_method(phase.method).form == "preference":
+        rows = with_response(rows, tokenizer, phase.settings.max_length)  # as TRL's SFT does; counted in `cut`
     schedule = plan_schedule(phase.settings, cut.kept, distributed.world_size())  # re-planned if TRL keeps more
     args = training_arguments(exp, phase, ds_config, schedule)
     lora = phase_lora(exp, phase)
@@ -120,34 +125,34 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     init_state, parent = None, None
     if phase.init_adapter is not None:
         init_state, parent = adapters.load_adapter_state(phase.init_adapter, base, lora_summary(exp))
-    model = load_base_model(exp.model, training=True)
-    set_seed(phase.seed)  # the fresh LoRA's initial A follows the cell's seed, on every rank alike
-    model = attach_lora(model, lora, init_state)
-    start_state = adapters.gathered_state_dict(model)  # where this phase starts, for its update size
-    trainer = make_trainer(phase, model, args, Dataset.from_list(rows), tokenizer)
-    schedule = _replan_for_kept_rows(phase, trainer, cut, schedule)
-    resume = last_complete_checkpoint(phase.checkpoint_dir)
-    if resume and distributed.is_main_process():
-        print(f"[{phase.name}] resuming from {resume}", flush=True)
-    start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
-    if result.global_step < trainer.state.max_steps:  # a callback (preemption) stopped it
-        raise Preempted(f"[{phase.name}] stopped at step {result.global_step} of {trainer.state.max_steps}; "
-                        f"the checkpoint in {phase.checkpoint_dir} resumes it")
-    trained = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    end_state = adapters.gathered_state_dict(trained)
-    update = measure_phase_update(exp, phase, start_state, end_state, base["weights_fingerprint"])
-    lineage = {**phase.lineage, "base_model": base, "lora": lora_summary(exp), "method": phase.method,
-               "hyperparameters": _as_dict(phase.settings), "seed": phase.seed, "lora_dropout": lora.dropout,
-               "schedule": schedule.to_dict(), "launch": launch, "tokens_seen": int(trainer.state.num_input_tokens_seen),
-               "truncation": cut.to_dict(), "update": update,
-               "parent": _parent_ref(phase.init_adapter, parent)}
-    manifest = adapters.save_adapter(trained, phase.out_adapter, lineage)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    outcome = TrainOutcome(result.global_step, losses[0] if losses else None, losses[-1] if losses else None,
-                           time.time() - start, manifest, list(trainer.state.log_history), schedule,
-                           int(trainer.state.num_input_tokens_seen), cut, update)
-    distributed.release_training_state()  # the next phase or evaluation in this process starts clean
+    with phase.models.base(exp.model, training=True) as model:  # given back pristine, also on failure
+        set_seed(phase.seed)  # the fresh LoRA's initial A follows the cell's seed, on every rank alike
+        model = attach_lora(model, lora, init_state)
+        start_state = adapters.gathered_state_dict(model)  # where this phase starts, for its update size
+        trainer = make_trainer(phase, model, args, Dataset.from_list(rows), tokenizer)
+        schedule = _replan_for_kept_rows(phase, trainer, cut, schedule)
+        resume = last_complete_checkpoint(phase.checkpoint_dir)
+        if resume and distributed.is_main_process():
+            print(f"[{phase.name}] resuming from {resume}", flush=True)
+        start = time.time()
+        result = trainer.train(resume_from_checkpoint=resume)
+        if result.global_step < trainer.state.max_steps:  # a callback (preemption) stopped it
+            raise Preempted(f"[{phase.name}] stopped at step {result.global_step} of {trainer.state.max_steps}; "
+                            f"the checkpoint in {phase.checkpoint_dir} resumes it")
+        trained = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        end_state = adapters.gathered_state_dict(trained)
+        update = measure_phase_update(exp, phase, start_state, end_state, base["weights_fingerprint"])
+        lineage = {**phase.lineage, "base_model": base, "lora": lora_summary(exp), "method": phase.method,
+                   "hyperparameters": _as_dict(phase.settings), "seed": phase.seed, "lora_dropout": lora.dropout,
+                   "schedule": schedule.to_dict(), "launch": launch, "tokens_seen": int(trainer.state.num_input_tokens_seen),
+                   "truncation": cut.to_dict(), "update": update,
+                   "parent": _parent_ref(phase.init_adapter, parent)}
+        manifest = adapters.save_adapter(trained, phase.out_adapter, lineage)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        outcome = TrainOutcome(result.global_step, losses[0] if losses else None, losses[-1] if losses else None,
+                               time.time() - start, manifest, list(trainer.state.log_history), schedule,
+                               int(trainer.state.num_input_tokens_seen), cut, update)
+        distributed.release_training_state()  # the next phase or evaluation in this process starts clean
     return outcome
 
 
@@ -222,7 +227,7 @@ def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: A
     method = get_method(phase.method)
     _, trainer_cls = method.classes()
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          callbacks=[*phase.callbacks, *distributed.test_callbacks()])
+                          callbacks=[*phase.callbacks, stop_on_non_finite(phase.name), *distributed.test_callbacks()])
     if method.form == "preference":
         from d2lora_dist.data.preference import drop_eos_after_steps
 

@@ -18,6 +18,9 @@ def test_sweep_run_executes_the_grid_and_reports(tiny_experiment: dict, tmp_path
     assert sorted(p.name for p in (run_dir / "cells").iterdir()) == [
         "math-none-d2lora-n0-s0", "math-none-lora-n0-s0", "math-sft-d2lora-n4-s0", "math-sft-lora-n4-s0"]
     assert all((run_dir / "cells" / c / "result.json").is_file() for c in os.listdir(run_dir / "cells"))
+    # one plain process per cell by default: all four share one worker, which loads the base once
+    assert done.stdout.count("sweep worker") == 1 and "sweep cell" not in done.stdout
+    assert "base model loaded 1 time(s) for 4 cell(s)" in done.stdout
     assert (run_dir / "report" / "results.md").is_file()
     again = _cli("sweep", "run", "-c", str(path))
     assert again.returncode == 0 and "4 of 4 cells done; running 0" in again.stdout

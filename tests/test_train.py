@@ -192,3 +192,28 @@ def test_min_steps_repeats_small_data_and_responses_cut_by_max_length_are_counte
     cut = outcome.truncation
     assert cut.rows == 4 and cut.response_cut + cut.prompt_fills > 0 and cut.longest > 40
     assert outcome.summary()["truncation"]["response_cut"] == cut.response_cut
+
+
+def test_a_preference_row_whose_prompt_fills_max_length_is_dropped_not_trained_into_nan(warmed) -> None:
+    """TRL drops such rows for SFT only; an ORPO response left with no token makes the gradient NaN."""
+    exp, layout, _ = warmed
+    phase = _phase(exp, layout, "orpo", None, max_length=160, logging_steps=1, min_steps=4)
+    long_prompt = " ".join(["the adapter learns the title of the abstract"] * 30)
+    phase.records[0]["prompt"] = [{"role": "user", "content": long_prompt}]
+    outcome = train_phase(exp, phase)
+    assert outcome.truncation.prompt_fills == 1 and outcome.truncation.rows == 4
+    norms = [h["grad_norm"] for h in outcome.log_history if "grad_norm" in h]
+    assert len(norms) == 4 and all(math.isfinite(v) for v in norms)
+    state, _ = adapters.load_adapter_state(phase.out_adapter)
+    assert all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def test_a_diverging_phase_stops_at_the_step_and_saves_no_adapter(warmed) -> None:
+    from d2lora_dist.divergence import TrainingDiverged
+
+    exp, layout, _ = warmed
+    phase = _phase(exp, layout, "sft", None, learning_rate=float("inf"), logging_steps=1, min_steps=6)
+    with pytest.raises(TrainingDiverged, match=r"\[sft-lora\] training diverged: (loss|grad_norm) = (nan|inf).* "
+                                               r"at optimizer step \d"):
+        train_phase(exp, phase)
+    assert not phase.out_adapter.exists()

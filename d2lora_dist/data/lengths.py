@@ -62,6 +62,13 @@ class Truncation:
                 f"to train); longest row {self.longest} tokens")
 
 
+def with_response(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """The records whose prompt leaves room for at least one response token. TRL's SFT drops the
+    others itself; DPO and ORPO would keep them, and the average log-probability of an empty
+    response is 0/0, which turns the ORPO odds ratio's gradient into NaN."""
+    return [r for r in records if record_lengths(r, tokenizer)[0] < max_length]
+
+
 def truncation(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> Truncation:
     response_cut = prompt_fills = longest = 0
     total = 0

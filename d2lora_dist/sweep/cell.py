@@ -3,6 +3,10 @@
 A cell whose result.json exists is done and returns at once. A cell interrupted mid-way
 resumes: a verified adapter skips training, otherwise training resumes from its last
 checkpoint. Everything a cell writes stays below its own directory.
+
+`models` says where the tokenizer and base model come from: loaded by this cell (one process per
+cell), or lent by a cell worker that runs several cells on one loaded base (sweep/worker.py); the
+result and the adapter's manifest record which (`shared_worker`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from d2lora_dist import adapters, distributed, tracking
+from d2lora_dist.base_cache import FreshBase
 from d2lora_dist.config import Experiment
 from d2lora_dist.data.loading import DataError
 from d2lora_dist.data.selection import task_records
@@ -27,7 +32,9 @@ from d2lora_dist.train import Phase, TrainOutcome, train_phase
 from d2lora_dist.warmup import warmup_artifact
 
 
-def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any] | None = None) -> dict[str, Any]:
+def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any] | None = None,
+             models: FreshBase | None = None) -> dict[str, Any]:
+    models = models or FreshBase()
     if layout.cell_result(cell.id).is_file():
         if distributed.is_main_process():
             print(f"[{cell.id}] already done", flush=True)
@@ -38,7 +45,7 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
     if cell.trains:
         run = tracking.start_run(exp, layout, "adapt", cell.id, cell.to_dict(), tags)
         _declare_input(exp, run, start_adapter)
-        outcome = train_cell(exp, layout, cell, start_adapter, run, callbacks or [])
+        outcome = train_cell(exp, layout, cell, start_adapter, run, callbacks or [], models)
         if distributed.is_main_process():
             tracking.log_adapter_artifact(run, layout.cell_adapter(cell.id), tracking.artifact_name(exp.name, cell.id),
                                           adapters.read_manifest(layout.cell_adapter(cell.id)))
@@ -47,10 +54,10 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
     run = tracking.start_run(exp, layout, "eval", f"{cell.id}-eval", cell.to_dict(), tags)
     _declare_input(exp, run, eval_adapter, cell_id=cell.id if cell.trains else None)
     metrics = evaluate_suites(exp, cell.task, cell_suites(exp, cell), eval_adapter,
-                              lambda suite: layout.cell_predictions(cell.id, suite))
+                              lambda suite: layout.cell_predictions(cell.id, suite), models=models)
     result = None
     if distributed.is_main_process():
-        result = _result(exp, layout, cell, metrics, outcome, eval_adapter)
+        result = _result(exp, layout, cell, metrics, outcome, eval_adapter) | {"shared_worker": models.shared}
         write_json_atomic(layout.cell_result(cell.id), result)
         shutil.rmtree(layout.cell_checkpoints(cell.id), ignore_errors=True)
         print(f"[{cell.id}] done -> {layout.cell_result(cell.id)}", flush=True)
@@ -77,8 +84,9 @@ def _starting_adapter(layout: RunLayout, cell: Cell) -> Path | None:
 
 
 def train_cell(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Path | None, run: Any = None,
-               callbacks: list[Any] | None = None) -> TrainOutcome | None:
+               callbacks: list[Any] | None = None, models: FreshBase | None = None) -> TrainOutcome | None:
     """The cell's training phase: its seed draws its rows; None when its adapter already exists."""
+    models = models or FreshBase()
     adapter_dir = layout.cell_adapter(cell.id)
     if (adapter_dir / adapters.MANIFEST).is_file():  # trained before an interruption in evaluation
         adapters.verify_adapter(adapter_dir)
@@ -90,9 +98,10 @@ def train_cell(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Pa
                   settings_key=f"methods.{cell.method}", records=records,
                   out_adapter=adapter_dir, checkpoint_dir=layout.cell_checkpoints(cell.id), seed=cell.seed,
                   lineage={"phase": "adapt", "cell": cell.to_dict(), "init": cell.init,
-                           "data": {k: v for k, v in subset.to_dict().items() if k != "indices"}},
+                           "data": {k: v for k, v in subset.to_dict().items() if k != "indices"},
+                           "shared_worker": models.shared},
                   init_adapter=start_adapter, report_to=["wandb"] if run is not None else [],
-                  callbacks=callbacks or [])
+                  callbacks=callbacks or [], models=models)
     return train_phase(exp, phase)
 
 

@@ -1,8 +1,10 @@
-"""The local executor: warm-up if needed, then every unfinished cell, each as its own launch.
+"""The local executor: warm-up if needed, then every unfinished cell, then (in entries) the report.
 
-Each phase runs in a fresh process (`accelerate launch` with the experiment's config, or
-one plain Python process) so memory is returned between cells and a crash stops the sweep
-with the failing cell named.
+Cells whose launch is one plain process (the CPU default, DDP on one GPU) run in a cell worker:
+one process that loads the base model once and runs them one after another (sweep/worker.py), so
+each pays for neither the imports nor the model load again. Every other cell (`accelerate launch`,
+DeepSpeed, several ranks) runs as its own launch, so memory is returned between cells. A failing
+cell is named and the sweep goes on; `cell_worker=False` gives every cell its own process.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from d2lora_dist.config import Experiment
@@ -22,6 +25,38 @@ from d2lora_dist.sweep.grid import Cell, needs_warmup
 
 class LaunchFailed(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """One launch of the local executor: one cell (`sweep cell`), or a worker for several (`sweep worker`)."""
+
+    launch: Launch
+    cells: tuple[Cell, ...]
+    worker: bool
+
+    def cli_args(self, config: list[str]) -> list[str]:
+        if self.worker:
+            return ["sweep", "worker", *config, "--cells", *(c.id for c in self.cells)]
+        return ["sweep", "cell", *config, "--cell", self.cells[0].id]
+
+    def describe(self) -> str:
+        ids = ", ".join(c.id for c in self.cells)
+        return f"cell worker ({len(self.cells)} cells: {ids})" if self.worker else f"cell {ids}"
+
+
+def plan_jobs(exp: Experiment, cells: list[Cell], cell_worker: bool) -> list[CellJob]:
+    """Which cells run how, in order: consecutive cells launched as one plain process share a worker
+    (when `cell_worker`); every other cell is a launch of its own."""
+    jobs: list[CellJob] = []
+    for cell in cells:
+        launch = cell_launch(exp, [cell.method], packed=False)
+        shared = cell_worker and launch.accelerate_config is None
+        if shared and jobs and jobs[-1].worker:
+            jobs[-1] = CellJob(launch, (*jobs[-1].cells, cell), True)
+        else:
+            jobs.append(CellJob(launch, (cell,), shared))
+    return jobs
 
 
 def free_port() -> int:
@@ -50,20 +85,23 @@ def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str) 
         raise LaunchFailed(f"{what} failed with exit code {code} (command: {' '.join(command)})")
 
 
-def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_file: Path) -> list[str]:
+def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_file: Path,
+              cell_worker: bool = True) -> list[str]:
     """Run what is not done; returns the ids of cells that failed (the sweep goes on past them)."""
     config = ["-c", str(experiment_file)]
     if needs_warmup(cells) and not layout.warmup_result.is_file():
         run_launch(exp, warmup_launch(exp), ["warmup", *config], "warm-up")
     todo = [c for c in cells if not layout.cell_result(c.id).is_file()]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}", flush=True)
-    failed = []
-    for i, cell in enumerate(todo, 1):
-        print(f"=== cell {i}/{len(todo)}: {cell.id}", flush=True)
+    failed, started = [], 0
+    for job in plan_jobs(exp, todo, cell_worker):
+        print(f"=== cell{'s' if len(job.cells) > 1 else ''} {started + 1}"
+              f"{f'-{started + len(job.cells)}' if len(job.cells) > 1 else ''}/{len(todo)}: {job.describe()}",
+              flush=True)
+        started += len(job.cells)
         try:
-            run_launch(exp, cell_launch(exp, [cell.method], packed=False), ["sweep", "cell", *config, "--cell", cell.id],
-                       f"cell {cell.id}")
+            run_launch(exp, job.launch, job.cli_args(config), job.describe())
         except LaunchFailed as e:
             print(f"!!! {e}", flush=True)
-            failed.append(cell.id)
+        failed += [c.id for c in job.cells if not layout.cell_result(c.id).is_file()]  # result.json = done
     return failed

@@ -128,6 +128,6 @@ def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, A
     labels = {suite: {k: v for k, v in m.items() if isinstance(v, str)} for suite, m in metrics.items()}
     return {"cell": cell.to_dict(), "experiment": exp.name, "metrics": numbers, "prompt_versions": versions,
             "labels": labels,
-            "suites": exp.tasks[cell.task].roles(),
+            "suites": {s: exp.tasks[cell.task].role(s) for s in cell_suites(exp, cell)},
             "train": outcome.summary() if outcome else None, "adapter": adapter,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

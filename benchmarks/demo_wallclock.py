@@ -1,10 +1,14 @@
-"""Wall-clock time of the CPU demo (warm-up + every cell + report) in a fresh run directory.
+"""Wall-clock time of a CPU sweep (warm-up + every cell + report) in a fresh run directory, split
+into its parts, and optionally side by side with an older commit of the framework on the same grid.
 
-    .venv/bin/python benchmarks/demo_wallclock.py [--experiment launch/experiments/demo_cpu.yaml]
+    .venv/bin/python benchmarks/demo_wallclock.py                       # today's demo
+    .venv/bin/python benchmarks/demo_wallclock.py --experiment benchmarks/inputs/demo_cpu_v1.yaml \\
+        --baseline f202852                                              # old grid: old code vs today's
 
-Assets must be fetched first (`d2lora assets`); their one-off download and conversion is
-timed separately with --with-assets on a cold cache. Prints a table of phase times read
-from the run directory and the total, for the README.
+Assets must be fetched first (`d2lora assets`); their one-off download and conversion is timed
+separately with --with-assets on a cold cache. With --baseline the two versions run one after
+the other on the same experiment file (the baseline's code from a temporary git worktree) and
+the ratio of their totals is printed: on a shared machine compare ratios from one run.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,37 +24,106 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+IMPORTS = "import d2lora_dist.cli, d2lora_dist.train, d2lora_dist.evaluate.suites, trl, peft"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default=str(REPO / "launch/experiments/demo_cpu.yaml"))
+    parser.add_argument("--baseline", metavar="COMMIT", help="also run this commit's code on the same experiment")
     parser.add_argument("--with-assets", action="store_true", help="also time `d2lora assets` on a cold cache")
     args = parser.parse_args()
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
-    timings: list[tuple[str, float]] = []
+    experiment = str(Path(args.experiment).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         if args.with_assets:
-            env["D2LORA_ASSETS"] = str(Path(tmp) / "assets")
+            cold = dict(env, D2LORA_ASSETS=str(Path(tmp) / "assets"))
             start = time.time()
-            subprocess.run([sys.executable, "-m", "d2lora_dist.cli", "assets", "--quiet"], env=env, check=True)
-            timings.append(("assets (cold cache)", time.time() - start))
-        start = time.time()
-        command = [sys.executable, "-m", "d2lora_dist.cli", "sweep", "run", "-c", args.experiment,
-                   "--set", f"output_dir={tmp}/runs"]
-        subprocess.run(command, env=env, check=True, cwd=REPO)
-        timings.append(("sweep run (warm-up + cells + report)", time.time() - start))
-        run_dir = next((Path(tmp) / "runs").iterdir())
-        cells = sorted((run_dir / "cells").glob("*/result.json"))
-        train = sum((json.loads(p.read_text()).get("train") or {}).get("runtime_s", 0.0) for p in cells)
-        warm = json.loads((run_dir / "warmup/result.json").read_text())["train"]["runtime_s"]
-    print("\n| phase | seconds |\n|---|---|")
-    for name, seconds in timings:
-        print(f"| {name} | {seconds:.0f} |")
-    print(f"| of which warm-up training | {warm:.0f} |")
-    print(f"| of which cell training ({len(cells)} cells) | {train:.0f} |")
-    print(f"\nmachine: {os.cpu_count()} CPUs; total {sum(s for _, s in timings) / 60:.1f} min")
+            subprocess.run([sys.executable, "-m", "d2lora_dist.cli", "assets", "--quiet"], env=cold, check=True)
+            print(f"\nassets on a cold cache: {time.time() - start:.0f} s")
+        runs = {}
+        if args.baseline:
+            code = Path(tmp) / "baseline"
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(code), args.baseline],
+                           check=True, capture_output=True)
+            try:
+                runs[f"baseline {args.baseline}"] = timed_sweep(code, experiment, Path(tmp) / "base", env)
+            finally:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(code)], check=False)
+        runs["today"] = timed_sweep(REPO, experiment, Path(tmp) / "today", env)
+    for label, run in runs.items():
+        print(f"\n### {label}: {Path(experiment).name}\n")
+        print_breakdown(run)
+    if args.baseline:
+        base, today = runs[f"baseline {args.baseline}"]["total"], runs["today"]["total"]
+        print(f"\nbaseline / today = {base:.0f} s / {today:.0f} s = {base / today:.2f}x")
+    print(f"\nmachine: {os.cpu_count()} CPUs")
     return 0
+
+
+def timed_sweep(code: Path, experiment: str, out: Path, env: dict[str, str]) -> dict:
+    """Run `sweep run` with the package found in `code`; measure imports and a model load there too."""
+    env = dict(env, PYTHONPATH=str(code))
+    python = [sys.executable]
+    start = time.time()
+    subprocess.run([*python, "-c", IMPORTS], env=env, check=True, cwd=code)
+    imports = time.time() - start
+    start = time.time()
+    subprocess.run([*python, "-m", "d2lora_dist.cli", "sweep", "run", "-c", experiment,
+                    "--set", f"output_dir={out}"], env=env, check=True, cwd=code)
+    total = time.time() - start
+    run_dir = next(out.iterdir())
+    start = time.time()
+    subprocess.run([*python, "-m", "d2lora_dist.cli", "report", "-c", str(run_dir / "experiment.yaml")],
+                   env=env, check=True, cwd=code, capture_output=True)
+    return {"total": total, "imports": imports, "report": time.time() - start, **parts(run_dir)}
+
+
+def parts(run_dir: Path) -> dict:
+    results = [json.loads(p.read_text()) for p in sorted((run_dir / "cells").glob("*/result.json"))]
+    warm = json.loads((run_dir / "warmup/result.json").read_text())["train"]
+    trains = [r["train"] for r in results if r.get("train")]
+    step_times = [[h["step_time_s"] for h in t.get("log_history", []) if "step_time_s" in h] for t in trains]
+    timing = [r.get("timing") or {} for r in results]
+    return {
+        "cells": len(results),
+        "workers": {bool(r.get("shared_worker")) for r in results},
+        "warmup_train": warm["runtime_s"],
+        "cell_train": sum(t["runtime_s"] for t in trains),
+        "first_logged_step": statistics.median(s[0] for s in step_times if s) if any(step_times) else None,
+        "steady_step": statistics.median(x for s in step_times for x in s[1:]) if any(len(s) > 1 for s in step_times)
+        else None,
+        "cell_train_wall": sum(t.get("train_s", 0.0) for t in timing),
+        "cell_evaluate": sum(t.get("evaluate_s", 0.0) for t in timing),
+        "cell_wall": sum(t.get("cell_s", 0.0) for t in timing),
+        "timed": all(timing),
+    }
+
+
+def print_breakdown(run: dict) -> None:
+    rows = [("sweep run: warm-up + cells + report", run["total"]),
+            ("  warm-up training (trainer.train)", run["warmup_train"]),
+            (f"  cell training (trainer.train, {run['cells']} cells)", run["cell_train"])]
+    if run["timed"]:
+        rows += [("  cell model load + trainer set-up + adapter save", run["cell_train_wall"] - run["cell_train"]),
+                 ("  cell evaluation (model load + suites)", run["cell_evaluate"]),
+                 ("  cell W&B runs, data selection, result", run["cell_wall"] - run["cell_train_wall"]
+                  - run["cell_evaluate"]),
+                 ("  outside cells: process starts, imports, warm-up load, preflight, report",
+                  run["total"] - run["warmup_train"] - run["cell_wall"])]
+    else:
+        rows.append(("  everything else (this version records no per-cell timing)",
+                     run["total"] - run["warmup_train"] - run["cell_train"]))
+    rows += [("one process start + imports (measured alone)", run["imports"]),
+             ("report alone (measured after)", run["report"])]
+    print("| part | seconds |\n|---|---:|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.0f} |")
+    if run["first_logged_step"] is not None:
+        steady = f"{run['steady_step']:.2f}" if run["steady_step"] is not None else "-"
+        print(f"\nmedian seconds per optimizer step: first logged {run['first_logged_step']:.2f}, later {steady}")
+    worker = {True: "one shared worker", False: "one process per cell"}
+    print("cells ran in: " + ", ".join(worker[w] for w in sorted(run["workers"])))
 
 
 if __name__ == "__main__":

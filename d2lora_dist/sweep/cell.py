@@ -40,12 +40,15 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
             print(f"[{cell.id}] already done", flush=True)
         return read_json(layout.cell_result(cell.id))
     start_adapter = _starting_adapter(layout, cell)
+    timing = {"started": time.time()}  # wall seconds of the cell's parts (benchmarks/demo_wallclock.py)
     tags = [f"task:{cell.task}", f"method:{cell.method}", f"init:{cell.init}", f"n:{cell.n}", f"seed:{cell.seed}"]
     outcome = None
     if cell.trains:
         run = tracking.start_run(exp, layout, "adapt", cell.id, cell.to_dict(), tags)
         _declare_input(exp, run, start_adapter)
+        timing["train"] = time.time()
         outcome = train_cell(exp, layout, cell, start_adapter, run, callbacks or [], models)
+        timing["train"] = time.time() - timing["train"]
         if distributed.is_main_process():
             tracking.log_adapter_artifact(run, layout.cell_adapter(cell.id), tracking.artifact_name(exp.name, cell.id),
                                           adapters.read_manifest(layout.cell_adapter(cell.id)))
@@ -53,11 +56,16 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
     eval_adapter = layout.cell_adapter(cell.id) if cell.trains else start_adapter
     run = tracking.start_run(exp, layout, "eval", f"{cell.id}-eval", cell.to_dict(), tags)
     _declare_input(exp, run, eval_adapter, cell_id=cell.id if cell.trains else None)
+    timing["evaluate"] = time.time()
     metrics = evaluate_suites(exp, cell.task, cell_suites(exp, cell), eval_adapter,
                               lambda suite: layout.cell_predictions(cell.id, suite), models=models)
+    timing["evaluate"] = time.time() - timing["evaluate"]
     result = None
     if distributed.is_main_process():
-        result = _result(exp, layout, cell, metrics, outcome, eval_adapter) | {"shared_worker": models.shared}
+        seconds = {f"{part}_s": round(v, 2) for part, v in timing.items() if part != "started"}
+        seconds["cell_s"] = round(time.time() - timing["started"], 2)  # also W&B runs, data, loads
+        result = _result(exp, layout, cell, metrics, outcome, eval_adapter) | {"shared_worker": models.shared,
+                                                                              "timing": seconds}
         write_json_atomic(layout.cell_result(cell.id), result)
         shutil.rmtree(layout.cell_checkpoints(cell.id), ignore_errors=True)
         print(f"[{cell.id}] done -> {layout.cell_result(cell.id)}", flush=True)

@@ -47,7 +47,9 @@ def test_submit_warmup_cells_report_then_only_failed_resumes(cluster: LocalSlurm
     plan = [c["id"] for c in json.loads((run_dir / "plan.json").read_text())["cells"]]
     slow = plan.index(SLOW_CELL)
     checkpoint = run_dir / "cells" / SLOW_CELL / "checkpoints" / "checkpoint-2"
-    cluster.wait_until("the slow cell's first checkpoint", checkpoint.is_dir, timeout=420)
+    # complete: a checkpoint cancelled while being written has no trainer_state.json and is skipped
+    cluster.wait_until("the slow cell's first complete checkpoint", (checkpoint / "trainer_state.json").is_file,
+                       timeout=420)
     array_job = read_records(RunLayout(run_dir))[0]["jobs"]["array"]
     cluster.run("scancel", f"{array_job}_{slow}")
     cluster.wait_until("every job to finish", lambda: not cluster.queued_ids(), timeout=420)

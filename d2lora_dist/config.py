@@ -79,6 +79,12 @@ class TrainSettings:
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
     max_length: int = _help("Max tokens of prompt + response; longer rows are truncated.", default=1024)
+    batching: Literal["auto", "padded", "padding_free"] = _help(
+        "How a micro-batch's rows are laid out. padded = each row padded to the longest; padding_free = the "
+        "rows joined into one sequence whose positions restart per row, so no padding token is computed "
+        "(the same loss; SFT only, with flash_attention_2, sdpa or eager attention); auto = padding_free "
+        "where it is correct and a micro-batch has more than one row, else padded. The choice that ran is "
+        "in the manifest. See docs/choices.md.", default="padded")
     beta: float | None = _help("DPO/ORPO beta (required for those methods).", default=None)
     preference_target: Literal["step", "full"] = _help(
         "Step-wise preference rows (Math-Step-DPO): the shared initial steps are always on the prompt "
@@ -330,7 +336,8 @@ def _method_problems(name: str, settings: TrainSettings) -> list[str]:
     problems = []
     if METHODS[name].needs_beta and settings.beta is None:
         problems.append(f"methods.{name}.beta: required for {name} (the paper uses 0.1)")
-    return problems + _train_problems(f"methods.{name}", settings)
+    return problems + _train_problems(f"methods.{name}", settings) + _batching_problems(f"methods.{name}", name,
+                                                                                         settings)
 
 
 def _grid_problems(exp: Experiment, i: int, block: GridBlock) -> list[str]:
@@ -398,3 +405,10 @@ def _train_problems(key: str, t: TrainSettings) -> list[str]:
     if t.lora_dropout is not None and not 0.0 <= t.lora_dropout < 1.0:
         problems.append(f"{key}.lora_dropout: must be in [0, 1) or null, got {t.lora_dropout}")
     return problems
+
+
+def _batching_problems(key: str, method: str, t: TrainSettings) -> list[str]:
+    if t.batching != "padding_free" or METHODS[method].padding_free:
+        return []
+    return [f"{key}.batching: padding_free is not supported by TRL's {METHODS[method].label} trainer (it always "
+            "pads); use auto or padded"]

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from d2lora_dist.errors import UnknownName
+from d2lora_dist.errors import InputError, UnknownName
 
 if TYPE_CHECKING:  # annotations only: config validates names against this registry
     from d2lora_dist.config import TrainSettings
@@ -27,6 +27,7 @@ class MethodSpec:
     classes: Callable[[], tuple[type, type]]  # lazy (config class, trainer class): TRL imports are slow
     extra_args: Callable[[TrainSettings], dict[str, Any]]
     uses_reference: bool
+    padding_free: bool = False  # its trainer can flatten a micro-batch into one row (see resolve_batching)
 
     @property
     def needs_beta(self) -> bool:
@@ -34,7 +35,7 @@ class MethodSpec:
 
 
 def _sft() -> tuple[type, type]:
-    from trl import SFTConfig, SFTTrainer
+    from d2lora_dist.packing import SFTConfig, SFTTrainer  # TRL's, with padding-free batches under max_length
 
     return SFTConfig, SFTTrainer
 
@@ -60,13 +61,82 @@ def _preference_args(s: TrainSettings) -> dict[str, Any]:
     return {"max_length": s.max_length, "beta": s.beta, "disable_dropout": False}
 
 
+def _sft_args(s: TrainSettings) -> dict[str, Any]:
+    # completion_only_loss: the loss covers the response tokens only, never the prompt. batching is the
+    # request; the trainer resolves it against the model's attention (resolve_batching).
+    return {"max_length": s.max_length, "completion_only_loss": True, "batching": s.batching}
+
+
 METHODS: dict[str, MethodSpec] = {
-    # completion_only_loss: the loss covers the response tokens only, never the prompt.
-    "sft": MethodSpec("SFT", "sft", _sft, lambda s: {"max_length": s.max_length, "completion_only_loss": True},
-                      False),
+    "sft": MethodSpec("SFT", "sft", _sft, _sft_args, False, padding_free=True),
+    # TRL 1.16's DPOTrainer turns padding_free=True back off ("temporarily unavailable after a
+    # refactor"); its experimental ORPOTrainer has no such option: both always pad.
     "dpo": MethodSpec("DPO", "preference", _dpo, _preference_args, True),
     "orpo": MethodSpec("ORPO", "preference", _orpo, _preference_args, False),
 }
+
+# Attention implementations that keep the rows of a flattened micro-batch apart, given position_ids
+# that restart at 0 for each row and no attention_mask: flash attention through its varlen kernel
+# (TRL's collator passes cu_seq_lens), sdpa and eager through transformers' packed-sequence mask
+# (masking_utils.find_packed_sequence_indices: a block-diagonal causal mask). Any other attention
+# would let a row attend to the rows before it. The mask is built only without a cache (TRL's
+# compute_loss passes use_cache=False); with one, transformers skips the packed-sequence check.
+PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager")
+BATCHINGS = ("auto", "padded", "padding_free")
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a phase's micro-batches are laid out: what was asked, what is used and why."""
+
+    requested: str
+    used: str  # padded | padding_free
+    attention: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"requested": self.requested, "used": self.used, "attention": self.attention, "reason": self.reason}
+
+
+def _masks_packed_rows(attention: str) -> bool:
+    if attention not in PACKED_ATTENTION:
+        return False
+    if attention.startswith("flash_attention"):
+        return True
+    import transformers.masking_utils as masking  # sdpa/eager: the mask is built from position_ids
+
+    return hasattr(masking, "find_packed_sequence_indices")
+
+
+def resolve_batching(method: str, requested: str, per_device_batch_size: int, attention: str) -> Batching:
+    """padding_free where it trains the same loss as padding (the method's trainer flattens rows and
+    the attention keeps them apart), padded otherwise. `auto` falls back with the reason;
+    `padding_free` asked for where it would be wrong stops (config validation catches the method)."""
+    spec = get_method(method)
+    if requested not in BATCHINGS:
+        raise InputError(f"batching: {requested!r} is not one of {', '.join(BATCHINGS)}")
+    if requested == "padded":
+        return Batching(requested, "padded", attention, "asked for")
+    why_not = (f"TRL's {spec.label} trainer always pads" if not spec.padding_free
+               else f"attention {attention!r} does not keep flattened rows apart" if not _masks_packed_rows(attention)
+               else "one row per micro-batch has no padding to remove" if per_device_batch_size == 1 and requested == "auto"
+               else None)
+    if why_not is None:
+        return Batching(requested, "padding_free", attention,
+                        f"{spec.label} flattens each micro-batch; {attention} keeps its rows apart")
+    if requested == "padding_free":
+        raise InputError(f"batching: padding_free is not correct for {method} here ({why_not}); use auto or padded")
+    return Batching(requested, "padded", attention, why_not)
+
+
+def model_attention(model: Any) -> str:
+    """The attention implementation a loaded (or PEFT-wrapped) model really runs."""
+    return str(model.config._attn_implementation)
+
+
+def phase_batching(method: str, settings: TrainSettings, model: Any) -> Batching:
+    """The batching a phase of `method` with `settings` uses on `model` (what its trainer resolves)."""
+    return resolve_batching(method, settings.batching, settings.per_device_batch_size, model_attention(model))
 
 
 def get_method(name: str) -> MethodSpec:

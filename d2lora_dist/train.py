@@ -18,7 +18,7 @@ from d2lora_dist.config import Experiment, LoraConfig, TrainSettings
 from d2lora_dist.data.lengths import Truncation, truncation, with_response
 from d2lora_dist.data.loading import DataError
 from d2lora_dist.divergence import stop_on_non_finite
-from d2lora_dist.methods import get_method
+from d2lora_dist.methods import get_method, phase_batching
 from d2lora_dist.modeling import attach_lora, base_fingerprint
 from d2lora_dist.schedule import Schedule, plan_schedule
 from d2lora_dist.strategy import describe_record, launch_record
@@ -144,7 +144,9 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
         update = measure_phase_update(exp, phase, start_state, end_state, base["weights_fingerprint"])
         lineage = {**phase.lineage, "base_model": base, "lora": lora_summary(exp), "method": phase.method,
                    "hyperparameters": _as_dict(phase.settings), "seed": phase.seed, "lora_dropout": lora.dropout,
-                   "schedule": schedule.to_dict(), "launch": launch, "tokens_seen": int(trainer.state.num_input_tokens_seen),
+                   "schedule": schedule.to_dict(), "launch": launch,
+                   "batching": phase_batching(phase.method, phase.settings, model).to_dict(),
+                   "tokens_seen": int(trainer.state.num_input_tokens_seen),
                    "truncation": cut.to_dict(), "update": update,
                    "parent": _parent_ref(phase.init_adapter, parent)}
         manifest = adapters.save_adapter(trained, phase.out_adapter, lineage)

@@ -33,6 +33,25 @@ def test_a_changed_experiment_cannot_reuse_a_frozen_run_directory(tiny_experimen
     assert layout.experiment_file.read_text() == frozen  # nothing overwritten
 
 
+def test_a_run_directory_frozen_before_a_setting_existed_resumes_only_with_what_it_ran(
+        tiny_experiment: dict) -> None:
+    import yaml
+
+    exp = experiment_from_dict(tiny_experiment)
+    layout = RunLayout(exp.run_dir)
+    freeze_plan(exp, layout)
+    older = yaml.safe_load(layout.experiment_file.read_text())  # as written before batching and block suites
+    for settings in [older["warmup"]["train"], *older["methods"].values()]:
+        del settings["batching"]
+    for block in older["grid"]:
+        del block["suites"]
+    layout.experiment_file.write_text(yaml.safe_dump(older, sort_keys=False))
+    freeze_plan(exp, layout)  # the default is what the frozen runs did: resumes
+    tiny_experiment["methods"]["sft"]["batching"] = "auto"
+    with pytest.raises(PlanError, match=r"methods.sft.batching: 'padded' -> 'auto'"):
+        freeze_plan(experiment_from_dict(tiny_experiment), layout)  # would train those cells differently
+
+
 def test_the_token_estimate_counts_every_token_of_prompt_and_response(tiny_experiment: dict) -> None:
     """Against a count by pieces: the chat template's four special tokens, then each text piece
     between them (special tokens split the text, so the pieces' counts add up)."""

@@ -56,13 +56,27 @@ def cell_at(layout: RunLayout, index: int) -> Cell:
     return cells[index]
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
+# Settings added after run directories were frozen without them: the value those runs used, where
+# it is not the new default. Any other setting missing from a frozen file kept today's behaviour.
+RAN_BEFORE_THE_SETTING = {"batching": "padded"}
+_MISSING = object()
+
+
+def _diff(frozen: Any, requested: Any, prefix: str = "") -> list[str]:
+    if isinstance(frozen, dict) and isinstance(requested, dict):
         out = []
-        for key in sorted(set(a) | set(b)):
-            out += _diff(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+        for key in sorted(set(frozen) | set(requested)):
+            if key not in frozen:
+                if key not in RAN_BEFORE_THE_SETTING:
+                    continue  # a newer setting whose default is what the frozen run did
+                old = RAN_BEFORE_THE_SETTING[key]
+            else:
+                old = frozen[key]
+            out += _diff(old, requested.get(key, _MISSING), f"{prefix}.{key}" if prefix else str(key))
         return out
-    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
+    if isinstance(frozen, list) and isinstance(requested, list) and len(frozen) == len(requested):
+        return [d for i, (f, r) in enumerate(zip(frozen, requested, strict=True)) for d in _diff(f, r, f"{prefix}[{i}]")]
+    return [] if frozen == requested else [f"{prefix}: {frozen!r} -> {'(absent)' if requested is _MISSING else repr(requested)}"]
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,10 @@ def test_a_run_directory_frozen_before_a_setting_existed_resumes_only_with_what_
     tiny_experiment["methods"]["sft"]["batching"] = "auto"
     with pytest.raises(PlanError, match=r"methods.sft.batching: 'padded' -> 'auto'"):
         freeze_plan(experiment_from_dict(tiny_experiment), layout)  # would train those cells differently
+    tiny_experiment["methods"]["sft"]["batching"] = "padded"
+    tiny_experiment["grid"][0]["suites"] = ["gsm8k"]  # a newer setting asked with another value than it ran
+    with pytest.raises(PlanError, match=r"grid\[0\].suites: None -> \['gsm8k'\]"):
+        freeze_plan(experiment_from_dict(tiny_experiment), layout)
 
 
 def test_the_token_estimate_counts_every_token_of_prompt_and_response(tiny_experiment: dict) -> None:

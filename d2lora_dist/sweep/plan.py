@@ -32,8 +32,7 @@ def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
     # Jobs may start in another working directory: freeze where the runs live absolutely.
     resolved["output_dir"] = str(layout.root.resolve().parent)
     if layout.experiment_file.is_file():
-        frozen = yaml.safe_load(layout.experiment_file.read_text())
-        diffs = _diff(frozen, resolved)
+        diffs = _diff(_as_frozen_runs_it(yaml.safe_load(layout.experiment_file.read_text())), resolved)
         if diffs:
             raise PlanError(f"{layout.experiment_file} was frozen with other settings ({'; '.join(diffs[:5])}). "
                             "Results of a run directory must come from one experiment: use a new `name`, or "
@@ -56,8 +55,30 @@ def cell_at(layout: RunLayout, index: int) -> Cell:
     return cells[index]
 
 
-# Settings added after run directories were frozen without them: the value those runs used, where
-# it is not the new default. Any other setting missing from a frozen file kept today's behaviour.
+def _as_frozen_runs_it(frozen: dict[str, Any]) -> dict[str, Any]:
+    """The frozen file with today's defaults filled in, as the jobs that load it will run it, and the
+    value a run directory frozen before a setting existed used for it (RAN_BEFORE_THE_SETTING). A
+    new setting requested with another value is then a difference like any other."""
+    from d2lora_dist.config import experiment_from_dict
+
+    try:
+        filled = experiment_from_dict(frozen).to_dict()
+    except InputError:
+        return frozen  # a file today's schema cannot read: compare it as written
+    return _merge_missing(frozen, filled)
+
+
+def _merge_missing(frozen: Any, filled: Any) -> Any:
+    if isinstance(frozen, dict) and isinstance(filled, dict):
+        return {key: _merge_missing(frozen[key], filled.get(key)) if key in frozen
+                else RAN_BEFORE_THE_SETTING.get(key, filled[key]) for key in {**filled, **frozen}}
+    if isinstance(frozen, list) and isinstance(filled, list) and len(frozen) == len(filled):
+        return [_merge_missing(a, b) for a, b in zip(frozen, filled, strict=True)]
+    return frozen
+
+
+# Settings added after run directories were frozen without them: the value those runs used, where it
+# is not the default (a missing setting otherwise reads as its default, as the jobs loading the file do).
 RAN_BEFORE_THE_SETTING = {"batching": "padded"}
 _MISSING = object()
 
@@ -66,17 +87,18 @@ def _diff(frozen: Any, requested: Any, prefix: str = "") -> list[str]:
     if isinstance(frozen, dict) and isinstance(requested, dict):
         out = []
         for key in sorted(set(frozen) | set(requested)):
-            if key not in frozen:
-                if key not in RAN_BEFORE_THE_SETTING:
-                    continue  # a newer setting whose default is what the frozen run did
-                old = RAN_BEFORE_THE_SETTING[key]
-            else:
-                old = frozen[key]
-            out += _diff(old, requested.get(key, _MISSING), f"{prefix}.{key}" if prefix else str(key))
+            out += _diff(frozen.get(key, _MISSING), requested.get(key, _MISSING),
+                         f"{prefix}.{key}" if prefix else str(key))
         return out
     if isinstance(frozen, list) and isinstance(requested, list) and len(frozen) == len(requested):
         return [d for i, (f, r) in enumerate(zip(frozen, requested, strict=True)) for d in _diff(f, r, f"{prefix}[{i}]")]
-    return [] if frozen == requested else [f"{prefix}: {frozen!r} -> {'(absent)' if requested is _MISSING else repr(requested)}"]
+    if frozen == requested:
+        return []
+    return [f"{prefix}: {_shown(frozen)} -> {_shown(requested)}"]
+
+
+def _shown(value: Any) -> str:
+    return "(absent)" if value is _MISSING else repr(value)
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,11 @@ class SharedBase(FreshBase):
         key = _key(cfg)
         if self._key != key:
             self.drop()
-            self._model = load_base_model(cfg, training=False)
+            from d2lora_dist import distributed
+
+            # On the device the Trainer and evaluation move it to, before its fingerprint is taken: a
+            # device change would otherwise read as changed weights at the first hand-back (GPU runs).
+            self._model = load_base_model(cfg, training=False).to(distributed.device())
             self._key, self._pristine = key, _Pristine.of(self._model)
             self.loads += 1
         return self._model
@@ -139,7 +143,11 @@ class SharedBase(FreshBase):
 
     def _give_back(self, model: Any) -> None:
         assert self._pristine is not None
-        restore(model, self._pristine)
+        try:
+            restore(model, self._pristine)
+        except BaseException:
+            self.drop()  # half restored: never lend it again
+            raise
         _free_memory()
         problems = self._pristine.differences(model)
         if problems:

@@ -83,6 +83,7 @@ def training_arguments(exp: Experiment, phase: Phase, ds_config: str | None, sch
         # transformers 5 has no warmup_ratio: a warmup_steps value below 1 is read as that ratio of all steps
         warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
         logging_steps=s.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=s.save_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the logs, where divergence.py stops the phase
         save_total_limit=2, seed=phase.seed, data_seed=phase.seed, report_to=phase.report_to or "none",
         run_name=phase.name, gradient_checkpointing=exp.model.gradient_checkpointing,
         include_num_input_tokens_seen="non_padding", dataset_num_proc=None,

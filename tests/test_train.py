@@ -213,7 +213,7 @@ def test_a_diverging_phase_stops_at_the_step_and_saves_no_adapter(warmed) -> Non
 
     exp, layout, _ = warmed
     phase = _phase(exp, layout, "sft", None, learning_rate=float("inf"), logging_steps=1, min_steps=6)
-    with pytest.raises(TrainingDiverged, match=r"\[sft-lora\] training diverged: (loss|grad_norm) = (nan|inf).* "
+    with pytest.raises(TrainingDiverged, match=r"\[sft-lora\] training diverged: loss = (nan|inf).* "
                                                r"at optimizer step \d"):
         train_phase(exp, phase)
     assert not phase.out_adapter.exists()

@@ -18,6 +18,7 @@ from d2lora_dist.config import Experiment, LoraConfig, TrainSettings
 from d2lora_dist.data.lengths import Truncation, truncation, with_response
 from d2lora_dist.data.loading import DataError
 from d2lora_dist.divergence import stop_on_non_finite
+from d2lora_dist.lora_inits import DEFAULT_LORA_INIT
 from d2lora_dist.methods import get_method, phase_batching
 from d2lora_dist.modeling import attach_lora, base_fingerprint
 from d2lora_dist.schedule import Schedule, plan_schedule
@@ -45,6 +46,8 @@ class Phase:
     seed: int  # data order, fresh LoRA init and dropout masks
     lineage: dict[str, Any]  # phase, data subset, parent: goes into the manifest
     init_adapter: Path | None = None
+    # PEFT's factor init of a fresh adapter (lora_inits.py); a warm-started phase keeps its parent's residual base
+    lora_init: str = DEFAULT_LORA_INIT
     report_to: list[str] = field(default_factory=list)
     callbacks: list[Any] = field(default_factory=list)
     models: FreshBase = field(default_factory=FreshBase)  # tokenizer and base: loaded here, or a worker's shared one

@@ -40,7 +40,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
 
     exp, layout = _load(args)
-    return entries.warmup(exp, layout, str(args.config))
+    return entries.warmup(exp, layout, str(args.config), args.warmup)
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -48,7 +48,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from d2lora_dist.sweep.grid import Cell
 
     exp, layout = _load(args)
-    cell = Cell.requested(args.task, args.method, args.init, args.n, args.seed)
+    warmup = args.warmup or next(iter(exp.warmup_configs()), "")
+    cell = Cell.requested(args.task, args.method, args.init, args.n, args.seed, warmup, args.lora_init)
     return entries.cell(exp, layout, cell, str(args.config))
 
 
@@ -87,7 +88,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_sweep_plan(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
-    from d2lora_dist.sweep.plan import Throughput
+    from d2lora_dist.sweep.plan import Throughput, planned_warmups
 
     exp, layout = _load(args)
     speed = Throughput(args.train_tokens_per_s, args.eval_tokens_per_s)
@@ -96,14 +97,19 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
     print(f"{exp.name}: {len(rows)} cells, {sum(r.done for r in rows)} done; run dir {layout.root}")
+    for w in planned_warmups(exp, layout):
+        size = "all rows" if w["m"] is None else f"m = {w['m']}"
+        print(f"warm-up {w['key']}: {w['dataset']}, {size}, seed {w['seed']}, LoRA init {w['lora_init']}; "
+              f"{'done' if w['done'] else 'to train'}; {w['cells']} cells start from it")
     print(f"GPU-hours at {speed.train:g} training and {speed.eval:g} evaluation tokens per GPU-second "
           "(--train-tokens-per-s, --eval-tokens-per-s); memory per device from launch.strategy's estimate")
-    print(f"{'cell':<34} {'done':<5} {'launch':<16} {'GiB/GPU':>8} {'train ex.':>10} {'train tokens':>13} "
+    width = max([34, *(len(r.cell.id) + 1 for r in rows)])
+    print(f"{'cell':<{width}} {'done':<5} {'launch':<16} {'GiB/GPU':>8} {'train ex.':>10} {'train tokens':>13} "
           f"{'eval tokens':>12} {'GPU-h':>8}")
     for r in rows:
         launch = f"{r.launch.choice.strategy} x{r.launch.num_processes}" if r.launch.choice else "as configured"
         memory = f"{r.memory_gib:.1f}" if r.memory_gib is not None else "-"
-        print(f"{r.cell.id:<34} {'yes' if r.done else '-':<5} {launch:<16} {memory:>8} {r.train_examples:>10} "
+        print(f"{r.cell.id:<{width}} {'yes' if r.done else '-':<5} {launch:<16} {memory:>8} {r.train_examples:>10} "
               f"{r.train_tokens:>13,} {r.eval_tokens:>12,} {r.gpu_hours:>8.2f}")
     for method, reason in {r.cell.method: r.launch.describe() for r in rows}.items():
         print(f"launch of {method} cells: {reason}")
@@ -180,8 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_assets)
 
-    p = sub.add_parser("warmup", help="phase 1: LoRA SFT on general data -> the warm-up adapter")
+    p = sub.add_parser("warmup", help="phase 1: LoRA SFT on general data -> the warm-up adapter(s)")
     _experiment_args(p)
+    p.add_argument("--warmup", default=None, metavar="KEY",
+                   help="one warm-up run: its name under `warmups`, +LORA_INIT when its cells use another than "
+                        "the default (e.g. m384+pissa); default: every warm-up run the grid needs, in turn")
     p.set_defaults(func=cmd_warmup)
 
     p = sub.add_parser("adapt", help="phase 2 for one cell (train, evaluate, write result.json)")
@@ -191,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, choices=list(INITS))
     p.add_argument("--n", required=True, type=int, help="task examples; 0 trains nothing")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", default=None, help="init d2lora: the warm-up (a name under `warmups`) it starts "
+                                                   "from; default: the experiment's first")
+    p.add_argument("--lora-init", default="default",
+                   help="PEFT's factor init: default, gaussian, pissa, olora, pissa_niter_K")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("eval", help="evaluate the base model or an adapter on suites")

@@ -7,6 +7,7 @@ these objects and has no defaults of its own. Field docs are the `help` metadata
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,8 +17,12 @@ from typing import Any, Literal
 import yaml
 
 from d2lora_dist.inits import INITS
+from d2lora_dist.lora_inits import DEFAULT_LORA_INIT, is_lora_init, lora_init_spec
 from d2lora_dist.methods import METHODS
 from d2lora_dist.schema import ConfigError, build, to_dict
+
+SINGLE_WARMUP = "warmup"  # the name of an experiment's one `warmup` section
+_WARMUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")  # part of cell ids and directory names
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -146,6 +151,13 @@ class GridBlock:
         "Suites these cells evaluate: a subset of the task's that keeps its task metric (null = all of the "
         "task's). Lets a costly forgetting suite run at a few n only; a cell in several blocks runs the union.",
         default=None)
+    warmups: list[str] | None = _help(
+        "The warm-ups (names under `warmups`) the D2LoRA cells of this block start from, one cell each "
+        "(null = every warm-up of the experiment). Vanilla cells start from none.", default=None)
+    lora_inits: list[str] = _help(
+        "How a fresh adapter's factors are drawn (d2lora_dist.lora_inits: default, gaussian, pissa, olora, "
+        "pissa_niter_K), one cell each. A D2LoRA cell starts from a warm-up that began with the same one.",
+        default_factory=lambda: [DEFAULT_LORA_INIT])
 
 
 @dataclass
@@ -231,7 +243,11 @@ class Experiment:
         "to change the model's outputs (bf16 resolves about 4e-3 relative).", default=1e-3)
     lora: LoraConfig = _help("Adapter shape (shared by warm-up and every cell).",
                              default_factory=LoraConfig)
-    warmup: WarmupConfig | None = _help("Phase 1; required when any cell uses init d2lora.", default=None)
+    warmup: WarmupConfig | None = _help("Phase 1; required when any cell uses init d2lora (or `warmups`).",
+                                        default=None)
+    warmups: dict[str, WarmupConfig] | None = _help(
+        "Several named warm-ups instead of one `warmup` (e.g. sizes m of the paper's D2LoRA(m, n)); each is "
+        "trained once, per LoRA init its cells use. Names: lower-case letters, digits and _.", default=None)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -239,6 +255,16 @@ class Experiment:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    def warmup_configs(self) -> dict[str, WarmupConfig]:
+        """Every warm-up by name; a single `warmup` section is the warm-up named "warmup"."""
+        if self.warmups:
+            return dict(self.warmups)
+        return {SINGLE_WARMUP: self.warmup} if self.warmup is not None else {}
+
+    def warmup_key(self, name: str) -> str:
+        """Where the warm-up's settings live in the experiment file, for messages."""
+        return f"warmups.{name}" if self.warmups else "warmup"
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -294,8 +320,9 @@ def validate(exp: Experiment, well_typed: bool = True) -> list[str]:
     units: list[Callable[[], list[str]]] = [lambda: _suite_problems(exp), lambda: _task_problems(exp),
                                             lambda: _global_problems(exp)]
     units += [partial(_method_problems, name, settings) for name, settings in (exp.methods or {}).items()]
-    if exp.warmup is not None:
-        units.append(lambda: _train_problems("warmup.train", exp.warmup.train))
+    units += [partial(_train_problems, f"{exp.warmup_key(name)}.train", w.train)
+              for name, w in exp.warmup_configs().items()]
+    units.append(lambda: _warmup_problems(exp))
     units += [partial(_grid_problems, exp, i, block) for i, block in enumerate(exp.grid or [])]
     problems: list[str] = []
     for unit in units:
@@ -361,14 +388,49 @@ def _grid_problems(exp: Experiment, i: int, block: GridBlock) -> list[str]:
     for init in block.inits:
         if init not in INITS:
             problems.append(f"{key}.inits: unknown init {init!r} (valid: {', '.join(INITS)})")
-        elif INITS[init].from_warmup and exp.warmup is None:
-            problems.append(f"{key}.inits: {init} needs a `warmup` section")
+        elif INITS[init].from_warmup and not exp.warmup_configs():
+            problems.append(f"{key}.inits: {init} needs a `warmup` section (or named `warmups`)")
+    problems += _axes_problems(exp, key, block)
     if block.suites is not None and task is not None:
         problems += [f"{key}.suites: {s!r} is not a suite of task {block.task!r} ({task.suites})"
                      for s in block.suites if s not in task.suites]
         if task.suites and task.suites[0] not in block.suites:
             problems.append(f"{key}.suites: must keep the task metric {task.suites[0]!r} of task {block.task!r}")
     return problems + [f"{key}.n: {n} must be >= 0" for n in block.n if n < 0]
+
+
+def _axes_problems(exp: Experiment, key: str, block: GridBlock) -> list[str]:
+    """The warm-up and LoRA-init axes of one block."""
+    problems = [f"{key}.lora_inits: unknown LoRA init {name!r} (valid: default, gaussian, pissa, olora, pissa_niter_K)"
+                for name in block.lora_inits if not is_lora_init(name)]
+    if not block.lora_inits:
+        problems.append(f"{key}.lora_inits: empty; leave it out for PEFT's default")
+    if block.warmups is not None:
+        named = exp.warmup_configs()
+        problems += [f"{key}.warmups: unknown warm-up {w!r} (defined: {sorted(named)})"
+                     for w in block.warmups if w not in named]
+        if not block.warmups:
+            problems.append(f"{key}.warmups: empty; leave it out for every warm-up")
+    for method in block.methods:
+        settings = exp.methods.get(method)
+        if settings is None or not METHODS.get(method) or not METHODS[method].uses_reference:
+            continue
+        residual = [n for n in block.lora_inits if is_lora_init(n) and lora_init_spec(n).residual]
+        if residual and settings.reference == "base":
+            problems.append(f"methods.{method}.reference: 'base' (adapters disabled) is not the base model under "
+                            f"{residual[0]} ({key}.lora_inits), which rewrites the base weights into a residual; "
+                            "use reference: init (the starting adapter over the residual: the base model for a "
+                            "vanilla cell, the warm-up for D2LoRA)")
+    return problems
+
+
+def _warmup_problems(exp: Experiment) -> list[str]:
+    if exp.warmup is not None and exp.warmups:
+        return ["warmups: give either one `warmup` section or named `warmups`, not both"]
+    if exp.warmups is not None and not exp.warmups:
+        return ["warmups: empty; name at least one warm-up or leave it out"]
+    return [f"warmups.{name}: the name must be lower-case letters, digits and _ (it is part of cell ids and "
+            "directory names)" for name in exp.warmups or {} if not _WARMUP_NAME.match(name)]
 
 
 def _global_problems(exp: Experiment) -> list[str]:

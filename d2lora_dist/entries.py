@@ -20,12 +20,16 @@ from d2lora_dist.sweep.grid import Cell, plan_cells
 EXIT_OK, EXIT_FAILED_CELLS = 0, 1
 
 
-def warmup(exp: Experiment, layout: RunLayout, source: str) -> int:
+def warmup(exp: Experiment, layout: RunLayout, source: str, key: str | None = None) -> int:
+    """One warm-up run (`--warmup KEY`), or every one the plan needs, in turn."""
     from d2lora_dist.distributed import world_size
-    from d2lora_dist.warmup import run_warmup
+    from d2lora_dist.warmup import resolve_warmup, run_warmup
 
-    preflight(exp, Checks(warmup=True, warmup_world_size=world_size()), source)
-    return run_preemptible(lambda callbacks: run_warmup(exp, layout, callbacks=callbacks))
+    runs = resolve_warmup(exp, key)
+    preflight(exp, Checks(warmup=True, warmup_world_size=world_size(), warmups=tuple(r.name for r in runs)), source)
+    for run in runs:
+        run_preemptible(lambda callbacks, run=run: run_warmup(exp, layout, callbacks=callbacks, run=run))
+    return EXIT_OK
 
 
 def cell(exp: Experiment, layout: RunLayout, cell: Cell, source: str) -> int:

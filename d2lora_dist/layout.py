@@ -24,7 +24,7 @@ class RunLayout:
 
     @property
     def warmup_dir(self) -> Path:
-        return self.root / "warmup"
+        return self.warmup_home()
 
     @property
     def warmup_adapter(self) -> Path:
@@ -33,6 +33,17 @@ class RunLayout:
     @property
     def warmup_result(self) -> Path:
         return self.warmup_dir / "result.json"
+
+    def warmup_home(self, key: str = "warmup") -> Path:
+        """A warm-up's directory: `warmup/` for an experiment's single one (as before the axes), else
+        `warmups/<key>/` (key = name, `+lora_init` unless PEFT's default; sweep/grid.WarmupRun)."""
+        return self.root / "warmup" if key == "warmup" else self.root / "warmups" / key
+
+    def warmup_adapter_of(self, key: str) -> Path:
+        return self.warmup_home(key) / "adapter"
+
+    def warmup_result_of(self, key: str) -> Path:
+        return self.warmup_home(key) / "result.json"
 
     def cell_dir(self, cell_id: str) -> Path:
         return self.root / "cells" / cell_id

@@ -36,6 +36,12 @@ class Checks:
     cell_world_size: int | None = None  # ranks a cell trains on; None = not known here (skip)
     warmup_world_size: int | None = None
     slurm: bool = False
+    warmups: tuple[str, ...] = ()  # the warm-ups (names) to check when `warmup`; empty = every one
+
+    def warmup_names(self, exp: Experiment) -> list[str]:
+        if not self.warmup:
+            return []
+        return list(self.warmups) or [c.warmup for c in self.cells if c.warmup] or list(exp.warmup_configs())
 
 
 def for_cells(exp: Experiment, cells: Iterable[Cell], world_size: int | None, warmup_world_size: int | None,
@@ -69,6 +75,7 @@ def preflight(exp: Experiment, checks: Checks, source: str) -> None:
 def _request_problems(exp: Experiment, checks: Checks) -> list[str]:
     """A cell named on the command line (`adapt`) must exist in the experiment."""
     from d2lora_dist.inits import INITS
+    from d2lora_dist.lora_inits import is_lora_init
 
     problems = []
     for cell in checks.cells:
@@ -76,8 +83,12 @@ def _request_problems(exp: Experiment, checks: Checks) -> list[str]:
             problems.append(f"--task {cell.task!r}: not a task of the experiment ({sorted(exp.tasks)})")
         if cell.trains and cell.method not in exp.methods:
             problems.append(f"--method {cell.method!r}: no settings under `methods` ({sorted(exp.methods)})")
-        if INITS[cell.init].from_warmup and exp.warmup is None:
-            problems.append(f"--init {cell.init}: the experiment has no `warmup` section")
+        if INITS[cell.init].from_warmup and cell.warmup not in exp.warmup_configs():
+            problems.append(f"--init {cell.init}: the experiment has no warm-up {cell.warmup!r} "
+                            f"(defined: {sorted(exp.warmup_configs())})")
+        if not is_lora_init(cell.lora_init):
+            problems.append(f"--lora-init {cell.lora_init!r}: unknown (valid: default, gaussian, pissa, olora, "
+                            "pissa_niter_K)")
     return problems
 
 
@@ -102,13 +113,17 @@ def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
         if have is not None and cell.n > have:
             problems.append(f"{cell.id}: n={cell.n} but task {cell.task!r} has only {have} usable {form} rows "
                             f"({task.dataset.name}, {task.holdout} held out); lower n in the grid or add data")
-    if checks.warmup and exp.warmup is not None and exp.warmup.n is not None:
+    for name in dict.fromkeys(checks.warmup_names(exp)):
+        cfg, key = exp.warmup_configs()[name], exp.warmup_key(name)
+        if cfg.n is None:
+            continue
         try:
-            have = usable_rows(normalize(exp.warmup.dataset, "sft"), exp.data_seed, 0)
+            have = usable_rows(normalize(cfg.dataset, "sft"), exp.data_seed, 0)
         except DataError as e:
-            return [*problems, f"warmup.dataset: {e}"]
-        if exp.warmup.n > have:
-            problems.append(f"warmup.n: {exp.warmup.n} but {exp.warmup.dataset.name} has only {have} usable SFT rows")
+            problems.append(f"{key}.dataset: {e}")
+            continue
+        if cfg.n > have:
+            problems.append(f"{key}.n: {cfg.n} but {cfg.dataset.name} has only {have} usable SFT rows")
     return problems
 
 
@@ -143,8 +158,10 @@ def _suite_problems(exp: Experiment, checks: Checks) -> list[str]:
 # ---- launch --------------------------------------------------------------------------------
 def _batch_problems(exp: Experiment, checks: Checks) -> list[str]:
     problems: list[str] = []
-    if checks.warmup and exp.warmup is not None and checks.warmup_world_size is not None:
-        problems += _batch(exp.warmup.train, "warmup.train", checks.warmup_world_size)
+    if checks.warmup_world_size is not None:
+        for name in dict.fromkeys(checks.warmup_names(exp)):
+            problems += _batch(exp.warmup_configs()[name].train, f"{exp.warmup_key(name)}.train",
+                               checks.warmup_world_size)
     if checks.cell_world_size is not None:
         for method in sorted({c.method for c in checks.cells if c.trains}):
             problems += _batch(exp.methods[method], f"methods.{method}", checks.cell_world_size)

@@ -106,9 +106,12 @@ def method_need(exp: Experiment, method: str) -> Need:
     return Need(f"methods.{method}", settings, workload(exp, settings, method))
 
 
-def warmup_need(exp: Experiment) -> Need:
-    assert exp.warmup is not None
-    return Need("warmup.train", exp.warmup.train, workload(exp, exp.warmup.train, "sft"))
+def warmup_need(exp: Experiment, name: str | None = None) -> Need:
+    """The memory and batch a warm-up needs (the first one's when no name is given)."""
+    configs = exp.warmup_configs()
+    name = name if name is not None else next(iter(configs))
+    cfg = configs[name]
+    return Need(f"{exp.warmup_key(name)}.train", cfg.train, workload(exp, cfg.train, "sft"))
 
 
 def choose(exp: Experiment, needs: Sequence[Need], device_counts: Sequence[int], requested: str) -> Choice:
@@ -209,9 +212,9 @@ def cell_launch(exp: Experiment, methods: Sequence[str], packed: bool) -> Launch
     return launch_for(exp, cell_needs(exp, methods), range(1, top + 1) if packed else [top])
 
 
-def warmup_launch(exp: Experiment, nodes: int = 1) -> Launch:
+def warmup_launch(exp: Experiment, nodes: int = 1, name: str | None = None) -> Launch:
     """The warm-up takes every rank it is given (one job, nothing to share the nodes with)."""
-    launch = launch_for(exp, [warmup_need(exp)], [nodes * exp.launch.num_processes])
+    launch = launch_for(exp, [warmup_need(exp, name)], [nodes * exp.launch.num_processes])
     if launch.choice is not None and nodes > 1:  # the launcher counts ranks per node
         return Launch(launch.accelerate_config or DDP_ACCELERATE, launch.deepspeed_config,
                       exp.launch.num_processes, launch.choice)

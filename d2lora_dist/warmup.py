@@ -1,45 +1,85 @@
-"""Phase 1: LoRA SFT on general data, once per experiment, published as a verified artifact."""
+"""Phase 1: LoRA SFT on general data, once per warm-up run, published as a verified artifact.
+
+An experiment has one `warmup` or several named `warmups`; each is trained once per LoRA init its
+D2LoRA cells use (sweep/grid.WarmupRun), into its own directory and W&B artifact.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from d2lora_dist import distributed, tracking
-from d2lora_dist.config import Experiment
+from d2lora_dist.config import SINGLE_WARMUP, Experiment
 from d2lora_dist.data.selection import warmup_records
+from d2lora_dist.errors import UnknownName
 from d2lora_dist.fileio import read_json, write_json_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.schema import ConfigError
+from d2lora_dist.sweep.grid import WarmupRun, plan_cells, warmup_runs
 from d2lora_dist.train import Phase, train_phase
 
-
-def warmup_artifact(exp: Experiment) -> str:
-    return tracking.artifact_name(exp.name, "warmup")
+SINGLE = WarmupRun(SINGLE_WARMUP)
 
 
-def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """Train the warm-up adapter unless it is already done; return its result record."""
-    if exp.warmup is None:
-        raise ConfigError([f"experiment {exp.name!r} has no `warmup` section"], exp.name)
-    if layout.warmup_result.is_file():
+def warmup_artifact(exp: Experiment, run: WarmupRun = SINGLE) -> str:
+    return tracking.artifact_name(exp.name, "warmup" if run == SINGLE else f"warmup-{run.key}")
+
+
+def planned_warmups(exp: Experiment) -> list[WarmupRun]:
+    """The warm-up runs the experiment's cells start from (the single warm-up when no cell needs one:
+    `d2lora warmup` on its own still trains it)."""
+    runs = warmup_runs(plan_cells(exp))
+    if runs or not exp.warmup_configs():
+        return runs
+    return [WarmupRun(name) for name in exp.warmup_configs()]
+
+
+def resolve_warmup(exp: Experiment, key: str | None) -> list[WarmupRun]:
+    """`--warmup KEY` (name[+lora_init]) -> that run; None -> every planned one."""
+    if exp.warmup is None and not exp.warmups:
+        raise ConfigError([f"experiment {exp.name!r} has no `warmup` or `warmups` section"], exp.name)
+    planned = planned_warmups(exp)
+    if key is None:
+        return planned
+    run = WarmupRun.parse(key)
+    if run not in planned:
+        raise UnknownName(f"--warmup {key!r}: not a warm-up run of experiment {exp.name!r} "
+                          f"(planned: {', '.join(r.key for r in planned)})")
+    return [run]
+
+
+def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None = None,
+               run: WarmupRun = SINGLE) -> dict[str, Any]:
+    """Train one warm-up adapter unless it is already done; return its result record."""
+    configs = exp.warmup_configs()
+    if run.name not in configs:
+        raise ConfigError([f"experiment {exp.name!r} has no warm-up {run.name!r} (defined: {sorted(configs)})"],
+                          exp.name)
+    cfg, settings_key = configs[run.name], exp.warmup_key(run.name)
+    home, adapter, result_file = layout.warmup_home(run.key), layout.warmup_adapter_of(run.key), \
+        layout.warmup_result_of(run.key)
+    if result_file.is_file():
         if distributed.is_main_process():
-            print(f"warm-up already done: {layout.warmup_adapter}", flush=True)
-        return read_json(layout.warmup_result)
-    records, subset = warmup_records(exp)
-    run = tracking.start_run(exp, layout, "warmup", f"{exp.name}-warmup",
-                             {"phase": "warmup", "n": len(records)}, ["warmup"])
-    phase = Phase(name="warmup", method="sft", settings=exp.warmup.train, settings_key="warmup.train",
-                  records=records, out_adapter=layout.warmup_adapter, checkpoint_dir=layout.warmup_dir / "checkpoints",
-                  seed=exp.warmup.seed, lineage={"phase": "warmup", "data": subset.to_dict() | {"indices": None}},
-                  report_to=["wandb"] if run is not None else [], callbacks=callbacks or [])
+            print(f"warm-up {run.key} already done: {adapter}", flush=True)
+        return read_json(result_file)
+    records, subset = warmup_records(exp, run.name)
+    name = "warmup" if run == SINGLE else f"warmup-{run.key}"
+    described = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, "n": len(records)}
+    wandb_run = tracking.start_run(exp, layout, "warmup", f"{exp.name}-{name}", described,
+                                   ["warmup", f"warmup:{run.name}", f"lora_init:{run.lora_init}"])
+    phase = Phase(name=name, method="sft", settings=cfg.train, settings_key=f"{settings_key}.train",
+                  records=records, out_adapter=adapter, checkpoint_dir=home / "checkpoints", seed=cfg.seed,
+                  lineage={"phase": "warmup", "warmup": run.name, "data": subset.to_dict() | {"indices": None}},
+                  lora_init=run.lora_init, report_to=["wandb"] if wandb_run is not None else [],
+                  callbacks=callbacks or [])
     outcome = train_phase(exp, phase)
-    result = {"phase": "warmup", "train": outcome.summary(), "data": {"dataset": subset.dataset, "n": subset.n,
-              "subset_sha256": subset.sha256}, "adapter": None}
+    result = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, "train": outcome.summary(),
+              "data": {"dataset": subset.dataset, "n": subset.n, "subset_sha256": subset.sha256}, "adapter": None}
     if outcome.manifest is not None and distributed.is_main_process():
-        result["adapter"] = {"sha256": outcome.manifest["adapter_sha256"], "path": str(layout.warmup_adapter)}
-        write_json_atomic(layout.warmup_dir / "subset.json", subset.to_dict())
-        tracking.log_adapter_artifact(run, layout.warmup_adapter, warmup_artifact(exp), outcome.manifest)
-        write_json_atomic(layout.warmup_result, result)
-    tracking.finish_run(run, {"train/" + k: v for k, v in outcome.summary().items()})
+        result["adapter"] = {"sha256": outcome.manifest["adapter_sha256"], "path": str(adapter)}
+        write_json_atomic(home / "subset.json", subset.to_dict())
+        tracking.log_adapter_artifact(wandb_run, adapter, warmup_artifact(exp, run), outcome.manifest)
+        write_json_atomic(result_file, result)  # last: its existence means the warm-up is done
+    tracking.finish_run(wandb_run, {"train/" + k: v for k, v in outcome.summary().items()})
     distributed.barrier()
     return result

@@ -23,9 +23,10 @@ def task_records(exp: Experiment, task: str, form: str, n: int, seed: int) -> tu
     return training_records(cfg.dataset, form, n, exp.data_seed, seed, cfg.holdout)
 
 
-def warmup_records(exp: Experiment) -> tuple[list[dict[str, Any]], Subset]:
-    assert exp.warmup is not None
-    return training_records(exp.warmup.dataset, "sft", exp.warmup.n, exp.data_seed, exp.warmup.seed)
+def warmup_records(exp: Experiment, name: str) -> tuple[list[dict[str, Any]], Subset]:
+    """A warm-up's rows: the first n of its seed's permutation (warm-ups of one dataset and seed nest)."""
+    cfg = exp.warmup_configs()[name]
+    return training_records(cfg.dataset, "sft", cfg.n, exp.data_seed, cfg.seed)
 
 
 def suite_items(exp: Experiment, suite: str, task: str | None) -> list[dict[str, Any]]:

@@ -41,11 +41,12 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
         return read_json(layout.cell_result(cell.id))
     start_adapter = _starting_adapter(layout, cell)
     timing = {"started": time.time()}  # wall seconds of the cell's parts (benchmarks/demo_wallclock.py)
-    tags = [f"task:{cell.task}", f"method:{cell.method}", f"init:{cell.init}", f"n:{cell.n}", f"seed:{cell.seed}"]
+    tags = [f"task:{cell.task}", f"method:{cell.method}", f"init:{cell.init}", f"n:{cell.n}", f"seed:{cell.seed}",
+            f"lora_init:{cell.lora_init}", *([f"warmup:{cell.warmup}"] if cell.warmup else [])]
     outcome = None
     if cell.trains:
         run = tracking.start_run(exp, layout, "adapt", cell.id, cell.to_dict(), tags)
-        _declare_input(exp, run, start_adapter)
+        _declare_input(exp, run, start_adapter, cell, own=False)
         timing["train"] = time.time()
         outcome = train_cell(exp, layout, cell, start_adapter, run, callbacks or [], models)
         timing["train"] = time.time() - timing["train"]
@@ -55,7 +56,7 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
         tracking.finish_run(run, {"train": outcome.summary() if outcome else {}})
     eval_adapter = layout.cell_adapter(cell.id) if cell.trains else start_adapter
     run = tracking.start_run(exp, layout, "eval", f"{cell.id}-eval", cell.to_dict(), tags)
-    _declare_input(exp, run, eval_adapter, cell_id=cell.id if cell.trains else None)
+    _declare_input(exp, run, eval_adapter, cell, own=cell.trains)
     timing["evaluate"] = time.time()
     metrics = evaluate_suites(exp, cell.task, cell_suites(exp, cell), eval_adapter,
                               lambda suite: layout.cell_predictions(cell.id, suite), models=models)
@@ -74,21 +75,22 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
     return result or {}
 
 
-def _declare_input(exp: Experiment, run: Any, adapter_dir: Path | None, cell_id: str | None = None) -> None:
-    """W&B lineage: the run consumed this adapter artifact (warm-up, or the cell's own)."""
+def _declare_input(exp: Experiment, run: Any, adapter_dir: Path | None, cell: Cell, own: bool) -> None:
+    """W&B lineage: the run consumed this adapter artifact (the cell's own, or its warm-up's)."""
     if run is None or adapter_dir is None:
         return
-    name = tracking.artifact_name(exp.name, cell_id) if cell_id else warmup_artifact(exp)
+    name = tracking.artifact_name(exp.name, cell.id) if own else warmup_artifact(exp, cell.warmup_run)
     tracking.use_adapter_artifact(run, name, adapters.read_manifest(adapter_dir)["adapter_sha256"])
 
 
 def _starting_adapter(layout: RunLayout, cell: Cell) -> Path | None:
-    if not INITS[cell.init].from_warmup:
+    run = cell.warmup_run
+    if not INITS[cell.init].from_warmup or run is None:
         return None
-    if not layout.warmup_result.is_file():
-        raise MissingInput(f"[{cell.id}] needs the warm-up adapter, but {layout.warmup_result} does not "
-                                "exist; run `d2lora warmup` first")
-    return layout.warmup_adapter
+    if not layout.warmup_result_of(run.key).is_file():
+        raise MissingInput(f"[{cell.id}] needs warm-up {run.key!r}, but {layout.warmup_result_of(run.key)} does "
+                           f"not exist; run `d2lora warmup --warmup {run.key}` first")
+    return layout.warmup_adapter_of(run.key)
 
 
 def train_cell(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Path | None, run: Any = None,
@@ -108,7 +110,7 @@ def train_cell(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Pa
                   lineage={"phase": "adapt", "cell": cell.to_dict(), "init": cell.init,
                            "data": {k: v for k, v in subset.to_dict().items() if k != "indices"},
                            "shared_worker": models.shared},
-                  init_adapter=start_adapter, report_to=["wandb"] if run is not None else [],
+                  init_adapter=start_adapter, lora_init=cell.lora_init, report_to=["wandb"] if run is not None else [],
                   callbacks=callbacks or [], models=models)
     return train_phase(exp, phase)
 

@@ -1,19 +1,45 @@
-"""The grid of cells: task x method x init x n x seed, with stable readable ids.
+"""The grid of cells: task x method x init (x warm-up x LoRA init) x n x seed, with stable readable ids.
 
 n = 0 cells train nothing, so they do not depend on the method (or the seed): they are
-planned once per (task, init) with method "none" and every method's table uses them.
+planned once per (task, init, warm-up) with method "none" and every method's table uses them.
+A vanilla n = 0 cell is the base model whatever its LoRA init (every init starts at the base's
+function), so it is planned once, with the default.
+
+Ids keep the shape they had before the axes: `task-method-init-nN-sS`, where init grows
+`@warm-up` for a named warm-up (not for an experiment's single `warmup`) and `+lora_init` for a
+LoRA init other than the default: `titles-sft-d2lora@m384+pissa-n16-s0`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from d2lora_dist.config import Experiment
+from d2lora_dist.config import SINGLE_WARMUP, Experiment
 from d2lora_dist.errors import UnknownName
 from d2lora_dist.inits import INITS
+from d2lora_dist.lora_inits import DEFAULT_LORA_INIT
 from d2lora_dist.methods import NO_TRAINING
 
-__all__ = ["NO_TRAINING", "Cell", "plan_cells", "find_cell", "needs_warmup", "cell_suites"]
+__all__ = ["NO_TRAINING", "Cell", "WarmupRun", "plan_cells", "find_cell", "needs_warmup", "warmup_runs",
+           "cell_suites"]
+
+
+@dataclass(frozen=True, order=True)
+class WarmupRun:
+    """One warm-up artifact to train: a named warm-up started from one LoRA init."""
+
+    name: str
+    lora_init: str = DEFAULT_LORA_INIT
+
+    @property
+    def key(self) -> str:
+        """Its directory, job and artifact name: the warm-up's name, `+lora_init` unless the default."""
+        return self.name if self.lora_init == DEFAULT_LORA_INIT else f"{self.name}+{self.lora_init}"
+
+    @classmethod
+    def parse(cls, key: str) -> WarmupRun:
+        name, _, lora_init = key.partition("+")
+        return cls(name, lora_init or DEFAULT_LORA_INIT)
 
 
 @dataclass(frozen=True, order=True)
@@ -23,12 +49,31 @@ class Cell:
     init: str  # lora | d2lora
     n: int
     seed: int
+    warmup: str = ""  # the warm-up a D2LoRA cell starts from ("" = none: a vanilla cell)
+    lora_init: str = DEFAULT_LORA_INIT  # PEFT's factor init of the fresh adapter (or of its warm-up)
     # The suites a grid block restricts the cell to (empty = the task's); not part of its identity.
     suites: tuple[str, ...] = field(default=(), compare=False)
 
+    def __post_init__(self) -> None:
+        # a D2LoRA cell named without its warm-up starts from the experiment's single one
+        if not self.warmup and self.init in INITS and INITS[self.init].from_warmup:
+            object.__setattr__(self, "warmup", SINGLE_WARMUP)
+
     @property
     def id(self) -> str:
-        return f"{self.task}-{self.method}-{self.init}-n{self.n}-s{self.seed}"
+        return f"{self.task}-{self.method}-{self.arm}-n{self.n}-s{self.seed}"
+
+    @property
+    def arm(self) -> str:
+        """The init with its axes, as ids, tags and tables name it: d2lora, d2lora@m384+pissa, lora+olora."""
+        named = f"@{self.warmup}" if self.warmup and self.warmup != SINGLE_WARMUP else ""
+        axis = f"+{self.lora_init}" if self.lora_init != DEFAULT_LORA_INIT else ""
+        return f"{self.init}{named}{axis}"
+
+    @property
+    def warmup_run(self) -> WarmupRun | None:
+        """The warm-up artifact this cell starts from (None for a vanilla cell)."""
+        return WarmupRun(self.warmup, self.lora_init) if self.warmup else None
 
     @property
     def trains(self) -> bool:
@@ -40,17 +85,30 @@ class Cell:
             data["suites"] = list(self.suites)
         else:
             del data["suites"]  # plans and results of unrestricted cells read as before
+        # so do those of experiments without the axes (one warm-up, PEFT's default init)
+        if not self.warmup or self.warmup == SINGLE_WARMUP:
+            del data["warmup"]
+        if self.lora_init == DEFAULT_LORA_INIT:
+            del data["lora_init"]
         return data
 
     @classmethod
-    def requested(cls, task: str, method: str, init: str, n: int, seed: int) -> Cell:
-        """The cell a request names: n = 0 trains nothing, so it is method "none", seed 0, for every method."""
-        return cls(task, NO_TRAINING, init, 0, 0) if n == 0 else cls(task, method, init, n, seed)
+    def requested(cls, task: str, method: str, init: str, n: int, seed: int, warmup: str = SINGLE_WARMUP,
+                  lora_init: str = DEFAULT_LORA_INIT) -> Cell:
+        """The cell a request names: n = 0 trains nothing, so it is method "none", seed 0, for every method;
+        a vanilla cell has no warm-up, and at n = 0 it is the base model whatever its LoRA init."""
+        from_warmup = INITS[init].from_warmup
+        warmup = warmup if from_warmup else ""
+        if n == 0:
+            return cls(task, NO_TRAINING, init, 0, 0, warmup, lora_init if from_warmup else DEFAULT_LORA_INIT)
+        return cls(task, method, init, n, seed, warmup, lora_init)
 
     @classmethod
     def from_dict(cls, data: dict) -> Cell:
+        from_warmup = data["init"] in INITS and INITS[data["init"]].from_warmup
         return cls(task=data["task"], method=data["method"], init=data["init"], n=int(data["n"]),
-                   seed=int(data["seed"]), suites=tuple(data.get("suites") or ()))
+                   seed=int(data["seed"]), warmup=data.get("warmup") or (SINGLE_WARMUP if from_warmup else ""),
+                   lora_init=data.get("lora_init") or DEFAULT_LORA_INIT, suites=tuple(data.get("suites") or ()))
 
 
 def plan_cells(exp: Experiment) -> list[Cell]:
@@ -58,16 +116,23 @@ def plan_cells(exp: Experiment) -> list[Cell]:
     cells: dict[str, Cell] = {}
     suites: dict[str, set[str] | None] = {}  # None: some block asks for every suite of the task
     for block in exp.grid:
-        for init in block.inits:
+        for init, warmup, lora_init in _arms(exp, block):
             for n in block.n:
                 for method in block.methods:
                     for seed in block.seeds:
-                        cell = Cell.requested(block.task, method, init, n, seed)
+                        cell = Cell.requested(block.task, method, init, n, seed, warmup, lora_init)
                         cells.setdefault(cell.id, cell)
                         asked = suites.get(cell.id, set())
                         suites[cell.id] = None if asked is None or block.suites is None else asked | set(block.suites)
     restricted = [_restrict(exp, cell, suites[cell.id]) for cell in cells.values()]
     return sorted(restricted, key=_order)
+
+
+def _arms(exp: Experiment, block) -> list[tuple[str, str, str]]:
+    """(init, warm-up, LoRA init) of a block: each D2LoRA init once per warm-up it names."""
+    warmups = block.warmups if block.warmups is not None else list(exp.warmup_configs())
+    return [(init, warmup, lora_init) for init in block.inits for lora_init in block.lora_inits
+            for warmup in (warmups if INITS[init].from_warmup else [""])]
 
 
 def _restrict(exp: Experiment, cell: Cell, asked: set[str] | None) -> Cell:
@@ -83,7 +148,7 @@ def cell_suites(exp: Experiment, cell: Cell) -> list[str]:
 
 
 def _order(cell: Cell) -> tuple:
-    return (cell.task, cell.n, cell.method, cell.init, cell.seed)
+    return (cell.task, cell.n, cell.method, cell.lora_init, cell.init, cell.warmup, cell.seed)
 
 
 def find_cell(exp: Experiment, cell_id: str) -> Cell:
@@ -95,3 +160,8 @@ def find_cell(exp: Experiment, cell_id: str) -> Cell:
 
 def needs_warmup(cells: list[Cell]) -> bool:
     return any(INITS[c.init].from_warmup for c in cells)
+
+
+def warmup_runs(cells: list[Cell]) -> list[WarmupRun]:
+    """The warm-up artifacts these cells start from, each once, in a stable order."""
+    return sorted({c.warmup_run for c in cells if c.warmup_run is not None})

@@ -1,4 +1,6 @@
-"""The local executor: warm-up if needed, then every unfinished cell, then (in entries) the report.
+"""The local executor: the warm-ups the cells need, then every unfinished cell, then (in entries) the report.
+
+A warm-up that fails holds back only the cells that start from it; the others run.
 
 Cells whose launch is one plain process (the CPU default, DDP on one GPU) run in a cell worker:
 one process that loads the base model once and runs them one after another (sweep/worker.py), so
@@ -20,7 +22,7 @@ from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.shipped import for_command
 from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
-from d2lora_dist.sweep.grid import Cell, needs_warmup
+from d2lora_dist.sweep.grid import Cell, warmup_runs
 
 
 class LaunchFailed(RuntimeError):
@@ -85,15 +87,32 @@ def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str) 
         raise LaunchFailed(f"{what} failed with exit code {code} (command: {' '.join(command)})")
 
 
+def run_warmups(exp: Experiment, layout: RunLayout, cells: list[Cell], config: list[str]) -> set:
+    """Train each warm-up these cells start from that is not done yet; returns the ones that failed."""
+    failed = set()
+    for run in warmup_runs(cells):
+        if layout.warmup_result_of(run.key).is_file():
+            continue
+        try:
+            run_launch(exp, warmup_launch(exp, name=run.name), ["warmup", *config, "--warmup", run.key],
+                       f"warm-up {run.key}")
+        except LaunchFailed as e:
+            print(f"!!! {e}; its cells are held back", flush=True)
+            failed.add(run)
+    return failed
+
+
 def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_file: Path,
               cell_worker: bool = True) -> list[str]:
     """Run what is not done; returns the ids of cells that failed (the sweep goes on past them)."""
     config = ["-c", str(experiment_file)]
-    if needs_warmup(cells) and not layout.warmup_result.is_file():
-        run_launch(exp, warmup_launch(exp), ["warmup", *config], "warm-up")
     todo = [c for c in cells if not layout.cell_result(c.id).is_file()]
-    print(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}", flush=True)
-    failed, started = [], 0
+    held_back = run_warmups(exp, layout, todo, config)
+    failed = [c.id for c in todo if c.warmup_run in held_back]
+    todo = [c for c in todo if c.warmup_run not in held_back]
+    print(f"{len(cells) - len(todo) - len(failed)} of {len(cells)} cells done; running {len(todo)}"
+          + (f"; {len(failed)} held back by a failed warm-up" if failed else ""), flush=True)
+    started = 0
     for job in plan_jobs(exp, todo, cell_worker):
         print(f"=== cell{'s' if len(job.cells) > 1 else ''} {started + 1}"
               f"{f'-{started + len(job.cells)}' if len(job.cells) > 1 else ''}/{len(todo)}: {job.describe()}",

@@ -161,6 +161,21 @@ def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughp
     return rows
 
 
+def planned_warmups(exp: Experiment, layout: RunLayout) -> list[dict[str, Any]]:
+    """Each warm-up run the grid starts from: its data, size, LoRA init, seed, whether it is done and
+    how many cells wait on it (printed by `sweep plan`)."""
+    from d2lora_dist.sweep.grid import warmup_runs
+
+    cells = plan_cells(exp)
+    rows = []
+    for run in warmup_runs(cells):
+        cfg = exp.warmup_configs()[run.name]
+        rows.append({"key": run.key, "warmup": run.name, "lora_init": run.lora_init, "dataset": cfg.dataset.name,
+                     "m": cfg.n, "seed": cfg.seed, "done": layout.warmup_result_of(run.key).is_file(),
+                     "cells": sum(c.warmup_run == run for c in cells)})
+    return rows
+
+
 def trained_examples(settings: TrainSettings, n: int) -> int:
     """Examples the optimizer sees: min_steps may repeat the data beyond `epochs` (schedule.py decides)."""
     from d2lora_dist.schedule import plan_schedule

@@ -153,8 +153,8 @@ def test_submission_plan_dependencies_and_skips(tmp_path):
     layout = RunLayout(exp.run_dir)
     cells = freeze_plan(exp, layout)
     steps, skipped = slurm.plan_submission(exp, layout, cells, range(4))
-    assert [(s.name, s.after) for s in steps] == [("warmup", None), ("array", ("afterok", "warmup")),
-                                                 ("report", ("afterany", "array"))]
+    assert [(s.name, s.after) for s in steps] == [("warmup", None), ("array", ("afterok", ("warmup",))),
+                                                 ("report", ("afterany", ("array",)))]
     jobs = {"warmup": "11", "array": "12"}
     assert [slurm.sbatch_argv(s, jobs)[2] for s in steps[1:]] == ["--dependency=afterok:11",
                                                                    "--dependency=afterany:12"]
@@ -166,6 +166,38 @@ def test_submission_plan_dependencies_and_skips(tmp_path):
     layout.warmup_result.write_text("{}")
     steps, skipped = slurm.plan_submission(exp, layout, cells, range(4))
     assert [s.name for s in steps] == ["array", "report"] and "done" in skipped["warmup"]
+
+
+def test_each_warmup_run_is_a_job_and_each_array_waits_for_its_own_warmup_only(tmp_path):
+    data = experiment_dict("axes", str(tmp_path))
+    warmup = data.pop("warmup")
+    data["warmups"] = {"m8": {**warmup, "n": 8}, "m32": {**warmup, "n": 32}}
+    data["grid"][0] |= {"lora_inits": ["default", "pissa"], "seeds": [0]}
+    exp = experiment_from_dict(data)
+    layout = RunLayout(exp.run_dir)
+    cells = freeze_plan(exp, layout)
+    steps, skipped = slurm.plan_submission(exp, layout, cells, range(len(cells)))
+    warmups = ["m32", "m32+pissa", "m8", "m8+pissa"]
+    assert [s.name for s in steps] == [*(f"warmup:{k}" for k in warmups), "array:vanilla",
+                                       *(f"array:{k}" for k in warmups), "report"]
+    after = {s.name: s.after for s in steps}
+    assert after["array:vanilla"] is None
+    assert all(after[f"array:{k}"] == ("afterok", (f"warmup:{k}",)) for k in warmups)
+    assert after["report"] == ("afterany", ("array:vanilla", *(f"array:{k}" for k in warmups)))
+    by_name = {s.name: s for s in steps}
+    assert {cells[i].id for i in by_name["array:m8+pissa"].indices} == {"math-sft-d2lora@m8+pissa-n8-s0"}
+    assert {cells[i].id for i in by_name["array:vanilla"].indices} == {"math-sft-lora-n8-s0",
+                                                                       "math-sft-lora+pissa-n8-s0"}
+    assert "d2lora warmup -c" in by_name["warmup:m8+pissa"].text and "--warmup m8+pissa" in by_name[
+        "warmup:m8+pissa"].text
+    assert "--job-name=d2lora-axes-warmup-m8+pissa" in by_name["warmup:m8+pissa"].text
+    jobs = {"array:vanilla": "5", **{f"array:{k}": str(10 + i) for i, k in enumerate(warmups)}}
+    assert slurm.sbatch_argv(by_name["report"], jobs)[2] == "--dependency=afterany:5:10:11:12:13"
+    layout.warmup_home("m8").mkdir(parents=True)
+    layout.warmup_result_of("m8").write_text("{}")  # done: its cells wait for nothing
+    steps, skipped = slurm.plan_submission(exp, layout, cells, range(len(cells)))
+    assert "warmup:m8" not in {s.name for s in steps} and "done" in skipped["warmup:m8"]
+    assert {s.name: s.after for s in steps}["array:m8"] is None
 
 
 def test_only_failed_lists_cells_without_result(tmp_path):

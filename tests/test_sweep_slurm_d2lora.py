@@ -91,3 +91,43 @@ def test_usr1_on_a_real_cell_checkpoints_requeues_and_resumes(cluster: LocalSlur
     logs = "".join(p.read_text() for p in (run_dir / "slurm" / "logs").glob("cell-*"))
     assert "stopped at step" in logs and "scontrol requeue" in logs
     assert f"[{SLOW_CELL}] resuming from" in logs
+
+
+def test_a_failed_warmup_holds_back_only_its_own_cells(cluster: LocalSlurm, tiny_experiment: dict,
+                                                       tmp_path: Path) -> None:
+    """Two named warm-ups, each its own job; `bad` diverges (lr = inf stops it at step 1). Its array is
+    cancelled; the vanilla cells and the cells of `good` finish; status blames the failed warm-up."""
+    from d2lora_dist.config import load_experiment
+    from d2lora_dist.sweep.status import cell_status
+
+    good = tiny_experiment.pop("warmup")
+    bad = {**good, "train": {**good["train"], "learning_rate": float("inf")}}
+    tiny_experiment["warmups"] = {"good": good, "bad": bad}
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [4],
+                                "seeds": [0, 1]}]
+    tiny_experiment["slurm"] = {"time": "00:20:00", "signal_seconds": 60, "max_parallel": 4,
+                                "setup": [f"export PATH={Path(sys.executable).parent}:$PATH"]}
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    run_dir = tmp_path / "runs" / "tiny"
+    submitted = _d2lora("sweep", "submit", "-c", str(path))
+    record = read_records(RunLayout(run_dir))[0]
+    jobs = record["jobs"]
+    assert set(jobs) == {"warmup:bad", "warmup:good", "array:vanilla", "array:bad", "array:good", "report"}
+    assert f"--dependency=afterok:{jobs['warmup:good']} " in submitted.stdout
+    cluster.wait_until("every job to finish", lambda: not cluster.queued_ids(), timeout=600)
+
+    plan = [c["id"] for c in json.loads((run_dir / "plan.json").read_text())["cells"]]
+    done = {c for c in plan if (run_dir / "cells" / c / "result.json").is_file()}
+    held = {c for c in plan if "@bad" in c}
+    assert held == {"math-sft-d2lora@bad-n4-s0", "math-sft-d2lora@bad-n4-s1"}
+    assert done == set(plan) - held  # vanilla and good's cells ran; nothing of bad's did
+    assert (run_dir / "warmups" / "good" / "result.json").is_file()
+    assert not (run_dir / "warmups" / "bad" / "result.json").exists()
+    assert not any((run_dir / "cells" / c).exists() for c in held)
+    assert cluster.states(jobs["warmup:bad"]) == ["FAILED"]
+    assert set(cluster.states(jobs["array:bad"])) == {"CANCELLED"}
+    assert (run_dir / "report" / "results.md").is_file()  # the report waits for every array (afterany)
+    rows = {r.cell_id: r for r in cell_status(load_experiment(run_dir / "experiment.yaml"), RunLayout(run_dir))}
+    assert all(rows[c].state == "cancelled" and f"warm-up job {jobs['warmup:bad']} failed" in rows[c].detail
+               for c in held)
+    assert all(rows[c].state == "done" for c in done)

@@ -3,6 +3,11 @@
     warm-up (multi-node capable) --afterok--> cell array (task i = cell i of plan.json)
                                   --afterany--> report
 
+With several warm-up runs (named `warmups`, or a LoRA-init axis) each warm-up is its own job and
+the cells are split into one array per warm-up they start from (plus one for vanilla cells, which
+wait for nothing); each array waits only for its own warm-up, so a failed warm-up holds back its
+own cells alone, and the report waits for every array.
+
 Rendering (`render_warmup`, `render_cell_array`, `render_report`, `array_spec`) is pure:
 experiment + layout (+ cell indices) -> script text, tested against recorded files in
 tests/fixtures/slurm/. The templates are plain text in slurm/ (shipped with the package,
@@ -32,7 +37,7 @@ from d2lora_dist.fileio import write_text_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.shipped import for_command, shipped_path
 from d2lora_dist.strategy import Launch, cell_launch, requested_strategy, warmup_launch
-from d2lora_dist.sweep.grid import Cell, needs_warmup, plan_cells
+from d2lora_dist.sweep.grid import Cell, WarmupRun, needs_warmup, plan_cells
 from d2lora_dist.sweep.plan import freeze_plan, load_plan
 from d2lora_dist.sweep.preemption import PREEMPTED_EXIT_CODE
 
@@ -75,8 +80,10 @@ def _q(path: Path) -> str:
     return shlex.quote(str(_abs(path)))
 
 
-def warmup_command(layout: RunLayout) -> str:
-    return f"d2lora warmup -c {_q(layout.experiment_file)}"
+def warmup_command(layout: RunLayout, run: WarmupRun | None = None) -> str:
+    """`d2lora warmup`; `run` names one warm-up run (several are submitted as jobs of their own)."""
+    one = f" --warmup {shlex.quote(run.key)}" if run is not None else ""
+    return f"d2lora warmup -c {_q(layout.experiment_file)}{one}"
 
 
 def cell_command(layout: RunLayout) -> str:
@@ -229,20 +236,22 @@ def _render(name: str, **values: str) -> str:
     return _ShellTemplate(shipped_path("slurm", name).read_text()).substitute(values)
 
 
-def render_warmup(exp: Experiment, layout: RunLayout, command: str | None = None) -> str:
-    """warmup.sbatch: one srun task per node, each starting `accelerate launch` for its ranks."""
+def render_warmup(exp: Experiment, layout: RunLayout, command: str | None = None, run: WarmupRun | None = None) -> str:
+    """warmup.sbatch: one srun task per node, each starting `accelerate launch` for its ranks.
+    `run`: one of several warm-up runs (its own job, named after it)."""
     nodes = exp.slurm.nodes
-    launch = warmup_launch(exp, nodes)
+    launch = warmup_launch(exp, nodes, name=run.name if run is not None else None)
     if nodes > 1 and launch.accelerate_config is None:
         raise InputError(f"slurm.nodes: {nodes} nodes need launch.accelerate_config (a plain command "
                          "would run the whole warm-up once per node); set it or use slurm.nodes=1")
-    header = _header(exp, [f"--job-name=d2lora-{exp.name}-warmup",
+    job = "warmup" if run is None else f"warmup-{run.key}"
+    header = _header(exp, [f"--job-name=d2lora-{exp.name}-{job}",
                            *_resource_lines(exp, nodes, gpus=True), *_preemptible_lines(exp),
                            *_log_lines(layout, "warmup-%j")], launch)
     return _render(WARMUP_SCRIPT, experiment=exp.name, header=header, setup=_setup(exp),
                    preemption=_preemption_block(layout), main_port=_main_port(exp),
                    srun_options=_srun_options(exp),
-                   step=_launch(exp, launch, command or warmup_command(layout), multinode=True))
+                   step=_launch(exp, launch, command or warmup_command(layout, run), multinode=True))
 
 
 def array_launch(exp: Experiment, cells: Sequence[Cell]) -> tuple[Launch, int | None]:
@@ -258,11 +267,12 @@ def array_launch(exp: Experiment, cells: Sequence[Cell]) -> tuple[Launch, int | 
 
 
 def render_cell_array(exp: Experiment, layout: RunLayout, indices: Sequence[int],
-                      command: str | None = None, cells: Sequence[Cell] | None = None) -> str:
-    """cell_array.sbatch: array task i runs cell i of the frozen plan (`cells`; default the experiment's)."""
+                      command: str | None = None, cells: Sequence[Cell] | None = None, group: str | None = None) -> str:
+    """cell_array.sbatch: array task i runs cell i of the frozen plan (`cells`; default the experiment's).
+    `group`: the warm-up key (or "vanilla") of one of several arrays, in its job name."""
     cells = plan_cells(exp) if cells is None else cells
     launch, share = array_launch(exp, [cells[i] for i in indices if 0 <= i < len(cells)] or cells)
-    header = _header(exp, [f"--job-name=d2lora-{exp.name}-cells",
+    header = _header(exp, [f"--job-name=d2lora-{exp.name}-cells" + (f"-{group}" if group else ""),
                            f"--array={array_spec(indices, exp.slurm.max_parallel)}",
                            *_resource_lines(exp, 1, gpus=True, share=share), *_preemptible_lines(exp),
                            *_log_lines(layout, "cell-%A_%a")], launch)
@@ -312,12 +322,13 @@ def unfinished_indices(layout: RunLayout, cells: Sequence[Cell]) -> list[int]:
 
 @dataclass(frozen=True)
 class Step:
-    """One job to submit: its script and what it waits for ((kind, step name) or None)."""
+    """One job to submit: its script and what it waits for ((kind, step names) or None)."""
 
-    name: str  # warmup | array | report
+    name: str  # warmup | array | report; warmup:<key> | array:<key> with several warm-up runs
     script: Path
     text: str
-    after: tuple[str, str] | None = None
+    after: tuple[str, tuple[str, ...]] | None = None
+    indices: tuple[int, ...] = ()  # an array's plan indices
 
 
 @dataclass
@@ -349,6 +360,40 @@ def plan_submission(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], i
     steps: list[Step] = []
     if not indices:
         return [], {"array": "every cell has result.json", "report": "no new cells"}
+    if _one_warmup(exp, cells):
+        return _single_warmup_steps(exp, layout, cells, indices, commands)
+    d = layout.slurm_dir
+    groups: dict[WarmupRun | None, list[int]] = {}
+    for i in indices:
+        groups.setdefault(cells[i].warmup_run, []).append(i)
+    for run in sorted(r for r in groups if r is not None):
+        if layout.warmup_result_of(run.key).exists():
+            skipped[f"warmup:{run.key}"] = f"done ({layout.warmup_result_of(run.key)} exists)"
+        else:
+            steps.append(Step(f"warmup:{run.key}", d / f"warmup-{run.key}.sbatch",
+                              render_warmup(exp, layout, commands.get("warmup"), run)))
+    trained = {s.name for s in steps}
+    for run in sorted(groups, key=lambda r: (r is not None, r or WarmupRun(""))):
+        key = run.key if run is not None else "vanilla"
+        after = ("afterok", (f"warmup:{key}",)) if f"warmup:{key}" in trained else None
+        steps.append(Step(f"array:{key}", d / f"cell_array-{key}.sbatch",
+                          render_cell_array(exp, layout, groups[run], commands.get("cell"), cells, key), after,
+                          tuple(groups[run])))
+    arrays = tuple(s.name for s in steps if s.name.startswith("array"))
+    steps.append(Step("report", d / REPORT_SCRIPT, render_report(exp, layout, commands.get("report")),
+                      ("afterany", arrays)))
+    return steps, skipped
+
+
+def _one_warmup(exp: Experiment, cells: Sequence[Cell]) -> bool:
+    """An experiment with one `warmup` and PEFT's default LoRA init: the three jobs it always had."""
+    return exp.warmups is None and all(c.warmup_run in (None, WarmupRun("warmup")) for c in cells)
+
+
+def _single_warmup_steps(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], indices: Sequence[int],
+                         commands: dict[str, str]) -> tuple[list[Step], dict[str, str]]:
+    skipped: dict[str, str] = {}
+    steps: list[Step] = []
     d = layout.slurm_dir
     if layout.warmup_result.exists():
         skipped["warmup"] = f"done ({layout.warmup_result} exists)"
@@ -356,11 +401,12 @@ def plan_submission(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], i
         skipped["warmup"] = "no submitted cell uses init d2lora"
     else:
         steps.append(Step("warmup", d / WARMUP_SCRIPT, render_warmup(exp, layout, commands.get("warmup"))))
-    array_after = ("afterok", "warmup") if steps else None
+    array_after = ("afterok", ("warmup",)) if steps else None
     steps.append(Step("array", d / ARRAY_SCRIPT,
-                      render_cell_array(exp, layout, indices, commands.get("cell"), cells), array_after))
+                      render_cell_array(exp, layout, indices, commands.get("cell"), cells), array_after,
+                      tuple(indices)))
     steps.append(Step("report", d / REPORT_SCRIPT, render_report(exp, layout, commands.get("report")),
-                      ("afterany", "array")))
+                      ("afterany", ("array",))))
     return steps, skipped
 
 
@@ -368,8 +414,8 @@ def sbatch_argv(step: Step, jobs: dict[str, str]) -> list[str]:
     """`sbatch --parsable [--dependency=KIND:ID] SCRIPT`; unknown ids print as <name-job-id>."""
     argv = ["sbatch", "--parsable"]
     if step.after:
-        kind, on = step.after
-        argv.append(f"--dependency={kind}:{jobs.get(on, f'<{on}-job-id>')}")
+        kind, names = step.after
+        argv.append(f"--dependency={kind}:" + ":".join(jobs.get(on, f"<{on}-job-id>") for on in names))
     return [*argv, str(_abs(step.script))]
 
 
@@ -418,16 +464,23 @@ def _sbatch(argv: list[str]) -> str:
 def _append_record(layout: RunLayout, result: SubmitResult, only_failed: bool) -> None:
     """Append this submission to jobs.json; earlier records are never rewritten."""
     records = read_records(layout)
-    array = any(s.name == "array" for s in result.steps)
-    records.append({
+    array = any(s.name.startswith("array") for s in result.steps)
+    names = ("warmup", "array", "report") if any(s.name == "array" for s in result.steps) else \
+        tuple(s.name for s in result.steps)
+    record = {
         "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "only_failed": only_failed,
         "indices": result.indices,
         "array": index_ranges(result.indices) if array else None,
-        "jobs": {name: result.jobs.get(name) for name in ("warmup", "array", "report")},
+        "jobs": {name: result.jobs.get(name) for name in names},
         "skipped": result.skipped,
         "commands": result.commands,
-    })
+    }
+    if "array" not in names:  # one array per warm-up: which cells each array (and its warm-up) holds
+        record["groups"] = [{"indices": list(s.indices), "array": result.jobs.get(s.name),
+                             "warmup": result.jobs.get(s.after[1][0]) if s.after else None}
+                            for s in result.steps if s.name.startswith("array:")]
+    records.append(record)
     write_text_atomic(jobs_file(layout), json.dumps(records, indent=1) + "\n")
 
 

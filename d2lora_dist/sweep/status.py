@@ -59,10 +59,20 @@ def cell_status(exp: Experiment, layout: RunLayout, query: JobQuery | None = Non
 
 
 def _latest_record(records: Sequence[dict[str, Any]], index: int) -> dict[str, Any] | None:
+    """The latest submission of this cell, as the array (and warm-up) job that hold it."""
     for rec in reversed(records):
-        if rec["jobs"].get("array") and index in rec["indices"]:
-            return rec
+        for group in _groups(rec):
+            if group["array"] and index in group["indices"]:
+                return {**rec, "indices": group["indices"], "jobs": {"array": group["array"],
+                                                                     "warmup": group["warmup"]}}
     return None
+
+
+def _groups(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A submission's arrays: one (with its one warm-up), or one per warm-up run (`groups`)."""
+    if "groups" in rec:
+        return rec["groups"]
+    return [{"indices": rec["indices"], "array": rec["jobs"].get("array"), "warmup": rec["jobs"].get("warmup")}]
 
 
 def _one(i: int, cell: Cell, layout: RunLayout, rec: dict[str, Any] | None,

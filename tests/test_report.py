@@ -283,11 +283,13 @@ def test_csv_has_one_row_per_cell_and_metric(run, no_plots):
     with layout.report_dir.joinpath("results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(MATH) * 3 + len(TITLES) * 5  # items counts are not metrics
-    assert list(rows[0]) == ["cell_id", "task", "method", "init", "n", "seed", "suite", "role", "metric", "value"]
+    assert list(rows[0]) == ["cell_id", "task", "method", "init", "n", "seed", "suite", "role", "metric", "value",
+                             "arm"]
     row = next(r for r in rows if r["cell_id"] == "math-sft-d2lora-n100-s1" and r["metric"] == "accuracy"
                and r["suite"] == "gsm8k")
     assert (row["task"], row["method"], row["init"], row["n"], row["seed"], row["role"], float(row["value"])) == (
         "math", "sft", "d2lora", "100", "1", "task", 0.28)
+    assert row["arm"] == "d2lora"  # no warm-up or LoRA-init axis: the arm is the init
     assert {r["role"] for r in rows if r["suite"] == "arc_easy"} == {"forgetting"}
 
 

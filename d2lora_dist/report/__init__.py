@@ -51,7 +51,7 @@ def report(exp: Experiment, layout: RunLayout, wandb_report: bool = False) -> Re
     csv_path = atomic_write_text(out / "results.csv", render_csv(coll.rows))
     deltas_path = atomic_write_text(out / "deltas.csv", render_deltas_csv(every))
     md_path = atomic_write_text(out / "results.md", markdown)
-    plots = write_plots(coll, specs, deltas, out / "plots")
+    plots = write_plots(coll, specs, deltas, out / "plots", {name: w.n for name, w in exp.warmup_configs().items()})
     result = ReportResult(len(coll.planned), len(coll.done), coll.missing, coll.unplanned, csv_path, deltas_path,
                           md_path, markdown, plots)
     print(markdown)

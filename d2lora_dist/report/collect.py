@@ -36,8 +36,9 @@ class Row:
     role: Role
     metric: str
     value: float
+    arm: str = ""  # the init with its axes (sweep/grid.Cell.arm); the init itself without them
 
-    CSV_COLUMNS = ("cell_id", "task", "method", "init", "n", "seed", "suite", "role", "metric", "value")
+    CSV_COLUMNS = ("cell_id", "task", "method", "init", "n", "seed", "suite", "role", "metric", "value", "arm")
 
     def as_csv(self) -> list[Any]:
         return [getattr(self, c) for c in self.CSV_COLUMNS]
@@ -67,14 +68,27 @@ class Collection:
         """Planned and finished cells, each once."""
         return sorted({c.id: c for c in [*self.planned, *self.finished.values()]}.values())
 
-    def values(self, task: str, method: str, init: str, n: int, suite: str, metric: str) -> list[float]:
+    def values(self, task: str, method: str, arm: str, n: int, suite: str, metric: str) -> list[float]:
         """Metric values over seeds (seed order); n = 0 cells (method none) serve every method."""
-        by_seed = self.by_seed(task, method, init, n, suite, metric)
+        by_seed = self.by_seed(task, method, arm, n, suite, metric)
         return [by_seed[s] for s in sorted(by_seed)]
 
-    def by_seed(self, task: str, method: str, init: str, n: int, suite: str, metric: str) -> dict[int, float]:
-        """seed -> metric value of the finished cells of one table cell."""
-        return dict(self._values.get((task, cell_method(method, n), init, n, suite, metric), {}))
+    def by_seed(self, task: str, method: str, arm: str, n: int, suite: str, metric: str) -> dict[int, float]:
+        """seed -> metric value of the finished cells of one table cell (an arm: sweep/grid.Cell.arm)."""
+        return dict(self._values.get((task, cell_method(method, n), arm_at(arm, n), n, suite, metric), {}))
+
+    def cell_id(self, task: str, method: str, arm: str, n: int, seed: int) -> str:
+        """The id of the cell behind one seed of a table cell."""
+        from d2lora_dist.report.arms import Arm
+
+        a = Arm.parse(arm_at(arm, n))
+        return Cell(task, cell_method(method, n), a.init, n, seed, a.warmup, a.lora_init).id
+
+    def arms(self, task: str | None = None) -> list[str]:
+        """The arms of the planned and finished cells (of one task), vanilla first."""
+        from d2lora_dist.report.arms import ordered_arms
+
+        return ordered_arms({c.arm for c in self.cells() if task is None or c.task == task})
 
     def metrics(self, task: str, suite: str) -> list[str]:
         """Metrics some finished cell of the task reports for the suite, sorted."""
@@ -83,9 +97,18 @@ class Collection:
     def seeds(self, task: str, method: str, init: str, n: int) -> tuple[int, int]:
         """(finished, planned) seeds of one table cell."""
         key_method = cell_method(method, n)
-        match = [c for c in self.cells() if (c.task, c.method, c.init, c.n) == (task, key_method, init, n)]
+        match = [c for c in self.cells() if (c.task, c.method, c.arm, c.n) == (task, key_method, arm_at(init, n), n)]
         planned = {c.id for c in self.planned}
         return (sum(c.id in self.finished for c in match), sum(c.id in planned for c in match))
+
+
+def arm_at(arm: str, n: int) -> str:
+    """The arm of the cells behind a table's (arm, n): a vanilla n = 0 cell is the base model whatever
+    its LoRA init, so it is planned once, with the default (sweep/grid.Cell.requested)."""
+    from d2lora_dist.report.arms import Arm
+
+    a = Arm.parse(arm)
+    return Arm(a.init).name if n == 0 and not a.from_warmup else arm
 
 
 def cell_method(method: str, n: int) -> str:
@@ -107,7 +130,7 @@ def collect(exp: Experiment, layout: RunLayout) -> Collection:
         rows.extend(cell_rows)
     values: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in rows:
-        values[(r.task, r.method, r.init, r.n, r.suite, r.metric)][r.seed] = r.value
+        values[(r.task, r.method, r.arm, r.n, r.suite, r.metric)][r.seed] = r.value
     return Collection(planned, finished, rows, dict(values))
 
 
@@ -131,7 +154,7 @@ def read_result(path: Path, exp: Experiment) -> tuple[Cell, list[Row]]:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
                 raise InputError(f"{path}: metrics.{suite}.{metric} = {value!r}; expected a fraction in [0, 1]")
             rows.append(Row(cell.id, cell.task, cell.method, cell.init, cell.n, cell.seed, suite, role,
-                            metric, float(value)))
+                            metric, float(value), cell.arm))
     return cell, rows
 
 

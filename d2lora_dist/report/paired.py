@@ -1,4 +1,7 @@
-"""Δ = D2LoRA − LoRA per (task, method, n, suite, metric), paired by seed and by item.
+"""Δ = D2LoRA − LoRA per (task, method, n, suite, metric, pair), paired by seed and by item.
+
+A pair (report.arms) is a warm-started arm and the vanilla arm of the same LoRA init; an
+experiment without warm-up or LoRA-init axes has the one pair D2LoRA − LoRA.
 
 Only seeds finished on both sides enter (LoRA and D2LoRA cells with the same seed; n = 0 cells
 are method "none", seed 0, shared by every method). Each paired seed contributes the mean over
@@ -19,14 +22,15 @@ import numpy as np
 from d2lora_dist.config import Experiment
 from d2lora_dist.evaluate.scoring import item_scores, read_predictions
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.report.arms import LEGACY_PAIR, Pair
 from d2lora_dist.report.collect import Collection, cell_method
 from d2lora_dist.report.stats import excludes_zero, paired_bootstrap_ci, paired_delta
-from d2lora_dist.sweep.grid import NO_TRAINING, Cell
+from d2lora_dist.sweep.grid import NO_TRAINING
 
 ITEMS, SEEDS, NONE = "items", "seeds", "none"  # what a Δ rests on
 MATCH_TOLERANCE = 1e-6  # item-score mean vs result.json value
 DELTAS_CSV_COLUMNS = ("task", "method", "n", "suite", "metric", "delta", "ci_low", "ci_high", "seeds", "items",
-                      "differing_items", "resolved", "basis", "note")
+                      "differing_items", "resolved", "basis", "note", "treatment", "baseline")
 
 Scores = dict[str, dict[str, float]]  # metric -> {item id -> score}
 
@@ -109,6 +113,7 @@ class Delta:
     why: str = ""  # basis NONE: why there is no Δ
     fallback: tuple[str, ...] = ()  # basis SEEDS: why item scores could not be used
     notes: tuple[str, ...] = ()  # seeds left out, item ids that differ
+    pair: Pair = LEGACY_PAIR  # treatment − baseline arms
 
     @property
     def note(self) -> str:
@@ -131,19 +136,19 @@ class Delta:
 
 
 def compute_delta(coll: Collection, scores: ItemScores, task: str, method: str, n: int, suite: str,
-                  metric: str) -> Delta:
+                  metric: str, arms: Pair = LEGACY_PAIR) -> Delta:
     key = (task, cell_method(method, n), n, suite, metric)
-    lora = coll.by_seed(task, method, "lora", n, suite, metric)
-    d2lora = coll.by_seed(task, method, "d2lora", n, suite, metric)
+    lora = coll.by_seed(task, method, arms.baseline, n, suite, metric)
+    d2lora = coll.by_seed(task, method, arms.treatment, n, suite, metric)
     seeds = tuple(sorted(lora.keys() & d2lora.keys()))
     finished = (len(lora), len(d2lora))
-    notes = _unpaired_notes(task, key[1], n, lora, d2lora)
+    notes = _unpaired_notes(task, key[1], n, lora, d2lora, arms)
     if not seeds:
         why = "no seed finished on both sides" if lora or d2lora else "not finished"
-        return Delta(*key, None, None, (), (), None, NONE, finished, why=why, notes=notes)
+        return Delta(*key, None, None, (), (), None, NONE, finished, why=why, notes=notes, pair=arms)
     diffs, differing, reasons = [], 0, []
     for seed in seeds:
-        lora_id, d2lora_id = (Cell(task, key[1], init, n, seed).id for init in ("lora", "d2lora"))
+        lora_id, d2lora_id = (coll.cell_id(task, method, arm, n, seed) for arm in (arms.baseline, arms.treatment))
         pair = _item_differences(scores, lora_id, d2lora_id, suite, metric)
         if isinstance(pair, str):
             reasons.append(pair)
@@ -156,9 +161,9 @@ def compute_delta(coll: Collection, scores: ItemScores, task: str, method: str, 
         seed_diffs = [[d2lora[s] - lora[s]] for s in seeds]
         ci = paired_bootstrap_ci(seed_diffs) if len(seeds) > 1 else None
         return Delta(*key, paired_delta(seed_diffs), ci, seeds, (), None, SEEDS, finished,
-                     fallback=tuple(dict.fromkeys(reasons)), notes=notes)
+                     fallback=tuple(dict.fromkeys(reasons)), notes=notes, pair=arms)
     return Delta(*key, paired_delta(diffs), paired_bootstrap_ci(diffs), seeds, tuple(d.size for d in diffs),
-                 differing, ITEMS, finished, notes=notes)
+                 differing, ITEMS, finished, notes=notes, pair=arms)
 
 
 def _item_differences(scores: ItemScores, lora_id: str, d2lora_id: str, suite: str,
@@ -181,9 +186,13 @@ def _item_differences(scores: ItemScores, lora_id: str, d2lora_id: str, suite: s
     return hi - lo, int(np.count_nonzero(hi != lo)), note
 
 
-def _unpaired_notes(task: str, method: str, n: int, lora: dict[int, float], d2lora: dict[int, float]) -> tuple:
+def _unpaired_notes(task: str, method: str, n: int, lora: dict[int, float], d2lora: dict[int, float],
+                    arms: Pair) -> tuple:
+    from d2lora_dist.report.arms import Arm
+
     notes = []
-    for init, mine, other in (("LoRA", lora, d2lora), ("D2LoRA", d2lora, lora)):
+    for init, mine, other in ((Arm.parse(arms.baseline).label, lora, d2lora),
+                              (Arm.parse(arms.treatment).label, d2lora, lora)):
         alone = sorted(mine.keys() - other.keys())
         if alone and other:
             notes.append(f"{task}-{method}-n{n}: {init} seed(s) {', '.join(map(str, alone))} finished without "
@@ -200,21 +209,30 @@ class Deltas:
         self.coll, self.scores = coll, scores
         self._cache: dict[tuple, Delta] = {}
 
-    def get(self, task: str, method: str, n: int, suite: str, metric: str) -> Delta:
-        key = (task, cell_method(method, n), n, suite, metric)
+    def get(self, task: str, method: str, n: int, suite: str, metric: str, pair: Pair = LEGACY_PAIR) -> Delta:
+        key = (task, cell_method(method, n), n, suite, metric, pair)
         if key not in self._cache:
-            self._cache[key] = compute_delta(self.coll, self.scores, task, method, n, suite, metric)
+            self._cache[key] = compute_delta(self.coll, self.scores, task, method, n, suite, metric, pair)
         return self._cache[key]
 
+    def pairs(self, task: str) -> list[Pair]:
+        """The Δ pairs of a task's arms (report.arms.pairs_of)."""
+        from d2lora_dist.report.arms import pairs_of
+
+        return pairs_of(self.coll.arms(task))
+
     def every(self, tables: list[tuple[str, str, str, tuple[int, ...]]]) -> list[Delta]:
-        """Each Δ once for (task, method, suite, ns) and every metric the suite reports."""
+        """Each Δ once for (task, method, suite, ns), every metric the suite reports and every pair."""
         out = {}
         for task, method, suite, ns in tables:
             for metric in self.coll.metrics(task, suite):
-                for n in ns:
-                    delta = self.get(task, method, n, suite, metric)
-                    out.setdefault((delta.task, delta.method, n, suite, metric), delta)
-        return sorted(out.values(), key=lambda d: (d.task, d.suite, d.metric, d.method != NO_TRAINING, d.method, d.n))
+                for pair in self.pairs(task):
+                    for n in ns:
+                        delta = self.get(task, method, n, suite, metric, pair)
+                        out.setdefault((delta.task, delta.method, n, suite, metric, pair), delta)
+        order = {p: i for i, p in enumerate(dict.fromkeys(d.pair for d in out.values()))}
+        return sorted(out.values(), key=lambda d: (d.task, d.suite, d.metric, order[d.pair], d.method != NO_TRAINING,
+                                                  d.method, d.n))
 
     def notes(self) -> list[str]:
         """Problems and fallbacks behind the Δ computed so far, each once."""
@@ -234,7 +252,7 @@ def render_deltas_csv(deltas: list[Delta]) -> str:
         ci = d.ci or ("", "")
         writer.writerow([d.task, d.method, d.n, d.suite, d.metric, _num(d.value), _num(ci[0]), _num(ci[1]),
                          len(d.seeds), d.items_label, "" if d.differing is None else d.differing,
-                         str(d.resolved).lower(), d.basis, d.note])
+                         str(d.resolved).lower(), d.basis, d.note, d.pair.treatment, d.pair.baseline])
     return buf.getvalue()
 
 

@@ -5,6 +5,10 @@
   <task>_forgetting.png      forgetting suite vs n, method x init   (Fig. 3)
   <task>_low_data.png        the n < 1000 sweep, when it has cells  (Fig. 4)
   <task>_delta_vs_n.png      Δ = D2LoRA − LoRA vs n, one panel per method
+  <task>_<method>_delta_vs_m.png  Δ vs the warm-up size m at each n, one line per LoRA init
+                             (with several warm-ups of known size)
+With the warm-up or LoRA-init axes every arm (D2LoRA(m), LoRA · PiSSA, ...) is a line of its own and
+every Δ pair (report.arms) a series of the Δ row.
 Every figure that compares the inits has a Δ row under it: Δ with its paired 95% interval
 (report.paired), a zero line, resolved points filled and joined to resolved neighbours,
 unresolved ones hollow with a grey interval and never joined. n is drawn on evenly spaced
@@ -24,10 +28,11 @@ from matplotlib.figure import Figure
 
 from d2lora_dist.fileio import write_atomic as atomic_write
 from d2lora_dist.methods import method_label
+from d2lora_dist.report.arms import Arm, Pair
 from d2lora_dist.report.collect import Collection
 from d2lora_dist.report.paired import Delta, Deltas
 from d2lora_dist.report.stats import mean_std
-from d2lora_dist.report.tables import INITS, TableSpec
+from d2lora_dist.report.tables import TableSpec, table_arms
 from d2lora_dist.sweep.grid import NO_TRAINING
 
 SIZE_IN = (6.4, 4.0)
@@ -40,14 +45,21 @@ DODGE = 0.04  # sideways shift between series at one n, in units of the n spacin
 INIT_STYLE = {"lora": {"linestyle": "--", "marker": "o"}, "d2lora": {"linestyle": "-", "marker": "s"}}
 INIT_COLOR = {"lora": "tab:blue", "d2lora": "tab:red"}
 METHOD_COLOR = {"sft": "tab:blue", "dpo": "tab:orange", "orpo": "tab:green"}
+WARMUP_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")  # one per warm-up
+LORA_INIT_MARKERS = ("o", "^", "D", "v", "P")  # one per LoRA init, when there are several
+LORA_INIT_COLORS = ("tab:red", "tab:green", "tab:purple", "tab:brown")  # Δ against m: one per LoRA init
 Draw = Callable[[Axes], int]  # draws one panel, returns how many series it drew
 
 
-def write_plots(coll: Collection, specs: list[TableSpec], deltas: Deltas, out_dir: Path) -> list[Path]:
-    """Draw every figure that has at least one finished point; return the paths written."""
+def write_plots(coll: Collection, specs: list[TableSpec], deltas: Deltas, out_dir: Path,
+                warmup_sizes: dict[str, int | None] | None = None) -> list[Path]:
+    """Draw every figure that has at least one finished point; return the paths written.
+    `warmup_sizes`: warm-up name -> its m (rows), for Δ against m."""
     written: list[Path] = []
     for task in dict.fromkeys(s.task for s in specs):
-        for name, panels, delta_row in _task_figures(coll, deltas, [s for s in specs if s.task == task]):
+        figures = _task_figures(coll, deltas, [s for s in specs if s.task == task])
+        figures += _delta_vs_m_figures(coll, deltas, [s for s in specs if s.task == task], warmup_sizes or {})
+        for name, panels, delta_row in figures:
             if (path := _figure(out_dir / f"{task}_{name}.png", panels, delta_row)) is not None:
                 written.append(path)
     return written
@@ -125,11 +137,29 @@ def _decorate(ax: Axes, spec: TableSpec, ns: tuple[int, ...], title: str) -> Non
     ax.legend(fontsize=8, loc="best")
 
 
+def arm_style(arm: str, arms: list[str]) -> dict:
+    """Vanilla LoRA dashed blue, D2LoRA solid red; with the axes, a colour per warm-up and a marker per
+    LoRA init."""
+    parsed = [Arm.parse(a) for a in arms]
+    a = Arm.parse(arm)
+    style = dict(INIT_STYLE.get(a.init, {"linestyle": "-", "marker": "o"}))
+    warmups = list(dict.fromkeys(p.warmup for p in parsed if p.from_warmup))
+    color = WARMUP_COLORS[warmups.index(a.warmup) % len(WARMUP_COLORS)] if a.from_warmup and a.warmup in warmups \
+        else INIT_COLOR.get(a.init, "tab:gray")
+    lora_inits = list(dict.fromkeys(p.lora_init for p in parsed))
+    if len(lora_inits) > 1:
+        style["marker"] = LORA_INIT_MARKERS[lora_inits.index(a.lora_init) % len(LORA_INIT_MARKERS)]
+    return {"color": color, **style}
+
+
 def _vs_n(ax: Axes, coll: Collection, spec: TableSpec) -> int:
-    drawn = sum(_line(ax, *_series(coll, spec, spec.method, init, spec.ns), label=label, slot=(i, len(INITS)),
-                      color=INIT_COLOR[init], **INIT_STYLE[init]) for i, (init, label) in enumerate(INITS))
+    arms = table_arms(coll, spec.task)
+    names = [a for a, _ in arms]
+    drawn = sum(_line(ax, *_series(coll, spec, spec.method, arm, spec.ns), label=label, slot=(i, len(arms)),
+                      **arm_style(arm, names)) for i, (arm, label) in enumerate(arms))
     if drawn:
-        _decorate(ax, spec, spec.ns, f"{spec.task}: {method_label(spec.method)}, LoRA vs D2LoRA")
+        what = "LoRA vs D2LoRA" if len(arms) == 2 else "every arm"
+        _decorate(ax, spec, spec.ns, f"{spec.task}: {method_label(spec.method)}, {what}")
     return drawn
 
 
@@ -148,10 +178,13 @@ def _method_x_init(ax: Axes, coll: Collection, specs: list[TableSpec], kind: str
     ns = tuple(sorted({n for s in specs for n in s.ns}))
     if kind == "low-data":
         ns = tuple(n for n in ns if n < LOW_DATA_MAX_N)
-    series = [(s, init, label) for s in specs if s.method != NO_TRAINING for init, label in INITS]
-    drawn = sum(_line(ax, *_series(coll, s, s.method, init, ns), label=f"{method_label(s.method)} {label}",
-                      slot=(i, len(series)), color=METHOD_COLOR.get(s.method), **INIT_STYLE[init])
-                for i, (s, init, label) in enumerate(series))
+    arms = table_arms(coll, specs[0].task)
+    several = len(arms) > 2  # with the axes each arm has its colour; else each method has
+    series = [(s, arm, label) for s in specs if s.method != NO_TRAINING for arm, label in arms]
+    drawn = sum(_line(ax, *_series(coll, s, s.method, arm, ns), label=f"{method_label(s.method)} {label}",
+                      slot=(i, len(series)), **(arm_style(arm, [a for a, _ in arms]) if several else
+                                                {"color": METHOD_COLOR.get(s.method), **INIT_STYLE[arm]}))
+                for i, (s, arm, label) in enumerate(series))
     if drawn:
         what = "forgetting" if kind == "forgetting" else f"low-data sweep (n < {LOW_DATA_MAX_N})"
         _decorate(ax, specs[0], ns, f"{specs[0].task}: {what}, {specs[0].suite}")
@@ -180,27 +213,40 @@ def delta_panel(ax: Axes, deltas: Deltas, specs: list[TableSpec], max_n: int | N
     ns = tuple(sorted({n for s in specs for n in s.ns if max_n is None or n < max_n}))
     ax.axhline(0.0, color="black", linewidth=0.8)
     trained = [s for s in specs if s.method != NO_TRAINING]
-    drawn = sum(_delta_series(ax, [deltas.get(s.task, s.method, n, s.suite, s.metrics[0][0]) for n in ns],
-                              color=METHOD_COLOR.get(s.method, "tab:purple"), label=method_label(s.method),
-                              shift=(i - (len(trained) - 1) / 2) * DODGE * 2)
-                for i, s in enumerate(trained))
+    pairs = deltas.pairs(specs[0].task)
+    series = [(s, p) for s in trained for p in pairs]
+    drawn = sum(_delta_series(ax, [deltas.get(s.task, s.method, n, s.suite, s.metrics[0][0], p) for n in ns],
+                              **_pair_look(s, p, pairs, deltas, several_methods=len(trained) > 1),
+                              shift=(i - (len(series) - 1) / 2) * DODGE * 2)
+                for i, (s, p) in enumerate(series))
     spec = specs[0]
     ax.set_xticks(np.arange(len(ns)), [str(n) for n in ns])
     ax.set_xlim(-0.4, len(ns) - 0.6)
     ax.set_xlabel("task examples n")
     ax.set_ylabel(f"Δ {spec.suite} {spec.metrics[0][1]} (pp)")
     ax.grid(alpha=0.3)
-    what = f"{spec.task}: Δ D2LoRA − LoRA, {method_label(spec.method)}, " if title else "Δ D2LoRA − LoRA, "
+    compared = "D2LoRA − LoRA" if len(pairs) == 1 else "D2LoRA(m) − LoRA per LoRA init"
+    what = f"{spec.task}: Δ {compared}, {method_label(spec.method)}, " if title else f"Δ {compared}, "
     ax.set_title(f"{what}95% paired interval (hollow, grey bar: unresolved)", fontsize=9)
     if not drawn:
         ax.text(0.5, 0.5, "no Δ yet: no seed finished for both inits", transform=ax.transAxes, ha="center",
                 va="center", fontsize=9, color="0.4")
-    elif len(trained) > 1:
+    elif len(series) > 1:
         ax.legend(fontsize=8, loc="best")
     return drawn
 
 
-def _delta_series(ax: Axes, deltas: list[Delta], color: str, label: str, shift: float) -> int:
+def _pair_look(spec: TableSpec, pair: Pair, pairs: list[Pair], deltas: Deltas, several_methods: bool) -> dict:
+    """Colour and legend label of one Δ series: by method without the axes, by treatment arm with them."""
+    if len(pairs) == 1:
+        return {"color": METHOD_COLOR.get(spec.method, "tab:purple"), "label": method_label(spec.method)}
+    arms = deltas.coll.arms(spec.task)
+    label = pair.label if not several_methods else f"{method_label(spec.method)} {pair.label}"
+    return {"color": arm_style(pair.treatment, arms)["color"], "label": label,
+            "marker": arm_style(pair.treatment, arms)["marker"]}
+
+
+def _delta_series(ax: Axes, deltas: list[Delta], color: str, label: str, shift: float, marker: str = "o") -> int:
     """Points at their n position: filled and joined when resolved; hollow with a grey interval when
     not (the edge keeps the method's colour, so panels with several methods stay readable)."""
     if all(d.value is None for d in deltas):
@@ -212,12 +258,57 @@ def _delta_series(ax: Axes, deltas: list[Delta], color: str, label: str, shift: 
         if d.ci is not None:
             ax.vlines(x[i], d.ci[0] * 100, d.ci[1] * 100, color=color if d.resolved else UNRESOLVED_COLOR,
                       linewidth=1.5, gid=INTERVAL)
-        ax.plot([x[i]], [d.value * 100], linestyle="none", marker="o", markersize=6, color=color,
+        ax.plot([x[i]], [d.value * 100], linestyle="none", marker=marker, markersize=6, color=color,
                 markerfacecolor=color if d.resolved else "none", gid=None if d.resolved else UNRESOLVED)
         if not d.resolved:  # said in words too: a hollow marker alone is easy to misread in print
             ax.annotate("unresolved", (x[i], d.value * 100), xytext=(4, 4), textcoords="offset points",
                         fontsize=7, color=UNRESOLVED_COLOR, gid=UNRESOLVED)
     for run in joined_runs([d.resolved if d.value is not None else None for d in deltas]):
         ax.plot(x[run], [deltas[i].value * 100 for i in run], color=color, linewidth=1.2, gid=TREND)
-    ax.plot([], [], marker="o", linestyle="none", color=color, label=label)  # legend entry
+    ax.plot([], [], marker=marker, linestyle="none", color=color, label=label)  # legend entry
     return 1
+
+
+# ---- Δ against the warm-up size m ----------------------------------------------------------------
+
+def _delta_vs_m_figures(coll: Collection, deltas: Deltas, specs: list[TableSpec],
+                        sizes: dict[str, int | None]) -> list[Figure_]:
+    """One figure per method of the task metric: a panel per n, Δ against m, a series per LoRA init."""
+    treated = [Arm.parse(p.treatment) for p in deltas.pairs(specs[0].task) if p.treatment != p.baseline]
+    warmups = sorted({a.warmup for a in treated if sizes.get(a.warmup) is not None}, key=lambda w: sizes[w])
+    task_suites = [s for s in specs if s.role == "task"]
+    if len(warmups) < 2 or not task_suites:
+        return []
+    primary = [s for s in task_suites if s.suite == task_suites[0].suite and s.method != NO_TRAINING]
+    return [(f"{s.method}_delta_vs_m", [partial(delta_vs_m_panel, deltas=deltas, spec=s, n=n, warmups=warmups,
+                                                sizes=sizes) for n in s.ns], [])
+            for s in primary]
+
+
+def delta_vs_m_panel(ax: Axes, deltas: Deltas, spec: TableSpec, n: int, warmups: list[str],
+                     sizes: dict[str, int | None]) -> int:
+    """Δ = D2LoRA(m) − LoRA at one n against m (evenly spaced, labelled), one series per LoRA init."""
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    pairs = deltas.pairs(spec.task)
+    lora_inits = list(dict.fromkeys(Arm.parse(p.treatment).lora_init for p in pairs))
+    drawn = 0
+    for i, lora_init in enumerate(lora_inits):
+        by_warmup = {Arm.parse(p.treatment).warmup: p for p in pairs if Arm.parse(p.treatment).lora_init == lora_init}
+        if not all(w in by_warmup for w in warmups):
+            continue
+        series = [deltas.get(spec.task, spec.method, n, spec.suite, spec.metrics[0][0], by_warmup[w]) for w in warmups]
+        arm = by_warmup[warmups[0]].treatment
+        label = "default init" if lora_init == Arm("lora").lora_init else Arm.parse(arm).label.split(" · ")[-1]
+        drawn += _delta_series(ax, series, color=LORA_INIT_COLORS[i % len(LORA_INIT_COLORS)], label=label,
+                               shift=(i - (len(lora_inits) - 1) / 2) * DODGE * 2,
+                               marker=LORA_INIT_MARKERS[i % len(LORA_INIT_MARKERS)])
+    ax.set_xticks(np.arange(len(warmups)), [f"{sizes[w]}\n({w})" for w in warmups])
+    ax.set_xlim(-0.4, len(warmups) - 0.6)
+    ax.set_xlabel("warm-up rows m")
+    ax.set_ylabel(f"Δ {spec.suite} {spec.metrics[0][1]} (pp)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{spec.task}: Δ D2LoRA(m, n={n}) − LoRA(n={n}), {method_label(spec.method)}\n"
+                 "95% paired interval (hollow, grey bar: unresolved)", fontsize=9)
+    if drawn > 1:
+        ax.legend(fontsize=8, loc="best")
+    return drawn

@@ -16,6 +16,7 @@ from d2lora_dist.config import Experiment
 from d2lora_dist.evaluate.suites import SUITES
 from d2lora_dist.inits import INITS as INIT_SPECS
 from d2lora_dist.methods import METHODS, method_label
+from d2lora_dist.report.arms import Arm
 from d2lora_dist.report.collect import Collection, Row
 from d2lora_dist.report.paired import ITEMS, NONE, SEEDS, Delta, Deltas
 from d2lora_dist.report.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, mean_std
@@ -121,22 +122,31 @@ def fmt_delta(delta: Delta) -> str:
     return " · ".join(parts)
 
 
+def table_arms(coll: Collection, task: str) -> list[tuple[str, str]]:
+    """(arm, label) rows of a task's tables: LoRA and D2LoRA, or every arm of the warm-up and LoRA-init axes."""
+    arms = coll.arms(task)
+    if set(arms) <= {name for name, _ in INITS}:
+        return list(INITS)
+    return [(arm, Arm.parse(arm).label) for arm in arms]
+
+
 def render_table(spec: TableSpec, coll: Collection, deltas: Deltas) -> str:
     lines = ["| n | " + " | ".join(str(n) for n in spec.ns) + " |",
              "|---|" + "---:|" * len(spec.ns)]
+    arms = table_arms(coll, spec.task)
     for key, label in spec.metrics:
         prefix = f"{label} " if len(spec.metrics) > 1 else ""
-        vals = {init: [coll.values(spec.task, spec.method, init, n, spec.suite, key) for n in spec.ns]
-                for init, _ in INITS}
-        for init, init_label in INITS:
-            lines.append(_row(f"{prefix}{init_label}", [fmt_mean_std(v) for v in vals[init]]))
-        shown = [fmt_delta(deltas.get(spec.task, spec.method, n, spec.suite, key)) for n in spec.ns]
-        lines.append(_row(f"{prefix}Δ (D2LoRA − LoRA)", shown))
+        for arm, arm_label in arms:
+            vals = [coll.values(spec.task, spec.method, arm, n, spec.suite, key) for n in spec.ns]
+            lines.append(_row(f"{prefix}{arm_label}", [fmt_mean_std(v) for v in vals]))
+        for pair in deltas.pairs(spec.task):
+            shown = [fmt_delta(deltas.get(spec.task, spec.method, n, spec.suite, key, pair)) for n in spec.ns]
+            lines.append(_row(f"{prefix}Δ ({pair.label})", shown))
     seeds = []
     for n in spec.ns:
-        counts = [coll.seeds(spec.task, spec.method, init, n) for init, _ in INITS]
+        counts = [coll.seeds(spec.task, spec.method, arm, n) for arm, _ in arms]
         seeds.append(" · ".join(f"{done}/{planned}" for done, planned in counts))
-    lines.append(_row("seeds done (LoRA · D2LoRA)", seeds))
+    lines.append(_row(f"seeds done ({' · '.join(label for _, label in arms)})", seeds))
     return "\n".join(lines)
 
 
@@ -158,7 +168,9 @@ HEADER = (
     f"inits. \"{SEED_LEVEL}\": some paired cell has no per-item scores (see the notes), so the interval "
     "resamples the per-seed differences (none with one seed). "
     f"{MISSING} = not finished (or no seed finished for both inits). n = 0 is the untrained base model (LoRA) "
-    "or the warm-up adapter alone (D2LoRA), shared by every method. Every Δ, of every metric, is in deltas.csv.")
+    "or the warm-up adapter alone (D2LoRA), shared by every method. Every Δ, of every metric, is in deltas.csv. "
+    "With several warm-ups (D2LoRA(m) names the warm-up) or LoRA inits (LoRA · PiSSA), each D2LoRA arm is "
+    "paired with the vanilla LoRA arm of the same LoRA init, so every Δ isolates one warm-up.")
 
 
 def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec], deltas: Deltas) -> str:

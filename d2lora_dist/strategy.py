@@ -139,9 +139,13 @@ def choose(exp: Experiment, needs: Sequence[Need], device_counts: Sequence[int],
     name, best = smallest
     value = f"{requested!r}" + ("" if exp.launch.strategy else " (null with no named accelerate/deepspeed config)")
     other = "" if requested == "auto" else ", or use auto"
+    evaluation = any(n.settings is None for n in needs) and best.total == max(
+        _estimate(exp, shape, n, name, best.devices).total for n in needs if n.settings is None)
+    why = (" (evaluation loads the whole model on every GPU, unsharded: the weights alone do not fit; use GPUs "
+           "with more memory)") if evaluation else ""
     raise InputError(f"launch.strategy: {value} does not fit launch.gpu_memory_gib={exp.launch.gpu_memory_gib:g} "
                      f"({', '.join(n.key for n in needs)}): the least is {name} on {best.devices} GPU(s) at "
-                     f"{best.describe()} per device; lower per_device_batch_size or max_length, set "
+                     f"{best.describe()} per device{why}; lower per_device_batch_size or max_length, set "
                      f"model.gradient_checkpointing: true, raise launch.num_processes{other}")
 
 
@@ -151,8 +155,10 @@ def _divides(need: Need, devices: int) -> bool:
 
 
 def _estimate(exp: Experiment, shape: Shape, need: Need, name: str, devices: int) -> MemoryEstimate:
-    return estimate(shape, exp.model.dtype, exp.lora.r, exp.lora.target_modules, need.work,
-                    STRATEGIES[name].sharding, devices)
+    # evaluation loads the whole model on every rank whatever the training strategy (adapter_eval.py):
+    # generation under ZeRO-3 is unusably slow, so its weights are never sharded
+    sharding = STRATEGIES["ddp"].sharding if need.settings is None else STRATEGIES[name].sharding
+    return estimate(shape, exp.model.dtype, exp.lora.r, exp.lora.target_modules, need.work, sharding, devices)
 
 
 def _reason(requested: str, name: str, devices: int, est: MemoryEstimate, capacity: int, tried: list[str]) -> str:
@@ -200,9 +206,8 @@ def _shape_problem(exp: Experiment) -> str | None:
 
 
 def cell_needs(exp: Experiment, methods: Sequence[str]) -> list[Need]:
-    """What cells of these methods hold (`none` = evaluation only)."""
-    needs = [method_need(exp, m) for m in sorted(set(methods)) if m in exp.methods]
-    return needs or [evaluation_need(exp)]
+    """What cells of these methods hold: their training, and the evaluation every cell ends with."""
+    return [*(method_need(exp, m) for m in sorted(set(methods)) if m in exp.methods), evaluation_need(exp)]
 
 
 def cell_launch(exp: Experiment, methods: Sequence[str], packed: bool) -> Launch:

@@ -89,7 +89,7 @@ class TrainSettings:
         "rows joined into one sequence whose positions restart per row, so no padding token is computed "
         "(the same loss; SFT only, with flash_attention_2, sdpa or eager attention); auto = padding_free "
         "where it is correct and a micro-batch has more than one row, else padded. The choice that ran is "
-        "in the manifest. See docs/choices.md.", default="padded")
+        "in the manifest. See docs/choices.md.", default="auto")
     beta: float | None = _help("DPO/ORPO beta (required for those methods).", default=None)
     preference_target: Literal["step", "full"] = _help(
         "Step-wise preference rows (Math-Step-DPO): the shared initial steps are always on the prompt "

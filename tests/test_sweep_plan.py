@@ -46,11 +46,12 @@ def test_a_run_directory_frozen_before_a_setting_existed_resumes_only_with_what_
     for block in older["grid"]:
         del block["suites"]
     layout.experiment_file.write_text(yaml.safe_dump(older, sort_keys=False))
-    freeze_plan(exp, layout)  # the default is what the frozen runs did: resumes
-    tiny_experiment["methods"]["sft"]["batching"] = "auto"
-    with pytest.raises(PlanError, match=r"methods.sft.batching: 'padded' -> 'auto'"):
-        freeze_plan(experiment_from_dict(tiny_experiment), layout)  # would train those cells differently
-    tiny_experiment["methods"]["sft"]["batching"] = "padded"
+    # today's default (auto) would train those cells differently from how they ran (padded): refused
+    with pytest.raises(PlanError, match=r"methods.sft.batching: 'padded' -> 'auto'.*set those keys back"):
+        freeze_plan(exp, layout)
+    for settings in [tiny_experiment["warmup"]["train"], *tiny_experiment["methods"].values()]:
+        settings["batching"] = "padded"
+    freeze_plan(experiment_from_dict(tiny_experiment), layout)  # what the frozen runs did: resumes
     tiny_experiment["grid"][0]["suites"] = ["gsm8k"]  # a newer setting asked with another value than it ran
     with pytest.raises(PlanError, match=r"grid\[0\].suites: None -> \['gsm8k'\]"):
         freeze_plan(experiment_from_dict(tiny_experiment), layout)

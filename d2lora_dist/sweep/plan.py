@@ -35,8 +35,8 @@ def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
         diffs = _diff(_as_frozen_runs_it(yaml.safe_load(layout.experiment_file.read_text())), resolved)
         if diffs:
             raise PlanError(f"{layout.experiment_file} was frozen with other settings ({'; '.join(diffs[:5])}). "
-                            "Results of a run directory must come from one experiment: use a new `name`, or "
-                            "move the run directory away.")
+                            "Results of a run directory must come from one experiment: set those keys back to the frozen "
+                            "values, use a new `name`, or move the run directory away.")
     else:
         write_text_atomic(layout.experiment_file, yaml.safe_dump(resolved, sort_keys=False))
     write_json_atomic(layout.plan_file, {"experiment": exp.name, "cells": [c.to_dict() for c in cells]})

@@ -78,7 +78,7 @@ def gathered_adapter(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, str
 def save_adapter(model: Any, out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Gather (all ranks), write + verify on the main process, then wait for everyone.
 
-    `manifest` carries lineage (base_model, lora, parent, data, phase, hyperparameters);
+    `manifest` carries lineage (base_model, lora, lora_init, parent, data, phase, hyperparameters);
     checksums, shapes, library versions and `precision` (float32 tensors, the parameters'
     training dtype, fp32 masters or parameters) are added here. Returns the final manifest on
     the main process, None elsewhere.
@@ -174,6 +174,20 @@ def verify_adapter(adapter_dir: Path, expected_base: dict[str, str] | None = Non
     if expected_lora is not None:
         _check_same("LoRA config", manifest.get("lora", {}), expected_lora, adapter_dir)
     return manifest
+
+
+def lora_init_of(manifest: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """(LoRA init name, residual reference or None) an adapter was trained from; manifests written before
+    the field existed read as the default init on the base itself."""
+    from d2lora_dist.lora_inits import DEFAULT_LORA_INIT
+
+    entry = manifest.get("lora_init")
+    if entry is None:
+        return DEFAULT_LORA_INIT, None
+    residual = entry.get("residual")
+    if residual is not None and not {"key", "factors_sha256", "path"} <= set(residual):
+        raise AdapterError(f"manifest lora_init.residual {residual!r} lacks key, factors_sha256 or path")
+    return entry["name"], residual
 
 
 def _check_same(what: str, recorded: dict[str, Any], expected: dict[str, Any], where: Path) -> None:

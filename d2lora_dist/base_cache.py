@@ -6,6 +6,8 @@ per model config and lends the model to one phase at a time. A phase attaches it
 lent model; when the phase ends, whether it succeeded or failed, the model is handed back pristine:
 
 - every PEFT layer is replaced by the layer it wrapped;
+- base weights a phase rewrote in place (a residual LoRA init: PiSSA, OLoRA) get back the copies taken
+  just before the rewrite (`before_overwrite`);
 - gradient checkpointing is off; hooks added since load are removed (the input-embedding grad hook
   TRL/PEFT add, once per call); attributes a module gained since load are deleted (PEFT's
   `peft_config`, the Trainer's `model_tags`, TRL's fused-loss `forward` set on the instance);
@@ -24,7 +26,7 @@ import copy
 import gc
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,6 +52,9 @@ class FreshBase:
     @contextmanager
     def base(self, cfg: ModelConfig, training: bool) -> Iterator[Any]:
         yield load_base_model(cfg, training=training)
+
+    def before_overwrite(self, params: list[torch.nn.Parameter]) -> None:
+        """The phase is about to change these base weights in place; a fresh base is never lent again."""
 
 
 @dataclass
@@ -103,6 +108,7 @@ class SharedBase(FreshBase):
         self._model: Any = None
         self._pristine: _Pristine | None = None
         self._tokenizers: dict[str, Any] = {}
+        self._overwritten: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (weight, its bits at load)
 
     def tokenizer(self, cfg: ModelConfig) -> Any:
         key = _key(cfg)
@@ -124,6 +130,11 @@ class SharedBase(FreshBase):
         finally:
             self._give_back(model)
 
+    def before_overwrite(self, params: list[torch.nn.Parameter]) -> None:
+        """Copy the weights (on the CPU: no second copy on the device) to put back when the phase ends."""
+        held = {id(p) for p, _ in self._overwritten}
+        self._overwritten += [(p, p.detach().to("cpu", copy=True)) for p in params if id(p) not in held]
+
     def _get(self, cfg: ModelConfig) -> Any:
         key = _key(cfg)
         if self._key != key:
@@ -139,15 +150,17 @@ class SharedBase(FreshBase):
 
     def drop(self) -> None:
         self._key, self._model, self._pristine = None, None, None
+        self._overwritten = []
         _free_memory()
 
     def _give_back(self, model: Any) -> None:
         assert self._pristine is not None
         try:
-            restore(model, self._pristine)
+            restore(model, self._pristine, self._overwritten)
         except BaseException:
             self.drop()  # half restored: never lend it again
             raise
+        self._overwritten = []
         _free_memory()
         problems = self._pristine.differences(model)
         if problems:
@@ -156,7 +169,8 @@ class SharedBase(FreshBase):
                               ". Dropped it (the next cell loads a fresh copy); a bug in base_cache.restore")
 
 
-def restore(model: Any, pristine: _Pristine) -> None:
+def restore(model: Any, pristine: _Pristine,
+            overwritten: Sequence[tuple[torch.nn.Parameter, torch.Tensor]] = ()) -> None:
     """Undo what a phase (PEFT, TRL, the Trainer) did to the base model; see the module docstring."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -164,6 +178,9 @@ def restore(model: Any, pristine: _Pristine) -> None:
         if isinstance(module, BaseTunerLayer):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module.get_base_layer())
+    with torch.no_grad():
+        for weight, saved in overwritten:
+            weight.copy_(saved)
     if _checkpointing_on(model):
         _checkpointing_off(model)
     _remove_added_hooks(model, pristine.hooks)  # the input-embedding grad hook, once per enable call

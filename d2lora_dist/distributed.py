@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -425,6 +426,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj if rank() == src else None]
     torch.distributed.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def on_main_then_broadcast(fn: Callable[[], Any]) -> Any:
+    """`fn()` on the main process only, its result sent to every rank (e.g. a cache the main process
+    fills while the others wait). A failure there fails every rank together: the main process re-raises
+    it, the others raise a RuntimeError quoting it, instead of waiting in the broadcast until the timeout."""
+    value, failure, message = None, None, None
+    if is_main_process():
+        try:
+            value = fn()
+        except Exception as e:
+            failure, message = e, f"{type(e).__name__}: {e}"
+    message = broadcast_object(message)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f"the main process failed: {message}")
+    return broadcast_object(value)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

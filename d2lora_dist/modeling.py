@@ -6,16 +6,21 @@ import hashlib
 import importlib.util
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from d2lora_dist.config import LoraConfig, ModelConfig
 from d2lora_dist.errors import InputError
+from d2lora_dist.lora_inits import DEFAULT_LORA_INIT, lora_init_spec
+
+if TYPE_CHECKING:
+    from d2lora_dist.residual import Residual
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelError(InputError):
@@ -59,7 +64,7 @@ def load_base_model(cfg: ModelConfig, training: bool) -> Any:
     if not torch.cuda.is_available() and cfg.dtype != "float32":
         raise ModelError(f"model.dtype: {cfg.dtype} on CPU is not supported here; use float32")
     model = AutoModelForCausalLM.from_pretrained(
-        model_path(cfg), dtype=_DTYPES[cfg.dtype],
+        model_path(cfg), dtype=DTYPES[cfg.dtype],
         attn_implementation=attention_implementation(cfg.attn_implementation))
     model.config.use_cache = not training
     for p in model.parameters():
@@ -67,20 +72,36 @@ def load_base_model(cfg: ModelConfig, training: bool) -> Any:
     return model
 
 
-def peft_lora_config(cfg: LoraConfig) -> Any:
+def peft_lora_config(cfg: LoraConfig, init_lora_weights: bool | str = True) -> Any:
     import peft
 
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                           target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+                           target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none",
+                           init_lora_weights=init_lora_weights)
 
 
-def attach_lora(model: Any, cfg: LoraConfig, state_dict: dict[str, torch.Tensor] | None = None) -> Any:
-    """A fresh LoRA (B = 0), or one warm-started from `state_dict`, trainable either way."""
+def attach_lora(model: Any, cfg: LoraConfig, state_dict: dict[str, torch.Tensor] | None = None,
+                lora_init: str = DEFAULT_LORA_INIT, residual: Residual | None = None,
+                before_overwrite: Callable[[list[torch.nn.Parameter]], None] | None = None) -> Any:
+    """A LoRA adapter on `model`, trainable: fresh (PEFT draws it by `lora_init`; the current seed decides)
+    or warm-started from `state_dict`.
+
+    `residual`: the base becomes the residual W - s B0 A0 of those cached factors and the adapter starts
+    at B0, A0 (then `state_dict`, if given, replaces them). Needed for a residual `lora_init`: PEFT's own
+    in-model PiSSA/OLoRA is never run here (see residual.py). Collective under ZeRO-3.
+    """
     import peft
 
     from d2lora_dist.distributed import peft_model_kwargs
+    from d2lora_dist.residual import apply_residual
 
-    peft_model = peft.get_peft_model(model, peft_lora_config(cfg), **peft_model_kwargs())
+    if residual is None and lora_init_spec(lora_init).residual:
+        raise ModelError(f"lora_init {lora_init!r} rewrites the base weights: attach it with its cached factors "
+                         "(residual.prepare_residual)")
+    init = False if residual is not None else lora_init_spec(lora_init).peft_value
+    peft_model = peft.get_peft_model(model, peft_lora_config(cfg, init), **peft_model_kwargs())
+    if residual is not None:
+        apply_residual(peft_model, residual, before_overwrite)
     if state_dict is not None:
         result = peft.set_peft_model_state_dict(peft_model, state_dict, adapter_name="default")
         unexpected = list(getattr(result, "unexpected_keys", []) or [])

@@ -18,10 +18,12 @@ from d2lora_dist.config import Experiment, LoraConfig, TrainSettings
 from d2lora_dist.data.lengths import Truncation, truncation, with_response
 from d2lora_dist.data.loading import DataError
 from d2lora_dist.divergence import stop_on_non_finite
-from d2lora_dist.lora_inits import DEFAULT_LORA_INIT
+from d2lora_dist.lora_inits import DEFAULT_LORA_INIT, lora_init_spec
 from d2lora_dist.methods import get_method, phase_batching
 from d2lora_dist.modeling import attach_lora, base_fingerprint
+from d2lora_dist.residual import Residual, load_residual, manifest_entry, prepare_residual
 from d2lora_dist.schedule import Schedule, plan_schedule
+from d2lora_dist.schema import ConfigError
 from d2lora_dist.strategy import describe_record, launch_record
 from d2lora_dist.tracking import add_throughput_callback
 
@@ -110,6 +112,7 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     distributed.init_process_group()
     ds_config = distributed.deepspeed_config_file(exp.launch.deepspeed_config)
     distributed.check_launch(phase.settings, phase.settings_key, ds_config)  # before any model loads
+    check_reference(phase)
     launch = launch_record(exp, phase.settings_key, phase.settings, phase.method, distributed.launch_mode(),
                            ds_config, distributed.world_size())
     tokenizer = phase.models.tokenizer(exp.model)
@@ -129,9 +132,10 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     init_state, parent = None, None
     if phase.init_adapter is not None:
         init_state, parent = adapters.load_adapter_state(phase.init_adapter, base, lora_summary(exp))
+    residual = phase_residual(exp, phase, base, parent)  # cached factors, the same on every rank
     with phase.models.base(exp.model, training=True) as model:  # given back pristine, also on failure
         set_seed(phase.seed)  # the fresh LoRA's initial A follows the cell's seed, on every rank alike
-        model = attach_lora(model, lora, init_state)
+        model = attach_lora(model, lora, init_state, phase.lora_init, residual, phase.models.before_overwrite)
         start_state = adapters.gathered_state_dict(model)  # where this phase starts, for its update size
         trainer = make_trainer(phase, model, args, Dataset.from_list(rows), tokenizer)
         schedule = _replan_for_kept_rows(phase, trainer, cut, schedule)
@@ -147,6 +151,8 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
         end_state = adapters.gathered_state_dict(trained)
         update = measure_phase_update(exp, phase, start_state, end_state, base["weights_fingerprint"])
         lineage = {**phase.lineage, "base_model": base, "lora": lora_summary(exp), "method": phase.method,
+                   "lora_init": manifest_entry(phase.lora_init, residual),
+                   "reference": reference_used(phase, residual),
                    "hyperparameters": _as_dict(phase.settings), "seed": phase.seed, "lora_dropout": lora.dropout,
                    "schedule": schedule.to_dict(), "launch": launch,
                    "batching": phase_batching(phase.method, phase.settings, model).to_dict(),
@@ -160,6 +166,39 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
                                int(trainer.state.num_input_tokens_seen), cut, update)
         distributed.release_training_state()  # the next phase or evaluation in this process starts clean
     return outcome
+
+
+def check_reference(phase: Phase) -> None:
+    """A residual init (PiSSA, OLoRA) rewrites the base: the model with adapters disabled is the residual,
+    so `reference: base` would compare against a model nobody trained or released."""
+    if (get_method(phase.method).uses_reference and phase.settings.reference == "base"
+            and lora_init_spec(phase.lora_init).residual):
+        raise ConfigError([f"{phase.settings_key}.reference: 'base' with lora_init {phase.lora_init!r}: with "
+                           "adapters disabled the model is the residual W - s*B0*A0, not the base model; use "
+                           "'init' (the starting adapter over the residual: the base model for a fresh adapter)"],
+                          phase.name)
+
+
+def phase_residual(exp: Experiment, phase: Phase, base: dict[str, str], parent: dict | None) -> Residual | None:
+    """The residual base the phase trains on: its own init's, or a warm start's parent's (collective)."""
+    if parent is None:
+        return prepare_residual(exp, phase.lora_init, phase.seed, base)
+    name, ref = adapters.lora_init_of(parent)
+    if name != phase.lora_init:
+        raise ConfigError([f"lora_init {phase.lora_init!r}, but the starting adapter {phase.init_adapter} was "
+                           f"trained from lora_init {name!r}; a warm start keeps its parent's init and residual "
+                           "base, so use the same lora_init for both phases"], phase.name)
+    return None if ref is None else load_residual(ref, exp.run_dir)
+
+
+def reference_used(phase: Phase, residual: Residual | None) -> str | None:
+    """What a preference phase compared against (None: the method has no reference model)."""
+    if not get_method(phase.method).uses_reference:
+        return None
+    if phase.settings.reference == "base":
+        return "base (adapters disabled)"
+    where = f" over residual {Path(residual.ref['path']).name}" if residual is not None else ""
+    return f"init (starting adapter{where})"
 
 
 def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:

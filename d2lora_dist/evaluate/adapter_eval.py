@@ -13,28 +13,31 @@ from d2lora_dist.base_cache import FreshBase
 from d2lora_dist.config import Experiment
 from d2lora_dist.data.selection import suite_items
 from d2lora_dist.modeling import attach_lora, base_fingerprint
+from d2lora_dist.residual import adapter_residual
 
 
 @contextmanager
 def loaded_for_eval(exp: Experiment, adapter_dir: Path | None,
                     models: FreshBase | None = None) -> Iterator[tuple[Any, Any]]:
-    """Full model on every rank (generation under ZeRO-3 is unusably slow); adapter verified.
+    """Full model on every rank (generation under ZeRO-3 is unusably slow); adapter verified, on the
+    residual base its manifest names when it was trained from PiSSA/OLoRA (residual.py).
 
     `models`: where the tokenizer and base come from (loaded here by default; a cell worker's shared
-    base is given back without the adapter when the block ends)."""
+    base is given back without the adapter, and with its own weights, when the block ends)."""
     models = models or FreshBase()
     distributed.init_process_group()  # under `accelerate launch` the ranks split the items
     distributed.leave_zero3()
     gc.collect()
     tokenizer = models.tokenizer(exp.model)
-    state = None
+    state, residual = None, None
     if adapter_dir is not None:
         from d2lora_dist.train import lora_summary
 
-        state, _ = adapters.load_adapter_state(adapter_dir, base_fingerprint(exp.model), lora_summary(exp))
+        state, manifest = adapters.load_adapter_state(adapter_dir, base_fingerprint(exp.model), lora_summary(exp))
+        residual = adapter_residual(exp, manifest)
     with models.base(exp.model, training=False) as model:
         if state is not None:
-            model = attach_lora(model, exp.lora, state)
+            model = attach_lora(model, exp.lora, state, residual=residual, before_overwrite=models.before_overwrite)
         model.to(distributed.device()).eval()
         yield model, tokenizer
 

@@ -144,3 +144,16 @@ def test_bad_axes_are_named(tmp_path, grid, fragment):
     with pytest.raises(ConfigError) as err:
         experiment_from_dict(exp, "axes.yaml")
     assert any(fragment in p for p in err.value.problems), err.value.problems
+
+
+def test_wandb_report_has_a_runset_per_arm(tmp_path):
+    from d2lora_dist.report.wandb_report import plan_report
+
+    exp = experiment(tmp_path)
+    write_results(exp)
+    coll = collect(exp, RunLayout(exp.run_dir))
+    plan = plan_report(exp, table_specs(exp, coll), "", [], 23, 23)
+    runsets = {r.name: r.filters for r in plan.sections[0].runsets}
+    assert list(runsets) == ["LoRA", "D2LoRA(m64)", "D2LoRA(m192)", "LoRA · PiSSA", "D2LoRA(m64) · PiSSA",
+                             "D2LoRA(m192) · PiSSA"]
+    assert runsets["D2LoRA(m64) · PiSSA"].endswith("Config('cell.arm') == 'd2lora@m64+pissa'")

@@ -4,7 +4,7 @@ The plan is plain data, so offline it can be printed (what would be published an
 publish later) and tests can check it; online it is built with `wandb-workspaces` (the
 optional `wandb-report` extra, imported only here) and saved.
 
-Panels read what the cells log: config `cell.task|method|init|n` (tracking.start_run), the
+Panels read what the cells log: config `cell.task|method|init|arm|n` (tracking.start_run), the
 eval runs' summary `eval/<suite>/<metric>` (`tracking.finish_run(run, {"eval": metrics})`)
 and the adapt runs' `train/*` history (the trainer's WandbCallback).
 """
@@ -17,8 +17,9 @@ from pathlib import Path
 from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import method_label
+from d2lora_dist.report.arms import Arm, ordered_arms
 from d2lora_dist.report.tables import INITS, TableSpec
-from d2lora_dist.sweep.grid import NO_TRAINING
+from d2lora_dist.sweep.grid import NO_TRAINING, plan_cells
 from d2lora_dist.tracking import link_inputs, project_and_entity, resolve_mode
 
 EVAL_PREFIX = "eval"  # summary key prefix of the evaluation runs
@@ -65,9 +66,13 @@ def plan_report(exp: Experiment, specs: list[TableSpec], markdown: str, plots: l
                       [s.title for s in specs], plots=list(plots))
     for task, method in dict.fromkeys((s.task, s.method) for s in specs if s.method != NO_TRAINING):
         methods = f"['{method}', '{NO_TRAINING}']"
+        arms = ordered_arms({c.arm for c in plan_cells(exp) if c.task == task})
+        # without the axes an arm is its init (runs logged before `cell.arm` existed have only that)
+        key, rows = ("init", INITS) if set(arms) <= {i for i, _ in INITS} else \
+            ("arm", [(a, Arm.parse(a).label) for a in arms])
         runsets = [RunsetSpec(label, f"Metric('Group') == '{exp.name}' and Config('cell.task') == '{task}' "
-                                     f"and Config('cell.method') in {methods} and Config('cell.init') == '{init}'")
-                   for init, label in INITS]
+                                     f"and Config('cell.method') in {methods} and Config('cell.{key}') == '{arm}'")
+                   for arm, label in rows]
         panels = [PanelSpec("scatter", f"{s.suite} {s.metrics[0][1]} vs n", "cell.n",
                             f"{EVAL_PREFIX}/{s.suite}/{s.metrics[0][0]}")
                   for s in specs if (s.task, s.method) == (task, method)]

@@ -45,7 +45,7 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
             f"lora_init:{cell.lora_init}", *([f"warmup:{cell.warmup}"] if cell.warmup else [])]
     outcome = None
     if cell.trains:
-        run = tracking.start_run(exp, layout, "adapt", cell.id, cell.to_dict(), tags)
+        run = tracking.start_run(exp, layout, "adapt", cell.id, cell.to_dict() | {"arm": cell.arm}, tags)
         _declare_input(exp, run, start_adapter, cell, own=False)
         timing["train"] = time.time()
         outcome = train_cell(exp, layout, cell, start_adapter, run, callbacks or [], models)
@@ -55,7 +55,7 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
                                           adapters.read_manifest(layout.cell_adapter(cell.id)))
         tracking.finish_run(run, {"train": outcome.summary() if outcome else {}})
     eval_adapter = layout.cell_adapter(cell.id) if cell.trains else start_adapter
-    run = tracking.start_run(exp, layout, "eval", f"{cell.id}-eval", cell.to_dict(), tags)
+    run = tracking.start_run(exp, layout, "eval", f"{cell.id}-eval", cell.to_dict() | {"arm": cell.arm}, tags)
     _declare_input(exp, run, eval_adapter, cell, own=cell.trains)
     timing["evaluate"] = time.time()
     metrics = evaluate_suites(exp, cell.task, cell_suites(exp, cell), eval_adapter,

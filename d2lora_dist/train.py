@@ -101,7 +101,7 @@ def print_plan(phase: Phase, schedule: Schedule, cut: Truncation, lora: LoraConf
         s = phase.settings
         print(f"[{phase.name}] launch: {describe_record(launch)}", flush=True)
         print(f"[{phase.name}] {phase.method}: {schedule.describe()}; lr {s.learning_rate:g}, seed {phase.seed}, "
-              f"LoRA dropout {lora.dropout:g}, init {phase.init_adapter or 'fresh LoRA'}", flush=True)
+              f"LoRA dropout {lora.dropout:g}, init {phase.init_adapter or 'fresh LoRA'} ({phase.lora_init})", flush=True)
         print(f"[{phase.name}] {cut.describe()}", flush=True)
 
 
@@ -124,6 +124,9 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
                         f"{phase.settings_key}.max_length (longest row: {cut.longest} tokens)")
     if cut.prompt_fills and get_method(phase.method).form == "preference":
         rows = with_response(rows, tokenizer, phase.settings.max_length)  # as TRL's SFT does; counted in `cut`
+        if distributed.is_main_process():
+            print(f"[{phase.name}] {cut.rows - len(rows)} of {cut.rows} rows dropped before training: their prompt "
+                  f"alone fills max_length={phase.settings.max_length} ({phase.settings_key}.max_length)", flush=True)
     schedule = plan_schedule(phase.settings, cut.kept, distributed.world_size())  # re-planned if TRL keeps more
     args = training_arguments(exp, phase, ds_config, schedule)
     lora = phase_lora(exp, phase)
@@ -138,7 +141,7 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
         model = attach_lora(model, lora, init_state, phase.lora_init, residual, phase.models.before_overwrite)
         start_state = adapters.gathered_state_dict(model)  # where this phase starts, for its update size
         trainer = make_trainer(phase, model, args, Dataset.from_list(rows), tokenizer)
-        schedule = _replan_for_kept_rows(phase, trainer, cut, schedule)
+        schedule = _replan_for_kept_rows(phase, trainer, cut, schedule, given=len(rows))
         resume = last_complete_checkpoint(phase.checkpoint_dir)
         if resume and distributed.is_main_process():
             print(f"[{phase.name}] resuming from {resume}", flush=True)
@@ -283,12 +286,12 @@ def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: A
     return trainer
 
 
-def _replan_for_kept_rows(phase: Phase, trainer: Any, cut: Truncation, schedule: Schedule) -> Schedule:
-    """SFT and DPO drop rows whose prompt alone fills max_length, ORPO keeps them with nothing to
-    train; the optimizer steps follow the rows the trainer really kept."""
+def _replan_for_kept_rows(phase: Phase, trainer: Any, cut: Truncation, schedule: Schedule, given: int) -> Schedule:
+    """TRL's SFT drops rows whose prompt alone fills max_length (DPO/ORPO rows were dropped before, in
+    train_phase); the optimizer steps follow the rows the trainer really kept. `given`: rows handed to it."""
     kept = len(trainer.train_dataset)
-    if kept < cut.rows and distributed.is_main_process():
-        print(f"[{phase.name}] {cut.rows - kept} of {cut.rows} rows dropped by the trainer: their prompt alone "
+    if kept < given and distributed.is_main_process():
+        print(f"[{phase.name}] {given - kept} of {given} rows dropped by the trainer: their prompt alone "
               f"fills max_length={phase.settings.max_length} ({phase.settings_key}.max_length)", flush=True)
     if kept == schedule.examples:
         return schedule

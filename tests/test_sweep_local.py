@@ -27,3 +27,39 @@ def test_sweep_run_executes_the_grid_and_reports(tiny_experiment: dict, tmp_path
     # the frozen experiment protects finished results from an edited config
     changed = _cli("sweep", "run", "-c", str(path), "--set", "methods.sft.learning_rate=0.5")
     assert changed.returncode == 2 and "was frozen with other settings" in changed.stderr
+
+
+def test_axes_locally_a_failed_warmup_holds_back_its_cells_and_pissa_cells_keep_their_residual(
+        tiny_experiment: dict, tmp_path: Path) -> None:
+    """Two warm-ups x two LoRA inits on the tiny model: `bad` diverges (lr = inf), so its two warm-up runs
+    fail and their cells are skipped; every other cell runs; a PiSSA D2LoRA cell trains on the residual
+    its warm-up was trained on."""
+    import json
+
+    good = tiny_experiment.pop("warmup")
+    tiny_experiment["warmups"] = {"good": good, "bad": {**good, "train": {**good["train"], "learning_rate": float("inf")}}}
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [4],
+                                "lora_inits": ["default", "pissa"]}]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    done = _cli("sweep", "run", "-c", str(path))
+    run_dir = tmp_path / "runs" / "tiny"
+    assert done.returncode == 1  # some cells did not run
+    assert "warm-up bad failed" in done.stdout and "held back by a failed warm-up" in done.stdout
+    ran = sorted(p.name for p in (run_dir / "cells").iterdir())
+    assert ran == ["math-sft-d2lora@good+pissa-n4-s0", "math-sft-d2lora@good-n4-s0", "math-sft-lora+pissa-n4-s0",
+                   "math-sft-lora-n4-s0"]
+    assert all((run_dir / "cells" / c / "result.json").is_file() for c in ran)
+    assert "math-sft-d2lora@bad-n4-s0" in done.stderr  # named among the failed cells
+
+    def manifest(adapter: Path) -> dict:
+        return json.loads((adapter / "manifest.json").read_text())
+
+    warm = manifest(run_dir / "warmups" / "good+pissa" / "adapter")
+    cell = manifest(run_dir / "cells" / "math-sft-d2lora@good+pissa-n4-s0" / "adapter")
+    assert warm["lora_init"]["name"] == cell["lora_init"]["name"] == "pissa"
+    assert cell["lora_init"]["residual"] == warm["lora_init"]["residual"] is not None  # one residual base
+    assert cell["parent"]["adapter_sha256"] == warm["adapter_sha256"]
+    vanilla = manifest(run_dir / "cells" / "math-sft-lora+pissa-n4-s0" / "adapter")
+    assert vanilla["lora_init"]["residual"]["key"]["lora_init"] == "pissa"
+    assert manifest(run_dir / "cells" / "math-sft-lora-n4-s0" / "adapter")["lora_init"] == {"name": "default",
+                                                                                             "residual": None}

@@ -194,7 +194,8 @@ def test_min_steps_repeats_small_data_and_responses_cut_by_max_length_are_counte
     assert outcome.summary()["truncation"]["response_cut"] == cut.response_cut
 
 
-def test_a_preference_row_whose_prompt_fills_max_length_is_dropped_not_trained_into_nan(warmed) -> None:
+def test_a_preference_row_whose_prompt_fills_max_length_is_dropped_not_trained_into_nan(
+        warmed, capsys: pytest.CaptureFixture) -> None:
     """TRL drops such rows for SFT only; an ORPO response left with no token makes the gradient NaN."""
     exp, layout, _ = warmed
     phase = _phase(exp, layout, "orpo", None, max_length=160, logging_steps=1, min_steps=4)
@@ -202,6 +203,8 @@ def test_a_preference_row_whose_prompt_fills_max_length_is_dropped_not_trained_i
     phase.records[0]["prompt"] = [{"role": "user", "content": long_prompt}]
     outcome = train_phase(exp, phase)
     assert outcome.truncation.prompt_fills == 1 and outcome.truncation.rows == 4
+    out = capsys.readouterr().out  # said as what happened: dropped here, not by TRL's trainer
+    assert "1 of 4 rows dropped before training" in out and "dropped by the trainer" not in out
     norms = [h["grad_norm"] for h in outcome.log_history if "grad_norm" in h]
     assert len(norms) == 4 and all(math.isfinite(v) for v in norms)
     state, _ = adapters.load_adapter_state(phase.out_adapter)

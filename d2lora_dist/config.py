@@ -289,8 +289,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# Settings added after run directories were frozen without them: the value those runs used, where it
+# is not today's default. A frozen file read by its jobs, and compared with a new request, gets these.
+RAN_BEFORE_THE_SETTING = {"batching": "padded"}
+
+
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read, override, type-check and cross-validate an experiment file."""
+    """Read, override, type-check and cross-validate an experiment file (a run directory's frozen file
+    as its runs ran: settings newer than the file read as RAN_BEFORE_THE_SETTING says)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"experiment file not found: {path}"], str(path))
@@ -298,7 +304,21 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], str(path)) from e
+    if path.name == "experiment.yaml" and (path.parent / "plan.json").is_file():
+        raw = as_frozen_runs_ran(raw)
     return experiment_from_dict(apply_overrides(raw, overrides or []), str(path))
+
+
+def as_frozen_runs_ran(raw: dict[str, Any]) -> dict[str, Any]:
+    """A frozen file with the settings it predates filled in as its runs ran them (every phase's settings)."""
+    raw = copy.deepcopy(raw)
+    phases = [*(raw.get("methods") or {}).values(), (raw.get("warmup") or {}).get("train"),
+              *((w or {}).get("train") for w in (raw.get("warmups") or {}).values())]
+    for settings in phases:
+        if isinstance(settings, dict):
+            for key, value in RAN_BEFORE_THE_SETTING.items():
+                settings.setdefault(key, value)
+    return raw
 
 
 def experiment_from_dict(data: dict[str, Any], source: str = "<dict>") -> Experiment:

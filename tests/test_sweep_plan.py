@@ -46,6 +46,11 @@ def test_a_run_directory_frozen_before_a_setting_existed_resumes_only_with_what_
     for block in older["grid"]:
         del block["suites"]
     layout.experiment_file.write_text(yaml.safe_dump(older, sort_keys=False))
+    # its jobs load it as its runs ran (padded), not with today's default (auto)
+    from d2lora_dist.config import load_experiment
+
+    jobs_see = load_experiment(layout.experiment_file)
+    assert {s.batching for s in [jobs_see.warmup.train, *jobs_see.methods.values()]} == {"padded"}
     # today's default (auto) would train those cells differently from how they ran (padded): refused
     with pytest.raises(PlanError, match=r"methods.sft.batching: 'padded' -> 'auto'.*set those keys back"):
         freeze_plan(exp, layout)

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from d2lora_dist.config import Experiment, TrainSettings
+from d2lora_dist.config import RAN_BEFORE_THE_SETTING, Experiment, TrainSettings
 from d2lora_dist.errors import InputError
 from d2lora_dist.fileio import read_json, write_json_atomic, write_text_atomic
 from d2lora_dist.layout import RunLayout
@@ -77,9 +77,6 @@ def _merge_missing(frozen: Any, filled: Any) -> Any:
     return frozen
 
 
-# Settings added after run directories were frozen without them: the value those runs used, where it
-# is not the default (a missing setting otherwise reads as its default, as the jobs loading the file do).
-RAN_BEFORE_THE_SETTING = {"batching": "padded"}
 _MISSING = object()
 
 

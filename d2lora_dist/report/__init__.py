@@ -51,7 +51,8 @@ def report(exp: Experiment, layout: RunLayout, wandb_report: bool = False) -> Re
     csv_path = atomic_write_text(out / "results.csv", render_csv(coll.rows))
     deltas_path = atomic_write_text(out / "deltas.csv", render_deltas_csv(every))
     md_path = atomic_write_text(out / "results.md", markdown)
-    plots = write_plots(coll, specs, deltas, out / "plots", {name: w.n for name, w in exp.warmup_configs().items()})
+    plots = write_plots(coll, specs, deltas, out / "plots", {name: w.n for name, w in exp.warmup_configs().items()},
+                        _warmup_labels(exp, layout))
     result = ReportResult(len(coll.planned), len(coll.done), coll.missing, coll.unplanned, csv_path, deltas_path,
                           md_path, markdown, plots)
     print(markdown)
@@ -64,3 +65,19 @@ def report(exp: Experiment, layout: RunLayout, wandb_report: bool = False) -> Re
         result.wandb = publish(exp, layout, plan)
         print(*result.wandb, sep="\n")
     return result
+
+
+def _warmup_labels(exp: Experiment, layout: RunLayout) -> dict[str, str]:
+    """How Δ against m names each warm-up: its m, name and, once trained, the rows it trained on
+    (max_length drops rows whose prompt fills it, so m counts the rows drawn)."""
+    from d2lora_dist.fileio import read_json
+
+    labels = {}
+    for name, cfg in exp.warmup_configs().items():
+        label = f"{cfg.n}\n({name}"
+        path = layout.warmup_result_of(name)
+        cut = (read_json(path).get("train") or {}).get("truncation") if path.is_file() else None
+        if cut:
+            label += f", {cut['rows'] - cut['prompt_fills']} trained"
+        labels[name] = label + ")"
+    return labels

@@ -52,13 +52,15 @@ Draw = Callable[[Axes], int]  # draws one panel, returns how many series it drew
 
 
 def write_plots(coll: Collection, specs: list[TableSpec], deltas: Deltas, out_dir: Path,
-                warmup_sizes: dict[str, int | None] | None = None) -> list[Path]:
+                warmup_sizes: dict[str, int | None] | None = None,
+                warmup_labels: dict[str, str] | None = None) -> list[Path]:
     """Draw every figure that has at least one finished point; return the paths written.
-    `warmup_sizes`: warm-up name -> its m (rows), for Δ against m."""
+    `warmup_sizes`: warm-up name -> its m (rows), for Δ against m; `warmup_labels`: its tick label."""
     written: list[Path] = []
     for task in dict.fromkeys(s.task for s in specs):
         figures = _task_figures(coll, deltas, [s for s in specs if s.task == task])
-        figures += _delta_vs_m_figures(coll, deltas, [s for s in specs if s.task == task], warmup_sizes or {})
+        figures += _delta_vs_m_figures(coll, deltas, [s for s in specs if s.task == task], warmup_sizes or {},
+                                       warmup_labels or {})
         for name, panels, delta_row in figures:
             if (path := _figure(out_dir / f"{task}_{name}.png", panels, delta_row)) is not None:
                 written.append(path)
@@ -272,7 +274,7 @@ def _delta_series(ax: Axes, deltas: list[Delta], color: str, label: str, shift: 
 # ---- Δ against the warm-up size m ----------------------------------------------------------------
 
 def _delta_vs_m_figures(coll: Collection, deltas: Deltas, specs: list[TableSpec],
-                        sizes: dict[str, int | None]) -> list[Figure_]:
+                        sizes: dict[str, int | None], labels: dict[str, str]) -> list[Figure_]:
     """One figure per method of the task metric: a panel per n, Δ against m, a series per LoRA init."""
     treated = [Arm.parse(p.treatment) for p in deltas.pairs(specs[0].task) if p.treatment != p.baseline]
     warmups = sorted({a.warmup for a in treated if sizes.get(a.warmup) is not None}, key=lambda w: sizes[w])
@@ -281,12 +283,12 @@ def _delta_vs_m_figures(coll: Collection, deltas: Deltas, specs: list[TableSpec]
         return []
     primary = [s for s in task_suites if s.suite == task_suites[0].suite and s.method != NO_TRAINING]
     return [(f"{s.method}_delta_vs_m", [partial(delta_vs_m_panel, deltas=deltas, spec=s, n=n, warmups=warmups,
-                                                sizes=sizes) for n in s.ns], [])
+                                                sizes=sizes, labels=labels) for n in s.ns], [])
             for s in primary]
 
 
 def delta_vs_m_panel(ax: Axes, deltas: Deltas, spec: TableSpec, n: int, warmups: list[str],
-                     sizes: dict[str, int | None]) -> int:
+                     sizes: dict[str, int | None], labels: dict[str, str] | None = None) -> int:
     """Δ = D2LoRA(m) − LoRA at one n against m (evenly spaced, labelled), one series per LoRA init."""
     ax.axhline(0.0, color="black", linewidth=0.8)
     pairs = deltas.pairs(spec.task)
@@ -302,7 +304,7 @@ def delta_vs_m_panel(ax: Axes, deltas: Deltas, spec: TableSpec, n: int, warmups:
         drawn += _delta_series(ax, series, color=LORA_INIT_COLORS[i % len(LORA_INIT_COLORS)], label=label,
                                shift=(i - (len(lora_inits) - 1) / 2) * DODGE * 2,
                                marker=LORA_INIT_MARKERS[i % len(LORA_INIT_MARKERS)])
-    ax.set_xticks(np.arange(len(warmups)), [f"{sizes[w]}\n({w})" for w in warmups])
+    ax.set_xticks(np.arange(len(warmups)), [(labels or {}).get(w, f"{sizes[w]}\n({w})") for w in warmups])
     ax.set_xlim(-0.4, len(warmups) - 0.6)
     ax.set_xlabel("warm-up rows m")
     ax.set_ylabel(f"Δ {spec.suite} {spec.metrics[0][1]} (pp)")

@@ -167,3 +167,22 @@ def test_sweep_plan_prints_launch_memory_tokens_gpu_hours_and_a_total(tiny_exper
     sft = next(r for r in rows if r["id"] == "math-sft-lora-n4-s0")
     assert sft["strategy"] == "ddp" and sft["gpus"] == 1 and sft["memory_gib_per_device"] > 0
     assert sft["train_tokens"] > 0 and sft["eval_tokens"] > 0 and sft["gpu_hours"] > 0
+
+
+def test_the_plan_lists_each_warmup_run_with_its_size_init_and_cells(tiny_experiment: dict) -> None:
+    from d2lora_dist.sweep.plan import planned_warmups
+
+    warmup = tiny_experiment.pop("warmup")
+    tiny_experiment["warmups"] = {"m8": warmup, "m4": {**warmup, "n": 4}}
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0, 4],
+                                "seeds": [0, 1], "lora_inits": ["default", "olora"]},
+                               {"task": "math", "methods": ["sft"], "inits": ["d2lora"], "n": [8], "warmups": ["m8"]}]
+    exp = experiment_from_dict(tiny_experiment)
+    layout = RunLayout(exp.run_dir)
+    layout.warmup_home("m4").mkdir(parents=True)
+    layout.warmup_result_of("m4").write_text("{}")
+    rows = {r["key"]: r for r in planned_warmups(exp, layout)}
+    assert list(rows) == ["m4", "m4+olora", "m8", "m8+olora"]
+    assert (rows["m4"]["m"], rows["m4"]["done"], rows["m4"]["cells"]) == (4, True, 3)  # n0 + 2 seeds at n4
+    assert (rows["m8"]["m"], rows["m8"]["done"], rows["m8"]["cells"]) == (8, False, 4)  # + the block at n8
+    assert rows["m8+olora"]["lora_init"] == "olora" and rows["m8+olora"]["cells"] == 3

@@ -267,7 +267,8 @@ def test_whole_node_asks_for_the_node_and_runs_every_rank():
 def test_a_sharded_strategy_asks_for_the_gpus_it_needs_and_launches_its_json():
     data = experiment_dict("paper_math", "/shared/runs", gpus_per_node=8, cpus_per_task=64, mem="960G")
     data["model"].update(dtype="bfloat16", gradient_checkpointing=True)
-    data["launch"] = {"strategy": "zero3", "num_processes": 8, "gpu_memory_gib": 12}
+    data["launch"] = {"strategy": "zero3", "num_processes": 8, "gpu_memory_gib": 20}  # 8B bf16 eval fits, training not
+    data["methods"]["sft"].update(max_length=2048, per_device_batch_size=2)
     text = slurm.render_cell_array(experiment_from_dict(data), RUN, [0])
     gpus = next(int(x.split("=")[1]) for x in sbatch_lines(text) if x.startswith("#SBATCH --gpus-per-node="))
     assert 1 < gpus < 8

@@ -18,7 +18,7 @@ from typing import Any
 
 from d2lora_dist import adapters, distributed, tracking
 from d2lora_dist.base_cache import FreshBase
-from d2lora_dist.config import Experiment
+from d2lora_dist.config import SINGLE_WARMUP, Experiment
 from d2lora_dist.data.loading import DataError
 from d2lora_dist.data.selection import task_records
 from d2lora_dist.errors import MissingInput
@@ -88,8 +88,10 @@ def _starting_adapter(layout: RunLayout, cell: Cell) -> Path | None:
     if not INITS[cell.init].from_warmup or run is None:
         return None
     if not layout.warmup_result_of(run.key).is_file():
-        raise MissingInput(f"[{cell.id}] needs warm-up {run.key!r}, but {layout.warmup_result_of(run.key)} does "
-                           f"not exist; run `d2lora warmup --warmup {run.key}` first")
+        which, command = ("the warm-up adapter", "d2lora warmup") if run.key == SINGLE_WARMUP else (
+            f"warm-up {run.key!r}", f"d2lora warmup --warmup {run.key}")
+        raise MissingInput(f"[{cell.id}] needs {which}, but {layout.warmup_result_of(run.key)} does not exist; "
+                           f"run `{command}` first")
     return layout.warmup_adapter_of(run.key)
 
 

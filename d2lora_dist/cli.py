@@ -88,7 +88,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_sweep_plan(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
-    from d2lora_dist.sweep.plan import Throughput, planned_warmups
+    from d2lora_dist.sweep.plan import Throughput, warmup_rows
 
     exp, layout = _load(args)
     speed = Throughput(args.train_tokens_per_s, args.eval_tokens_per_s)
@@ -97,7 +97,7 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
     print(f"{exp.name}: {len(rows)} cells, {sum(r.done for r in rows)} done; run dir {layout.root}")
-    for w in planned_warmups(exp, layout):
+    for w in warmup_rows(exp, layout):
         size = "all rows" if w["m"] is None else f"m = {w['m']}"
         print(f"warm-up {w['key']}: {w['dataset']}, {size}, seed {w['seed']}, LoRA init {w['lora_init']}; "
               f"{'done' if w['done'] else 'to train'}; {w['cells']} cells start from it")

@@ -262,7 +262,7 @@ class Experiment:
             return dict(self.warmups)
         return {SINGLE_WARMUP: self.warmup} if self.warmup is not None else {}
 
-    def warmup_key(self, name: str) -> str:
+    def warmup_settings_key(self, name: str) -> str:
         """Where the warm-up's settings live in the experiment file, for messages."""
         return f"warmups.{name}" if self.warmups else "warmup"
 
@@ -340,7 +340,7 @@ def validate(exp: Experiment, well_typed: bool = True) -> list[str]:
     units: list[Callable[[], list[str]]] = [lambda: _suite_problems(exp), lambda: _task_problems(exp),
                                             lambda: _global_problems(exp)]
     units += [partial(_method_problems, name, settings) for name, settings in (exp.methods or {}).items()]
-    units += [partial(_train_problems, f"{exp.warmup_key(name)}.train", w.train)
+    units += [partial(_train_problems, f"{exp.warmup_settings_key(name)}.train", w.train)
               for name, w in exp.warmup_configs().items()]
     units.append(lambda: _warmup_problems(exp))
     units += [partial(_grid_problems, exp, i, block) for i, block in enumerate(exp.grid or [])]

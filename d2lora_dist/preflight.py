@@ -114,7 +114,7 @@ def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
             problems.append(f"{cell.id}: n={cell.n} but task {cell.task!r} has only {have} usable {form} rows "
                             f"({task.dataset.name}, {task.holdout} held out); lower n in the grid or add data")
     for name in dict.fromkeys(checks.warmup_names(exp)):
-        cfg, key = exp.warmup_configs()[name], exp.warmup_key(name)
+        cfg, key = exp.warmup_configs()[name], exp.warmup_settings_key(name)
         if cfg.n is None:
             continue
         try:
@@ -160,7 +160,7 @@ def _batch_problems(exp: Experiment, checks: Checks) -> list[str]:
     problems: list[str] = []
     if checks.warmup_world_size is not None:
         for name in dict.fromkeys(checks.warmup_names(exp)):
-            problems += _batch(exp.warmup_configs()[name].train, f"{exp.warmup_key(name)}.train",
+            problems += _batch(exp.warmup_configs()[name].train, f"{exp.warmup_settings_key(name)}.train",
                                checks.warmup_world_size)
     if checks.cell_world_size is not None:
         for method in sorted({c.method for c in checks.cells if c.trains}):

@@ -111,7 +111,7 @@ def warmup_need(exp: Experiment, name: str | None = None) -> Need:
     configs = exp.warmup_configs()
     name = name if name is not None else next(iter(configs))
     cfg = configs[name]
-    return Need(f"{exp.warmup_key(name)}.train", cfg.train, workload(exp, cfg.train, "sft"))
+    return Need(f"{exp.warmup_settings_key(name)}.train", cfg.train, workload(exp, cfg.train, "sft"))
 
 
 def choose(exp: Experiment, needs: Sequence[Need], device_counts: Sequence[int], requested: str) -> Choice:

@@ -55,7 +55,7 @@ def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None =
     if run.name not in configs:
         raise ConfigError([f"experiment {exp.name!r} has no warm-up {run.name!r} (defined: {sorted(configs)})"],
                           exp.name)
-    cfg, settings_key = configs[run.name], exp.warmup_key(run.name)
+    cfg, settings_key = configs[run.name], exp.warmup_settings_key(run.name)
     home, adapter, result_file = layout.warmup_home(run.key), layout.warmup_adapter_of(run.key), \
         layout.warmup_result_of(run.key)
     if result_file.is_file():

@@ -170,7 +170,7 @@ def test_sweep_plan_prints_launch_memory_tokens_gpu_hours_and_a_total(tiny_exper
 
 
 def test_the_plan_lists_each_warmup_run_with_its_size_init_and_cells(tiny_experiment: dict) -> None:
-    from d2lora_dist.sweep.plan import planned_warmups
+    from d2lora_dist.sweep.plan import warmup_rows
 
     warmup = tiny_experiment.pop("warmup")
     tiny_experiment["warmups"] = {"m8": warmup, "m4": {**warmup, "n": 4}}
@@ -181,7 +181,7 @@ def test_the_plan_lists_each_warmup_run_with_its_size_init_and_cells(tiny_experi
     layout = RunLayout(exp.run_dir)
     layout.warmup_home("m4").mkdir(parents=True)
     layout.warmup_result_of("m4").write_text("{}")
-    rows = {r["key"]: r for r in planned_warmups(exp, layout)}
+    rows = {r["key"]: r for r in warmup_rows(exp, layout)}
     assert list(rows) == ["m4", "m4+olora", "m8", "m8+olora"]
     assert (rows["m4"]["m"], rows["m4"]["done"], rows["m4"]["cells"]) == (4, True, 3)  # n0 + 2 seeds at n4
     assert (rows["m8"]["m"], rows["m8"]["done"], rows["m8"]["cells"]) == (8, False, 4)  # + the block at n8

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from d2lora_dist.config import SINGLE_WARMUP
 from d2lora_dist.inits import BASELINE, INITS, TREATMENT
 from d2lora_dist.lora_inits import DEFAULT_LORA_INIT, LORA_INITS, is_lora_init, lora_init_label
+from d2lora_dist.sweep.grid import arm_name
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,7 @@ class Arm:
 
     @property
     def name(self) -> str:
-        named = f"@{self.warmup}" if self.warmup and self.warmup != SINGLE_WARMUP else ""
-        axis = f"+{self.lora_init}" if self.lora_init != DEFAULT_LORA_INIT else ""
-        return f"{self.init}{named}{axis}"
+        return arm_name(self.init, self.warmup, self.lora_init)
 
     @property
     def from_warmup(self) -> bool:

@@ -14,14 +14,22 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from d2lora_dist.config import SINGLE_WARMUP, Experiment
+from d2lora_dist.config import SINGLE_WARMUP, Experiment, GridBlock
 from d2lora_dist.errors import UnknownName
 from d2lora_dist.inits import INITS
 from d2lora_dist.lora_inits import DEFAULT_LORA_INIT
 from d2lora_dist.methods import NO_TRAINING
 
-__all__ = ["NO_TRAINING", "Cell", "WarmupRun", "plan_cells", "find_cell", "needs_warmup", "warmup_runs",
+__all__ = ["NO_TRAINING", "Cell", "WarmupRun", "arm_name", "plan_cells", "find_cell", "needs_warmup", "warmup_runs",
            "cell_suites"]
+
+
+def arm_name(init: str, warmup: str, lora_init: str) -> str:
+    """An init with its axes, as ids, tags and tables name it: d2lora, d2lora@m384+pissa, lora+olora
+    (the single warm-up and PEFT's default init are not spelled out)."""
+    named = f"@{warmup}" if warmup and warmup != SINGLE_WARMUP else ""
+    axis = f"+{lora_init}" if lora_init != DEFAULT_LORA_INIT else ""
+    return f"{init}{named}{axis}"
 
 
 @dataclass(frozen=True, order=True)
@@ -65,10 +73,7 @@ class Cell:
 
     @property
     def arm(self) -> str:
-        """The init with its axes, as ids, tags and tables name it: d2lora, d2lora@m384+pissa, lora+olora."""
-        named = f"@{self.warmup}" if self.warmup and self.warmup != SINGLE_WARMUP else ""
-        axis = f"+{self.lora_init}" if self.lora_init != DEFAULT_LORA_INIT else ""
-        return f"{self.init}{named}{axis}"
+        return arm_name(self.init, self.warmup, self.lora_init)
 
     @property
     def warmup_run(self) -> WarmupRun | None:
@@ -128,7 +133,7 @@ def plan_cells(exp: Experiment) -> list[Cell]:
     return sorted(restricted, key=_order)
 
 
-def _arms(exp: Experiment, block) -> list[tuple[str, str, str]]:
+def _arms(exp: Experiment, block: GridBlock) -> list[tuple[str, str, str]]:
     """(init, warm-up, LoRA init) of a block: each D2LoRA init once per warm-up it names."""
     warmups = block.warmups if block.warmups is not None else list(exp.warmup_configs())
     return [(init, warmup, lora_init) for init in block.inits for lora_init in block.lora_inits

@@ -22,7 +22,7 @@ from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.shipped import for_command
 from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
-from d2lora_dist.sweep.grid import Cell, warmup_runs
+from d2lora_dist.sweep.grid import Cell, WarmupRun, warmup_runs
 
 
 class LaunchFailed(RuntimeError):
@@ -87,9 +87,9 @@ def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str) 
         raise LaunchFailed(f"{what} failed with exit code {code} (command: {' '.join(command)})")
 
 
-def run_warmups(exp: Experiment, layout: RunLayout, cells: list[Cell], config: list[str]) -> set:
+def run_warmups(exp: Experiment, layout: RunLayout, cells: list[Cell], config: list[str]) -> set[WarmupRun]:
     """Train each warm-up these cells start from that is not done yet; returns the ones that failed."""
-    failed = set()
+    failed: set[WarmupRun] = set()
     for run in warmup_runs(cells):
         if layout.warmup_result_of(run.key).is_file():
             continue

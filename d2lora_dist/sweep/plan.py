@@ -158,7 +158,7 @@ def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughp
     return rows
 
 
-def planned_warmups(exp: Experiment, layout: RunLayout) -> list[dict[str, Any]]:
+def warmup_rows(exp: Experiment, layout: RunLayout) -> list[dict[str, Any]]:
     """Each warm-up run the grid starts from: its data, size, LoRA init, seed, whether it is done and
     how many cells wait on it (printed by `sweep plan`)."""
     from d2lora_dist.sweep.grid import warmup_runs

@@ -4,6 +4,7 @@ into its parts, and optionally side by side with an older commit of the framewor
     .venv/bin/python benchmarks/demo_wallclock.py                       # today's demo
     .venv/bin/python benchmarks/demo_wallclock.py --experiment benchmarks/inputs/demo_cpu_v1.yaml \\
         --baseline f202852                                              # old grid: old code vs today's
+    .venv/bin/python benchmarks/demo_wallclock.py --slots 1             # today's code, one cell at a time
 
 Assets must be fetched first (`d2lora assets`); their one-off download and conversion is timed
 separately with --with-assets on a cold cache. With --baseline the two versions run one after
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +34,7 @@ def main() -> int:
     parser.add_argument("--experiment", default=str(REPO / "launch/experiments/demo_cpu.yaml"))
     parser.add_argument("--baseline", metavar="COMMIT", help="also run this commit's code on the same experiment")
     parser.add_argument("--with-assets", action="store_true", help="also time `d2lora assets` on a cold cache")
+    parser.add_argument("--slots", default="auto", help="today's `sweep run --slots` (the baseline runs as it did)")
     args = parser.parse_args()
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
     experiment = str(Path(args.experiment).resolve())
@@ -50,7 +53,7 @@ def main() -> int:
                 runs[f"baseline {args.baseline}"] = timed_sweep(code, experiment, Path(tmp) / "base", env)
             finally:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(code)], check=False)
-        runs["today"] = timed_sweep(REPO, experiment, Path(tmp) / "today", env)
+        runs["today"] = timed_sweep(REPO, experiment, Path(tmp) / "today", env, ["--slots", args.slots])
     for label, run in runs.items():
         print(f"\n### {label}: {Path(experiment).name}\n")
         print_breakdown(run)
@@ -61,7 +64,7 @@ def main() -> int:
     return 0
 
 
-def timed_sweep(code: Path, experiment: str, out: Path, env: dict[str, str]) -> dict:
+def timed_sweep(code: Path, experiment: str, out: Path, env: dict[str, str], flags: tuple[str, ...] = ()) -> dict:
     """Run `sweep run` with the package found in `code`; measure imports and a model load there too."""
     env = dict(env, PYTHONPATH=str(code))
     python = [sys.executable]
@@ -70,7 +73,7 @@ def timed_sweep(code: Path, experiment: str, out: Path, env: dict[str, str]) -> 
     imports = time.time() - start
     start = time.time()
     subprocess.run([*python, "-m", "d2lora_dist.cli", "sweep", "run", "-c", experiment,
-                    "--set", f"output_dir={out}"], env=env, check=True, cwd=code)
+                    "--set", f"output_dir={out}", *flags], env=env, check=True, cwd=code)
     total = time.time() - start
     run_dir = next(out.iterdir())
     start = time.time()
@@ -85,7 +88,11 @@ def parts(run_dir: Path) -> dict:
     trains = [r["train"] for r in results if r.get("train")]
     step_times = [[h["step_time_s"] for h in t.get("log_history", []) if "step_time_s" in h] for t in trains]
     timing = [r.get("timing") or {} for r in results]
+    finished = [datetime.fromisoformat(r["finished_at"].replace("Z", "+00:00")).timestamp() for r in results]
     return {
+        "slots": sorted({(r.get("runtime") or {}).get("slot", "0/1").split("/")[1] for r in results}),
+        # first cell start to last cell end (cells of several slots overlap)
+        "cell_span": max(finished) - min(f - t.get("cell_s", 0.0) for f, t in zip(finished, timing, strict=True)),
         "cells": len(results),
         "workers": {bool(r.get("shared_worker")) for r in results},
         "warmup_train": warm["runtime_s"],
@@ -101,16 +108,21 @@ def parts(run_dir: Path) -> dict:
 
 
 def print_breakdown(run: dict) -> None:
+    parallel = run["slots"] != ["1"]
+    summed = f", summed over {'/'.join(run['slots'])} slots that ran at once" if parallel else ""
     rows = [("sweep run: warm-up + cells + report", run["total"]),
             ("  warm-up training (trainer.train)", run["warmup_train"]),
-            (f"  cell training (trainer.train, {run['cells']} cells)", run["cell_train"])]
+            (f"  cell training (trainer.train, {run['cells']} cells{summed})", run["cell_train"])]
     if run["timed"]:
-        rows += [("  cell model load + trainer set-up + adapter save", run["cell_train_wall"] - run["cell_train"]),
-                 ("  cell evaluation (model load + suites)", run["cell_evaluate"]),
-                 ("  cell W&B runs, data selection, result", run["cell_wall"] - run["cell_train_wall"]
+        cells_wall = run["cell_span"] if parallel else run["cell_wall"]
+        rows += [(f"  cell model load + trainer set-up + adapter save{summed}",
+                  run["cell_train_wall"] - run["cell_train"]),
+                 (f"  cell evaluation (model load + suites){summed}", run["cell_evaluate"]),
+                 (f"  cell W&B runs, data selection, result{summed}", run["cell_wall"] - run["cell_train_wall"]
                   - run["cell_evaluate"]),
+                 ("  cells, first start to last end", run["cell_span"]),
                  ("  outside cells: process starts, imports, warm-up load, preflight, report",
-                  run["total"] - run["warmup_train"] - run["cell_wall"])]
+                  run["total"] - run["warmup_train"] - cells_wall)]
     else:
         rows.append(("  everything else (this version records no per-cell timing)",
                      run["total"] - run["warmup_train"] - run["cell_train"]))
@@ -122,8 +134,8 @@ def print_breakdown(run: dict) -> None:
     if run["first_logged_step"] is not None:
         steady = f"{run['steady_step']:.2f}" if run["steady_step"] is not None else "-"
         print(f"\nmedian seconds per optimizer step: first logged {run['first_logged_step']:.2f}, later {steady}")
-    worker = {True: "one shared worker", False: "one process per cell"}
-    print("cells ran in: " + ", ".join(worker[w] for w in sorted(run["workers"])))
+    worker = {True: "shared workers (one per slot)", False: "one process per cell"}
+    print("cells ran in: " + ", ".join(worker[w] for w in sorted(run["workers"])) + f"; slots: {'/'.join(run['slots'])}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,15 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set methods.dpo.beta=0.2 (repeatable)")
 
 
+def _slots(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number of slots nor auto") from None
+
+
 def _load(args: argparse.Namespace):
     from d2lora_dist.config import load_experiment
     from d2lora_dist.layout import RunLayout
@@ -124,7 +133,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
 
     exp, layout = _load(args)
-    return entries.run_sweep(exp, layout, str(args.config), cell_worker=args.cell_worker)
+    return entries.run_sweep(exp, layout, str(args.config), cell_worker=args.cell_worker, slots=args.slots)
 
 
 def cmd_sweep_cell(args: argparse.Namespace) -> int:
@@ -142,7 +151,8 @@ def cmd_sweep_worker(args: argparse.Namespace) -> int:
     from d2lora_dist.sweep.grid import find_cell
 
     exp, layout = _load(args)
-    return entries.worker(exp, layout, [find_cell(exp, cell_id) for cell_id in args.cells], str(args.config))
+    cells = None if args.cells_from_stdin else [find_cell(exp, cell_id) for cell_id in args.cells]
+    return entries.worker(exp, layout, cells, str(args.config))
 
 
 def cmd_sweep_submit(args: argparse.Namespace) -> int:
@@ -246,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cells launched as one plain process run in one worker process that loads the base "
                         "model once (default); --no-cell-worker gives every cell a process of its own "
                         "(same results; see docs/choices.md)")
+    p.add_argument("--slots", type=_slots, default=None, metavar="N|auto",
+                   help="cells run at once: auto (default) = as many as the machine holds (GPUs: groups of the "
+                        "GPUs the largest cell needs; CPUs: a share of the cores each, bounded by memory); 1 = one "
+                        "after another. Results are the same either way (docs/performance.md)")
     p.set_defaults(func=cmd_sweep_run)
     p = sweep.add_parser("cell", help="run one cell of the frozen plan (what array tasks call)")
     _experiment_args(p)
@@ -256,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sweep.add_parser("worker", help="run several cells in this one process on one loaded base model "
                                         "(what `sweep run` calls for cells launched as one plain process)")
     _experiment_args(p)
-    p.add_argument("--cells", nargs="+", required=True, metavar="CELL", help="cell ids, run in this order")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--cells", nargs="+", metavar="CELL", help="cell ids, run in this order")
+    given.add_argument("--cells-from-stdin", action="store_true",
+                       help="read cell ids from stdin, one per line, and run each as it arrives (a slot of "
+                            "`sweep run`)")
     p.set_defaults(func=cmd_sweep_worker)
     p = sweep.add_parser("submit", help="render sbatch scripts and submit warm-up, array and report jobs")
     _experiment_args(p)

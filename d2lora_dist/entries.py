@@ -41,12 +41,14 @@ def cell(exp: Experiment, layout: RunLayout, cell: Cell, source: str) -> int:
     return run_preemptible(lambda callbacks: run_cell(exp, layout, cell, callbacks=callbacks))
 
 
-def worker(exp: Experiment, layout: RunLayout, cells: list[Cell], source: str) -> int:
+def worker(exp: Experiment, layout: RunLayout, cells: list[Cell] | None, source: str) -> int:
     """Several cells in this one process on one loaded base (the local executor's cell worker); each cell is
-    checked (preflight) and run as `cell` would, a failing one is reported and the next runs. 1 if any failed."""
-    from d2lora_dist.sweep.worker import run_cells
+    checked (preflight) and run as `cell` would, a failing one is reported and the next runs. 1 if any failed.
+    `cells` None: their ids arrive on stdin, one per line, until it closes (a slot of the local executor)."""
+    from d2lora_dist.sweep.worker import run_cells, serve_cells
 
-    failed = run_cells(exp, layout, cells, source)
+    failed = run_cells(exp, layout, cells, source) if cells is not None else serve_cells(exp, layout, sys.stdin,
+                                                                                           source)
     if failed:
         print(f"{len(failed)} cell(s) failed in the worker: {', '.join(failed)}", file=sys.stderr)
         return EXIT_FAILED_CELLS
@@ -73,15 +75,17 @@ def plan(exp: Experiment, layout: RunLayout, source: str, speed: Any) -> list[An
     return estimate(exp, layout, measure_workload(exp), speed)
 
 
-def run_sweep(exp: Experiment, layout: RunLayout, source: str, cell_worker: bool = True) -> int:
+def run_sweep(exp: Experiment, layout: RunLayout, source: str, cell_worker: bool = True,
+              slots: int | None = None) -> int:
     """Warm-up, every unfinished cell and the report on this machine; 1 when some cell failed.
-    `cell_worker`: cells launched as one plain process share one worker process (sweep/local.py)."""
+    `cell_worker`: cells launched as one plain process share a worker process per slot; `slots`: cells
+    run at once (None: as many as the machine holds; sweep/slots.py)."""
     from d2lora_dist.report import report
     from d2lora_dist.sweep.local import run_sweep as run_local
     from d2lora_dist.sweep.plan import freeze_plan
 
     preflight(exp, for_sweep(exp, plan_cells(exp), slurm=False), source)
-    failed = run_local(exp, layout, freeze_plan(exp, layout), layout.experiment_file, cell_worker)
+    failed = run_local(exp, layout, freeze_plan(exp, layout), layout.experiment_file, cell_worker, slots)
     report(exp, layout)
     if failed:
         print(f"{len(failed)} cell(s) failed: {', '.join(failed)}; rerun the same command to retry them",

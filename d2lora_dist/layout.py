@@ -72,6 +72,11 @@ class RunLayout:
         return self.root / "slurm"
 
     @property
+    def local_logs_dir(self) -> Path:
+        """Logs of the local executor's slots when several run at once (one file per slot, appended)."""
+        return self.root / "logs"
+
+    @property
     def report_dir(self) -> Path:
         return self.root / "report"
 

@@ -12,13 +12,13 @@ from tests.test_cli import _cli
 def test_sweep_run_executes_the_grid_and_reports(tiny_experiment: dict, tmp_path: Path) -> None:
     tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [0, 4]}]
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
-    done = _cli("sweep", "run", "-c", str(path))
+    done = _cli("sweep", "run", "-c", str(path), "--slots", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in (run_dir / "cells").iterdir()) == [
         "math-none-d2lora-n0-s0", "math-none-lora-n0-s0", "math-sft-d2lora-n4-s0", "math-sft-lora-n4-s0"]
     assert all((run_dir / "cells" / c / "result.json").is_file() for c in os.listdir(run_dir / "cells"))
-    # one plain process per cell by default: all four share one worker, which loads the base once
+    # one slot, one plain process per cell: all four share one worker, which loads the base once
     assert done.stdout.count("sweep worker") == 1 and "sweep cell" not in done.stdout
     assert "base model loaded 1 time(s) for 4 cell(s)" in done.stdout
     assert (run_dir / "report" / "results.md").is_file()

@@ -22,8 +22,9 @@ from d2lora_dist.base_cache import BaseChanged, SharedBase, weights_checksum
 from d2lora_dist.config import experiment_from_dict
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.modeling import attach_lora
+from d2lora_dist.strategy import cell_launch
 from d2lora_dist.sweep.grid import find_cell
-from d2lora_dist.sweep.local import plan_jobs
+from d2lora_dist.sweep.pool import runs_in_worker
 from d2lora_dist.sweep.worker import run_cells
 from d2lora_dist.warmup import run_warmup
 from tests.conftest import write_experiment
@@ -132,15 +133,14 @@ def test_the_base_comes_back_as_loaded_after_peft_and_a_trainer_change_it(tiny_e
         assert not base.training and not hasattr(base, "peft_config") and models.loads == 1
 
 
-def test_worker_on_groups_one_process_cells_and_off_gives_each_cell_its_process(tiny_experiment: dict) -> None:
+def test_worker_on_runs_one_process_cells_in_it_and_off_or_multi_rank_gives_each_cell_its_process(
+        tiny_experiment: dict) -> None:
     tiny_experiment["grid"] = GRID
     exp = experiment_from_dict(tiny_experiment)
     cells = [find_cell(exp, c) for c in ("math-sft-lora-n4-s0", "math-dpo-lora-n4-s1", "math-none-lora-n0-s0")]
-    config = ["-c", "exp.yaml"]
-    on = plan_jobs(exp, cells, cell_worker=True)
-    assert [j.cli_args(config) for j in on] == [["sweep", "worker", *config, "--cells", *(c.id for c in cells)]]
-    off = plan_jobs(exp, cells, cell_worker=False)
-    assert [j.cli_args(config) for j in off] == [["sweep", "cell", *config, "--cell", c.id] for c in cells]
+    launches = [cell_launch(exp, [c.method], packed=False) for c in cells]
+    assert [runs_in_worker(launch, cell_worker=True) for launch in launches] == [True, True, True]
+    assert [runs_in_worker(launch, cell_worker=False) for launch in launches] == [False, False, False]
     tiny_experiment["launch"] = {"accelerate_config": "launch/accelerate/cpu_ddp.yaml", "num_processes": 2}
     ranks = experiment_from_dict(tiny_experiment)  # multi-rank launches keep one cell per launch
-    assert [j.worker for j in plan_jobs(ranks, cells, cell_worker=True)] == [False, False, False]
+    assert [runs_in_worker(cell_launch(ranks, [c.method], packed=False), True) for c in cells] == [False] * 3

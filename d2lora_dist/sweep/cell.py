@@ -28,6 +28,7 @@ from d2lora_dist.inits import INITS
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
 from d2lora_dist.sweep.grid import Cell, cell_suites
+from d2lora_dist.sweep.slots import slot_record
 from d2lora_dist.train import Phase, TrainOutcome, train_phase
 from d2lora_dist.warmup import warmup_artifact
 
@@ -65,8 +66,8 @@ def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any
     if distributed.is_main_process():
         seconds = {f"{part}_s": round(v, 2) for part, v in timing.items() if part != "started"}
         seconds["cell_s"] = round(time.time() - timing["started"], 2)  # also W&B runs, data, loads
-        result = _result(exp, layout, cell, metrics, outcome, eval_adapter) | {"shared_worker": models.shared,
-                                                                              "timing": seconds}
+        result = _result(exp, layout, cell, metrics, outcome, eval_adapter) | {
+            "shared_worker": models.shared, "timing": seconds, "runtime": slot_record()}
         write_json_atomic(layout.cell_result(cell.id), result)
         shutil.rmtree(layout.cell_checkpoints(cell.id), ignore_errors=True)
         print(f"[{cell.id}] done -> {layout.cell_result(cell.id)}", flush=True)

@@ -2,11 +2,14 @@
 
 A warm-up that fails holds back only the cells that start from it; the others run.
 
-Cells whose launch is one plain process (the CPU default, DDP on one GPU) run in a cell worker:
-one process that loads the base model once and runs them one after another (sweep/worker.py), so
-each pays for neither the imports nor the model load again. Every other cell (`accelerate launch`,
-DeepSpeed, several ranks) runs as its own launch, so memory is returned between cells. A failing
-cell is named and the sweep goes on; `cell_worker=False` gives every cell its own process.
+Cells run on the machine's slots (sweep/slots.py): several at once when the machine holds several
+(GPU groups, or shares of the CPU cores), each slot taking the next cell when it is free
+(sweep/pool.py). Cells whose launch is one plain process (the CPU default, DDP on one GPU) run in a
+cell worker per slot: one process that loads the base model once and runs cell after cell
+(sweep/worker.py), so each pays for neither the imports nor the model load again. Every other cell
+(`accelerate launch`, DeepSpeed, several ranks) runs as its own launch, so memory is returned between
+cells. A failing cell is named and the sweep goes on; `cell_worker=False` gives every cell its own
+process.
 """
 
 from __future__ import annotations
@@ -15,50 +18,21 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.memory_estimate import GIB
 from d2lora_dist.shipped import for_command
 from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
 from d2lora_dist.sweep.grid import Cell, WarmupRun, warmup_runs
+from d2lora_dist.sweep.pool import run_on_slots
+from d2lora_dist.sweep.slots import SLOT_ENV, Machine, SlotPlan, plan_slots
 
 
 class LaunchFailed(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class CellJob:
-    """One launch of the local executor: one cell (`sweep cell`), or a worker for several (`sweep worker`)."""
-
-    launch: Launch
-    cells: tuple[Cell, ...]
-    worker: bool
-
-    def cli_args(self, config: list[str]) -> list[str]:
-        if self.worker:
-            return ["sweep", "worker", *config, "--cells", *(c.id for c in self.cells)]
-        return ["sweep", "cell", *config, "--cell", self.cells[0].id]
-
-    def describe(self) -> str:
-        ids = ", ".join(c.id for c in self.cells)
-        return f"cell worker ({len(self.cells)} cells: {ids})" if self.worker else f"cell {ids}"
-
-
-def plan_jobs(exp: Experiment, cells: list[Cell], cell_worker: bool) -> list[CellJob]:
-    """Which cells run how, in order: consecutive cells launched as one plain process share a worker
-    (when `cell_worker`); every other cell is a launch of its own."""
-    jobs: list[CellJob] = []
-    for cell in cells:
-        launch = cell_launch(exp, [cell.method], packed=False)
-        shared = cell_worker and launch.accelerate_config is None
-        if shared and jobs and jobs[-1].worker:
-            jobs[-1] = CellJob(launch, (*jobs[-1].cells, cell), True)
-        else:
-            jobs.append(CellJob(launch, (cell,), shared))
-    return jobs
 
 
 def free_port() -> int:
@@ -67,22 +41,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(exp: Experiment, launch: Launch, cli_args: list[str]) -> list[str]:
+def launch_command(exp: Experiment, launch: Launch, cli_args: list[str], port_offset: int = 0) -> list[str]:
     """`accelerate launch ... -m d2lora_dist.cli ARGS`, or plain Python for one process."""
     module = ["-m", "d2lora_dist.cli", *cli_args]
     if launch.accelerate_config is None:
         return [sys.executable, *module]
-    port = exp.launch.main_process_port or free_port()
+    port = exp.launch.main_process_port + port_offset if exp.launch.main_process_port else free_port()
     config = for_command(launch.accelerate_config)  # the user's file as given, else the shipped copy
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *launch.accelerate_flags(),
             "--num_processes", str(launch.num_processes), "--main_process_port", str(port), *module]
 
 
-def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str) -> None:
-    command = launch_command(exp, launch, cli_args)
-    print(f"[launch] {what}: {launch.describe()}", flush=True)
-    print(f"$ {' '.join(command)}", flush=True)
-    code = subprocess.call(command, env=os.environ.copy())
+def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str, env: dict[str, str] | None = None,
+               out: IO[str] | None = None) -> None:
+    """Run one launch to its end (`env` added to this process's environment; output to `out`, else here)."""
+    offset = int(env[SLOT_ENV].split("/")[0]) if env and SLOT_ENV in env else 0
+    command = launch_command(exp, launch, cli_args, port_offset=offset)
+    print(f"[launch] {what}: {launch.describe()}", file=out, flush=True)
+    print(f"$ {' '.join(command)}", file=out, flush=True)
+    code = subprocess.call(command, env=os.environ.copy() | (env or {}), stdout=out,
+                           stderr=subprocess.STDOUT if out is not None else None)
     if code != 0:
         raise LaunchFailed(f"{what} failed with exit code {code} (command: {' '.join(command)})")
 
@@ -102,9 +80,19 @@ def run_warmups(exp: Experiment, layout: RunLayout, cells: list[Cell], config: l
     return failed
 
 
+def slot_plan(exp: Experiment, cells: list[Cell], slots: int | None, machine: Machine | None = None) -> SlotPlan:
+    """The slots these cells run on: `slots` of them, or (None) as many as the machine holds."""
+    machine = machine or Machine.here()
+    launches = [cell_launch(exp, [m], packed=bool(machine.gpus)) for m in sorted({c.method for c in cells})]
+    ranks = max((launch.num_processes for launch in launches), default=1)
+    estimates = [launch.choice.estimate.total / GIB for launch in launches if launch.choice is not None]
+    return plan_slots(slots, machine, len(cells), ranks, max(estimates) if estimates else None)
+
+
 def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_file: Path,
-              cell_worker: bool = True) -> list[str]:
-    """Run what is not done; returns the ids of cells that failed (the sweep goes on past them)."""
+              cell_worker: bool = True, slots: int | None = 1) -> list[str]:
+    """Run what is not done; returns the ids of cells that failed (the sweep goes on past them).
+    `slots`: how many cells run at once (None: as many as the machine holds)."""
     config = ["-c", str(experiment_file)]
     todo = [c for c in cells if not layout.cell_result(c.id).is_file()]
     held_back = run_warmups(exp, layout, todo, config)
@@ -112,15 +100,21 @@ def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_
     todo = [c for c in todo if c.warmup_run not in held_back]
     print(f"{len(cells) - len(todo) - len(failed)} of {len(cells)} cells done; running {len(todo)}"
           + (f"; {len(failed)} held back by a failed warm-up" if failed else ""), flush=True)
-    started = 0
-    for job in plan_jobs(exp, todo, cell_worker):
-        print(f"=== cell{'s' if len(job.cells) > 1 else ''} {started + 1}"
-              f"{f'-{started + len(job.cells)}' if len(job.cells) > 1 else ''}/{len(todo)}: {job.describe()}",
-              flush=True)
-        started += len(job.cells)
+    if not todo:
+        return failed
+    plan = slot_plan(exp, todo, slots)
+    print(f"[slots] {plan.reason}", flush=True)
+
+    def runner(launch: Launch, cli_args: list[str], what: str, env: dict[str, str], out: IO[str] | None) -> int:
         try:
-            run_launch(exp, job.launch, job.cli_args(config), job.describe())
+            run_launch(exp, launch, cli_args, what, env, out)
         except LaunchFailed as e:
             print(f"!!! {e}", flush=True)
-        failed += [c.id for c in job.cells if not layout.cell_result(c.id).is_file()]  # result.json = done
-    return failed
+            return 1
+        return 0
+
+    def worker_command(launch: Launch) -> list[str]:
+        return launch_command(exp, launch, ["sweep", "worker", *config, "--cells-from-stdin"])
+
+    run_on_slots(exp, layout, todo, plan, config, cell_worker, runner, worker_command)
+    return failed + [c.id for c in todo if not layout.cell_result(c.id).is_file()]  # result.json = done

@@ -6,12 +6,18 @@ fresh LoRA attached to the shared base (base_cache.SharedBase, given back pristi
 fresh trainer and optimizer, its seed set where train_phase sets it, evaluation on the same base,
 and result.json written last by run_cell. A failing cell is reported and the next one runs.
 Multi-rank launches and Slurm array tasks run one cell per process (sweep cell).
+
+A worker is given its cells either all at once (`--cells`) or one at a time on stdin (`--cells-from
+-stdin`, what the executor's slots use, so that whichever slot is free takes the next cell); it then
+reports the end of each cell, ok or failed, on the file descriptor named by REPORT_FD_ENV.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
+from collections.abc import Iterable
 
 from d2lora_dist import distributed, tracking
 from d2lora_dist.base_cache import SharedBase
@@ -19,7 +25,28 @@ from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.preflight import for_cells, preflight
 from d2lora_dist.sweep.cell import run_cell
-from d2lora_dist.sweep.grid import Cell
+from d2lora_dist.sweep.grid import Cell, find_cell
+
+REPORT_FD_ENV = "D2LORA_WORKER_REPORT_FD"
+
+
+def run_one(exp: Experiment, layout: RunLayout, cell: Cell, source: str, models: SharedBase) -> bool:
+    """One cell on the shared base; False (after reporting why) when it failed."""
+    start = time.time()
+    ok = True
+    try:
+        preflight(exp, for_cells(exp, [cell], distributed.world_size(), None), source)
+        run_cell(exp, layout, cell, models=models)
+    except Exception:  # the cell's own failure: reported, and the worker goes on with the next
+        traceback.print_exc()
+        print(f"!!! cell {cell.id} failed in the worker", flush=True)
+        ok = False
+        tracking.finish_open_run(exit_code=1)
+        distributed.release_training_state()
+    models.cells += 1
+    print(f"[worker] {cell.id}: {time.time() - start:.1f}s; base model loaded {models.loads} time(s) "
+          f"for {models.cells} cell(s)", flush=True)
+    return ok
 
 
 def run_cells(exp: Experiment, layout: RunLayout, cells: list[Cell], source: str,
@@ -29,16 +56,23 @@ def run_cells(exp: Experiment, layout: RunLayout, cells: list[Cell], source: str
     failed = []
     for i, cell in enumerate(cells, 1):
         print(f"=== worker cell {i}/{len(cells)}: {cell.id}", flush=True)
-        start = time.time()
-        try:
-            preflight(exp, for_cells(exp, [cell], distributed.world_size(), None), source)
-            run_cell(exp, layout, cell, models=models)
-        except Exception:  # the cell's own failure: reported, and the worker goes on with the next
-            traceback.print_exc()
-            print(f"!!! cell {cell.id} failed in the worker", flush=True)
+        if not run_one(exp, layout, cell, source, models):
             failed.append(cell.id)
-            tracking.finish_open_run(exit_code=1)
-            distributed.release_training_state()
-        print(f"[worker] {cell.id}: {time.time() - start:.1f}s; base model loaded {models.loads} time(s) "
-              f"for {i} cell(s)", flush=True)
+    return failed
+
+
+def serve_cells(exp: Experiment, layout: RunLayout, cell_ids: Iterable[str], source: str) -> list[str]:
+    """Run each cell id as it arrives (one per line), reporting `<id> ok|failed` after each."""
+    models = SharedBase()
+    report = os.fdopen(int(os.environ[REPORT_FD_ENV]), "w", buffering=1) if REPORT_FD_ENV in os.environ else None
+    failed = []
+    for line in cell_ids:
+        if not line.strip():
+            continue
+        cell = find_cell(exp, line.strip())
+        print(f"=== worker cell: {cell.id}", flush=True)
+        ok = run_one(exp, layout, cell, source, models)
+        failed += [] if ok else [cell.id]
+        if report is not None:
+            report.write(f"{cell.id} {'ok' if ok else 'failed'}\n")
     return failed

@@ -1,0 +1,126 @@
+"""Slots: the shares of one machine on which the local executor runs cells at the same time.
+
+On GPUs a slot is a group of devices (its launches see only them, through CUDA_VISIBLE_DEVICES), as
+many as the most demanding cell needs (strategy.cell_launch, packed): on an 8-GPU box whose cells each
+fit one GPU, eight cells run at once instead of one after another. On CPUs a slot is a share of the
+cores (OMP_NUM_THREADS / MKL_NUM_THREADS), bounded by the memory a cell needs: a decoding step of a
+small model does not keep two threads busy, so two one-thread slots on two cores get more done than one
+two-thread process (docs/performance.md).
+
+Which slot a cell runs in, and how many run beside it, changes nothing in its result: each cell still
+seeds itself and sees the same data and model, and a cell's adapter and predictions are bit-identical
+for 1 and 2 slots (tests/test_sweep_slots.py). result.json records the slot and thread count it ran with.
+The choice is a flag of `sweep run` (`--slots`), not an experiment setting, for that reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from d2lora_dist.errors import InputError
+
+SLOT_ENV = "D2LORA_SLOT"  # "index/count" of the slot a launch runs in, recorded in result.json
+MEMORY_HEADROOM = 0.9  # of the free memory that slots may plan to use on a CPU machine
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What slots are cut from: CPU cores, visible GPUs (ids as CUDA_VISIBLE_DEVICES names them), free RAM."""
+
+    cores: int
+    gpus: tuple[str, ...]
+    free_gib: float
+
+    @classmethod
+    def here(cls) -> Machine:
+        import psutil
+
+        return cls(len(os.sched_getaffinity(0)), visible_gpus(), psutil.virtual_memory().available / 2**30)
+
+
+def visible_gpus() -> tuple[str, ...]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else every device torch counts."""
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named is not None:
+        return tuple(d.strip() for d in named.split(",") if d.strip() and d.strip() != "-1")
+    import torch
+
+    return tuple(str(i) for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ()
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    count: int
+    threads: int
+    devices: tuple[str, ...] | None  # None: every device the executor sees (one slot), or a CPU machine
+
+    def env(self) -> dict[str, str]:
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
+               SLOT_ENV: f"{self.index}/{self.count}"}
+        if self.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
+        return env
+
+    def describe(self) -> str:
+        where = f"GPU {','.join(self.devices)}, " if self.devices else ""
+        return f"slot {self.index} ({where}{self.threads} thread{'s' if self.threads > 1 else ''})"
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    slots: tuple[Slot, ...]
+    packed: bool  # cells launch on the fewest GPUs that hold them (several GPU slots), not on all ranks
+    reason: str
+
+
+def plan_slots(requested: int | None, machine: Machine, cells: int, ranks_per_cell: int,
+               cell_gib: float | None) -> SlotPlan:
+    """How many cells run at once, on what. `requested`: None = as many as fit (`--slots auto`).
+    `ranks_per_cell`: the most GPUs (or CPU ranks) one cell's launch takes; `cell_gib`: the memory one
+    cell's process needs (its estimate; None when the model's shape is unknown)."""
+    if requested is not None and requested < 1:
+        raise InputError(f"--slots: {requested} is not a number of slots (1 or more, or auto)")
+    if machine.gpus:
+        return _gpu_slots(requested, machine, cells, ranks_per_cell)
+    return _cpu_slots(requested, machine, cells, ranks_per_cell, cell_gib)
+
+
+def _gpu_slots(requested: int | None, machine: Machine, cells: int, per_cell: int) -> SlotPlan:
+    fit = len(machine.gpus) // per_cell
+    if requested is not None and requested > max(fit, 1):
+        raise InputError(f"--slots {requested}: {len(machine.gpus)} visible GPU(s) hold at most {max(fit, 1)} "
+                         f"slot(s) of the {per_cell} GPU(s) the largest cell needs")
+    count = requested or max(1, min(fit, cells))
+    why = (f"{len(machine.gpus)} GPU(s), {per_cell} per cell (the largest cell's launch), {cells} cell(s) to run")
+    threads = max(1, machine.cores // count)
+    if count == 1:  # today's local launch: every cell on all launch.num_processes ranks
+        return SlotPlan((Slot(0, 1, threads, None),), False, f"1 slot: {why}")
+    slots = tuple(Slot(i, count, threads, machine.gpus[i * per_cell:(i + 1) * per_cell]) for i in range(count))
+    return SlotPlan(slots, True, f"{count} slots of {per_cell} GPU(s): {why}")
+
+
+def _cpu_slots(requested: int | None, machine: Machine, cells: int, ranks: int, cell_gib: float | None) -> SlotPlan:
+    by_cores = max(1, machine.cores // ranks)
+    by_memory = int(machine.free_gib * MEMORY_HEADROOM // cell_gib) if cell_gib else by_cores
+    memory = f", {cell_gib:.1f} GiB per cell of {machine.free_gib:.1f} GiB free" if cell_gib else ""
+    why = f"{machine.cores} CPU core(s), {ranks} rank(s) per cell, {cells} cell(s) to run{memory}"
+    if requested is not None:
+        if requested > by_cores:
+            raise InputError(f"--slots {requested}: {why}; at most {by_cores} slot(s) (more than one thread per "
+                             "core slows every slot down)")
+        if requested > max(by_memory, 1):
+            raise InputError(f"--slots {requested}: {why}; the memory holds at most {max(by_memory, 1)} slot(s)")
+    count = requested or max(1, min(by_cores, by_memory, cells))
+    threads = max(1, machine.cores // (count * ranks))
+    slots = tuple(Slot(i, count, threads, None) for i in range(count))
+    return SlotPlan(slots, False, f"{count} slot(s) of {threads} thread(s) per rank: {why}")
+
+
+def slot_record() -> dict[str, object]:
+    """The slot this process runs in and the threads torch uses, for result.json."""
+    import torch
+
+    return {"slot": os.environ.get(SLOT_ENV, "0/1"), "torch_threads": torch.get_num_threads(),
+            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

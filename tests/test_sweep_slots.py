@@ -1,0 +1,146 @@
+"""Slots: how many cells the local executor runs at once, on what, and that it changes no result.
+
+The slot plan is a pure function of the machine (cores, visible GPUs, free memory), the cells and
+their launch; `sweep run --slots 2` on the tiny model gives every cell the bit-identical adapter and
+the same predictions as `--slots 1`, each cell runs once, and a cell worker killed mid-cell fails only
+that cell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from d2lora_dist.errors import InputError
+from d2lora_dist.sweep.grid import Cell
+from d2lora_dist.sweep.pool import expected_work_first
+from d2lora_dist.sweep.slots import Machine, plan_slots
+from tests.conftest import write_experiment
+from tests.test_cli import REPO, _cli
+
+GRID = [{"task": "math", "methods": ["sft", "dpo"], "inits": ["lora", "d2lora"], "n": [0, 4], "seeds": [0, 1]}]
+
+
+def test_two_cpu_cores_give_two_one_thread_slots_unless_memory_or_cells_say_fewer() -> None:
+    two = plan_slots(None, Machine(2, (), 20.0), cells=10, ranks_per_cell=1, cell_gib=2.0)
+    assert [(s.index, s.threads, s.devices) for s in two.slots] == [(0, 1, None), (1, 1, None)]
+    assert two.slots[1].env() | {} == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "D2LORA_SLOT": "1/2"}
+    assert len(plan_slots(None, Machine(2, (), 3.0), 10, 1, 2.0).slots) == 1  # 2 x 2 GiB > 90% of 3 GiB
+    assert len(plan_slots(None, Machine(16, (), 100.0), 3, 1, 2.0).slots) == 3  # no more slots than cells
+    assert plan_slots(None, Machine(16, (), 100.0), 3, 1, 2.0).slots[0].threads == 5
+    assert len(plan_slots(None, Machine(4, (), 100.0), 8, 2, None).slots) == 2  # two-rank cells: 2 cores each
+    one = plan_slots(1, Machine(2, (), 20.0), 10, 1, 2.0)
+    assert [(s.threads, s.devices) for s in one.slots] == [(2, None)]
+
+
+def test_gpu_slots_are_groups_of_the_gpus_the_largest_cell_needs() -> None:
+    eight = plan_slots(None, Machine(64, tuple("01234567"), 500.0), 20, 1, 30.0)
+    assert eight.packed and [s.devices for s in eight.slots] == [(str(i),) for i in range(8)]
+    assert eight.slots[3].env()["CUDA_VISIBLE_DEVICES"] == "3" and eight.slots[3].threads == 8
+    pairs = plan_slots(None, Machine(8, ("3", "5", "6", "7"), 500.0), 20, 2, 30.0)
+    assert [s.devices for s in pairs.slots] == [("3", "5"), ("6", "7")]
+    whole = plan_slots(None, Machine(8, ("0", "1"), 500.0), 20, 2, 30.0)  # one slot: cells take every rank
+    assert not whole.packed and [s.devices for s in whole.slots] == [None]
+
+
+def test_more_slots_than_the_machine_holds_are_refused_naming_why() -> None:
+    with pytest.raises(InputError, match=r"--slots 3: .*2 CPU core.*at most 2 slot"):
+        plan_slots(3, Machine(2, (), 20.0), 10, 1, 1.0)
+    with pytest.raises(InputError, match=r"--slots 2: .*memory holds at most 1 slot"):
+        plan_slots(2, Machine(2, (), 3.0), 10, 1, 2.0)
+    with pytest.raises(InputError, match=r"--slots 3: 4 visible GPU\(s\) hold at most 2 slot"):
+        plan_slots(3, Machine(8, tuple("0123"), 500.0), 10, 2, 30.0)
+    with pytest.raises(InputError, match="--slots: 0 is not a number of slots"):
+        plan_slots(0, Machine(2, (), 20.0), 10, 1, 1.0)
+    assert _cli("sweep", "run", "-c", "x.yaml", "--slots", "many").returncode == 2
+
+
+def test_cells_with_the_most_training_go_first_and_evaluation_only_cells_last() -> None:
+    cells = [Cell("math", "none", "lora", 0, 0), Cell("math", "sft", "lora", 8, 0),
+             Cell("math", "dpo", "lora", 4, 0), Cell("math", "sft", "d2lora", 16, 0)]
+    assert [(c.method, c.n) for c in expected_work_first(cells)] == [("sft", 16), ("dpo", 4), ("sft", 8),
+                                                                      ("none", 0)]
+
+
+def _results(run_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted((run_dir / "cells").glob("*/result.json"))}
+
+
+def _predictions(run_dir: Path) -> dict[str, list[dict]]:
+    return {f"{p.parent.parent.name}/{p.name}": [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sorted((run_dir / "cells").glob("*/predictions/*.jsonl"))}
+
+
+def _same_predictions(one: dict[str, list[dict]], two: dict[str, list[dict]]) -> None:
+    """Equal rows; ARC log-likelihoods to float32 rounding (a thread count changes the order of a sum)."""
+    assert one.keys() == two.keys()
+    for name, rows in one.items():
+        for a, b in zip(rows, two[name], strict=True):
+            logliks = (a.pop("logliks", []), b.pop("logliks", []))
+            assert a == b, name
+            assert logliks[0] == pytest.approx(logliks[1], rel=1e-6, abs=1e-5), name
+
+
+def test_two_slots_give_every_cell_the_same_adapter_and_predictions_as_one(tiny_experiment: dict,
+                                                                            tmp_path: Path) -> None:
+    tiny_experiment["lora"]["dropout"] = 0.1  # dropout masks too must not depend on the slot
+    tiny_experiment["grid"] = GRID
+    runs = {}
+    for slots in ("1", "2"):
+        tiny_experiment["output_dir"] = str(tmp_path / f"slots{slots}")
+        path = write_experiment(tiny_experiment, tmp_path / f"exp{slots}.yaml")
+        done = _cli("sweep", "run", "-c", str(path), "--slots", slots)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs[slots] = (tmp_path / f"slots{slots}" / "tiny", done.stdout)
+    (one, _), (two, out) = runs["1"], runs["2"]
+    first, second = _results(one), _results(two)
+    assert len(first) == 10 and first.keys() == second.keys()
+    for cell, result in first.items():
+        assert (result["adapter"] or {}).get("sha256") == (second[cell]["adapter"] or {}).get("sha256"), cell
+        assert result["metrics"] == second[cell]["metrics"], cell
+    _same_predictions(_predictions(one), _predictions(two))  # completions and scores: identical
+    assert {r["runtime"]["slot"] for r in first.values()} == {"0/1"}
+    assert {r["runtime"]["slot"] for r in second.values()} == {"0/2", "1/2"}  # both slots ran cells
+    assert {r["runtime"]["torch_threads"] for r in second.values()} == {max(1, len(os.sched_getaffinity(0)) // 2)}
+    # each cell ran once, and each slot's worker loaded the base once for all of its cells
+    assert "[slots] 2 slot(s)" in out and out.count("=== cell ") == 10 and out.count(" done in ") == 10
+    logs = sorted((two / "logs").glob("slot*.log"))
+    assert [p.name for p in logs] == ["slot0.log", "slot1.log"]
+    loaded = [line for p in logs for line in p.read_text().splitlines() if line.startswith("[worker]")]
+    assert len(loaded) == 10 and all("base model loaded 1 time(s)" in line for line in loaded)
+
+
+def test_a_worker_killed_mid_cell_fails_that_cell_and_a_new_worker_runs_the_rest(tiny_experiment: dict,
+                                                                                 tmp_path: Path) -> None:
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora"], "n": [4, 8],
+                                "seeds": [0, 1]}]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    env = dict(os.environ, D2LORA_TEST_STEP_DELAY_S="1.5")
+    log = (tmp_path / "sweep.log").open("w")
+    sweep = subprocess.Popen([sys.executable, "-m", "d2lora_dist.cli", "sweep", "run", "-c", str(path), "--slots",
+                              "1"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    deadline = time.time() + 300
+    while victim is None and time.time() < deadline:  # the worker's first cell is training
+        frozen = tmp_path / "runs" / "tiny" / "experiment.yaml"  # what the executor hands its launches
+        found = subprocess.run(["pgrep", "-f", f"{frozen} --cells-from-stdin"], capture_output=True,
+                               text=True).stdout.split()
+        if found and any((tmp_path / "runs" / "tiny" / "cells").glob("*/subset.json")):
+            victim = int(found[0])
+        time.sleep(0.2)
+    assert victim is not None, "the cell worker never started training"
+    os.kill(victim, signal.SIGKILL)
+    sweep.wait(timeout=600)
+    out = (tmp_path / "sweep.log").read_text()
+    assert sweep.returncode == 1, out[-3000:]
+    assert "exited with code -9" in out and out.count(" FAILED in ") == 1
+    results = _results(tmp_path / "runs" / "tiny")
+    assert len(results) == 3  # the other three cells ran, in a worker started for them
+    assert out.count("--cells-from-stdin") == 2

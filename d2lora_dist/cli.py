@@ -97,6 +97,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_sweep_plan(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
+    from d2lora_dist.sweep.local import describe_here
     from d2lora_dist.sweep.plan import Throughput, warmup_rows
 
     exp, layout = _load(args)
@@ -123,6 +124,8 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     for method, reason in {r.cell.method: r.launch.describe() for r in rows}.items():
         print(f"launch of {method} cells: {reason}")
     todo = [r for r in rows if not r.done]
+    print("the launch column is a Slurm array task's (sweep submit); `sweep run` here: "
+          + describe_here(exp, [r.cell for r in todo]))
     print(f"total ({len(todo)} cells not done): {sum(r.train_tokens for r in todo):,} train tokens, "
           f"{sum(r.eval_tokens for r in todo):,} eval tokens, {sum(r.eval_items for r in todo):,} eval items, "
           f"{sum(r.gpu_hours for r in todo):.1f} GPU-hours")

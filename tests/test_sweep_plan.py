@@ -147,9 +147,12 @@ def model_dir(exp) -> str:
 
 
 def test_sweep_plan_prints_launch_memory_tokens_gpu_hours_and_a_total(tiny_experiment: dict, tmp_path,
-                                                                      capsys: pytest.CaptureFixture) -> None:
+                                                                      capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from d2lora_dist.cli import main
     from tests.conftest import write_experiment
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # this machine's slots, as a CPU machine
 
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
     assert main(["sweep", "plan", "-c", str(path), "--train-tokens-per-s", "10", "--eval-tokens-per-s", "5"]) == 0
@@ -160,6 +163,8 @@ def test_sweep_plan_prints_launch_memory_tokens_gpu_hours_and_a_total(tiny_exper
     assert "GPU-hours at 10 training and 5 evaluation tokens per GPU-second" in out
     assert "math-sft-lora-n4-s0" in out and "ddp x1" in out
     assert "launch of sft cells: ddp on 1 GPU(s)" in out
+    here = next(line for line in out.splitlines() if "`sweep run` here: " in line)  # the local run differs
+    assert "slot" in here and "CPU core" in here and "sft: ddp x1" in here
     total = out.splitlines()[-1]
     assert total.startswith("total (6 cells not done): ") and "train tokens" in total and "GPU-hours" in total
     assert main(["sweep", "plan", "-c", str(path), "--json"]) == 0

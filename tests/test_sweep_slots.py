@@ -31,23 +31,43 @@ GRID = [{"task": "math", "methods": ["sft", "dpo"], "inits": ["lora", "d2lora"],
 def test_two_cpu_cores_give_two_one_thread_slots_unless_memory_or_cells_say_fewer() -> None:
     two = plan_slots(None, Machine(2, (), 20.0), cells=10, ranks_per_cell=1, cell_gib=2.0)
     assert [(s.index, s.threads, s.devices) for s in two.slots] == [(0, 1, None), (1, 1, None)]
-    assert two.slots[1].env() | {} == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "D2LORA_SLOT": "1/2"}
+    assert two.slots[1].env() == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "D2LORA_SLOT": "1/2"}
     assert len(plan_slots(None, Machine(2, (), 3.0), 10, 1, 2.0).slots) == 1  # 2 x 2 GiB > 90% of 3 GiB
     assert len(plan_slots(None, Machine(16, (), 100.0), 3, 1, 2.0).slots) == 3  # no more slots than cells
     assert plan_slots(None, Machine(16, (), 100.0), 3, 1, 2.0).slots[0].threads == 5
-    assert len(plan_slots(None, Machine(4, (), 100.0), 8, 2, None).slots) == 2  # two-rank cells: 2 cores each
+    assert plan_slots(8, Machine(16, (), 100.0), 3, 1, 2.0).slots[0].threads == 5  # 3 cells: 3 slots
+    ranks = plan_slots(None, Machine(4, (), 100.0), 8, 2, 1.0)  # two-rank cells: 2 cores each, 1 thread per rank
+    assert [s.threads for s in ranks.slots] == [1, 1]
+    assert len(plan_slots(None, Machine(8, (), 10.0), 8, 2, 4.0).slots) == 1  # 2 ranks x 4 GiB: one cell fits
     one = plan_slots(1, Machine(2, (), 20.0), 10, 1, 2.0)
     assert [(s.threads, s.devices) for s in one.slots] == [(2, None)]
 
 
-def test_gpu_slots_are_groups_of_the_gpus_the_largest_cell_needs() -> None:
+def test_without_a_memory_estimate_auto_is_one_slot_and_threads_the_user_set_are_kept() -> None:
+    unknown = plan_slots(None, Machine(16, (), 100.0), 10, 1, None)
+    assert len(unknown.slots) == 1 and "no memory estimate" in unknown.reason
+    assert len(plan_slots(4, Machine(16, (), 100.0), 10, 1, None).slots) == 4  # asked for: the user's call
+    kept = plan_slots(None, Machine(2, (), 20.0, threads_set=True), 10, 1, 1.0)
+    assert len(kept.slots) == 2 and "OMP_NUM_THREADS" not in kept.slots[0].env()
+    assert "threads you set" in kept.reason
+
+
+def test_gpu_slots_are_groups_of_the_gpus_the_largest_cell_needs_and_a_launch_sees_only_its_own() -> None:
     eight = plan_slots(None, Machine(64, tuple("01234567"), 500.0), 20, 1, 30.0)
     assert eight.packed and [s.devices for s in eight.slots] == [(str(i),) for i in range(8)]
     assert eight.slots[3].env()["CUDA_VISIBLE_DEVICES"] == "3" and eight.slots[3].threads == 8
     pairs = plan_slots(None, Machine(8, ("3", "5", "6", "7"), 500.0), 20, 2, 30.0)
-    assert [s.devices for s in pairs.slots] == [("3", "5"), ("6", "7")]
+    assert [s.devices for s in pairs.slots] == [("3", "5"), ("6", "7")] and pairs.slots[0].threads == 2
+    # a one-GPU cell in a two-GPU slot sees one GPU: a plain process that saw two would use DataParallel
+    assert pairs.slots[1].env(ranks=1)["CUDA_VISIBLE_DEVICES"] == "6"
+    assert pairs.slots[1].env(ranks=2)["CUDA_VISIBLE_DEVICES"] == "6,7"
     whole = plan_slots(None, Machine(8, ("0", "1"), 500.0), 20, 2, 30.0)  # one slot: cells take every rank
-    assert not whole.packed and [s.devices for s in whole.slots] == [None]
+    assert not whole.packed and [s.devices for s in whole.slots] == [("0", "1")] and whole.slots[0].threads == 4
+    assert whole.slots[0].env(ranks=1)["CUDA_VISIBLE_DEVICES"] == "0"
+    configured = plan_slots(None, Machine(8, tuple("0123"), 500.0), 20, 1, None)  # no estimate: one slot
+    assert len(configured.slots) == 1 and not configured.packed
+    with pytest.raises(InputError, match="--slots 2: cells launch as configured.*set launch.strategy"):
+        plan_slots(2, Machine(8, tuple("0123"), 500.0), 20, 1, None)
 
 
 def test_more_slots_than_the_machine_holds_are_refused_naming_why() -> None:
@@ -59,7 +79,8 @@ def test_more_slots_than_the_machine_holds_are_refused_naming_why() -> None:
         plan_slots(3, Machine(8, tuple("0123"), 500.0), 10, 2, 30.0)
     with pytest.raises(InputError, match="--slots: 0 is not a number of slots"):
         plan_slots(0, Machine(2, (), 20.0), 10, 1, 1.0)
-    assert _cli("sweep", "run", "-c", "x.yaml", "--slots", "many").returncode == 2
+    bad = _cli("sweep", "run", "-c", "x.yaml", "--slots", "many")
+    assert bad.returncode == 2 and "'many' is neither a number of slots nor auto" in bad.stderr
 
 
 def test_cells_with_the_most_training_go_first_and_evaluation_only_cells_last() -> None:
@@ -88,6 +109,7 @@ def _same_predictions(one: dict[str, list[dict]], two: dict[str, list[dict]]) ->
             assert logliks[0] == pytest.approx(logliks[1], rel=1e-6, abs=1e-5), name
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two slots need two cores")
 def test_two_slots_give_every_cell_the_same_adapter_and_predictions_as_one(tiny_experiment: dict,
                                                                             tmp_path: Path) -> None:
     tiny_experiment["lora"]["dropout"] = 0.1  # dropout masks too must not depend on the slot

@@ -27,7 +27,7 @@ from d2lora_dist.memory_estimate import GIB
 from d2lora_dist.shipped import for_command
 from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
 from d2lora_dist.sweep.grid import Cell, WarmupRun, warmup_runs
-from d2lora_dist.sweep.pool import run_on_slots
+from d2lora_dist.sweep.pool import Children, run_on_slots
 from d2lora_dist.sweep.slots import SLOT_ENV, Machine, SlotPlan, plan_slots
 
 
@@ -53,14 +53,16 @@ def launch_command(exp: Experiment, launch: Launch, cli_args: list[str], port_of
 
 
 def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str, env: dict[str, str] | None = None,
-               out: IO[str] | None = None) -> None:
-    """Run one launch to its end (`env` added to this process's environment; output to `out`, else here)."""
+               out: IO[str] | None = None, children: Children | None = None) -> None:
+    """Run one launch to its end (`env` added to this process's environment; output to `out`, else here;
+    registered with the slots' `children`, so that stopping the sweep stops it)."""
     offset = int(env[SLOT_ENV].split("/")[0]) if env and SLOT_ENV in env else 0
     command = launch_command(exp, launch, cli_args, port_offset=offset)
     print(f"[launch] {what}: {launch.describe()}", file=out, flush=True)
     print(f"$ {' '.join(command)}", file=out, flush=True)
-    code = subprocess.call(command, env=os.environ.copy() | (env or {}), stdout=out,
-                           stderr=subprocess.STDOUT if out is not None else None)
+    options = {"env": os.environ.copy() | (env or {}), "stdout": out,
+               "stderr": subprocess.STDOUT if out is not None else None}
+    code = children.wait(children.start(command, **options)) if children else subprocess.call(command, **options)
     if code != 0:
         raise LaunchFailed(f"{what} failed with exit code {code} (command: {' '.join(command)})")
 
@@ -85,12 +87,24 @@ def slot_plan(exp: Experiment, cells: list[Cell], slots: int | None, machine: Ma
     machine = machine or Machine.here()
     launches = [cell_launch(exp, [m], packed=bool(machine.gpus)) for m in sorted({c.method for c in cells})]
     ranks = max((launch.num_processes for launch in launches), default=1)
-    estimates = [launch.choice.estimate.total / GIB for launch in launches if launch.choice is not None]
-    return plan_slots(slots, machine, len(cells), ranks, max(estimates) if estimates else None)
+    estimated = all(launch.choice is not None for launch in launches)  # else: launched as configured
+    gib = max(launch.choice.estimate.total / GIB for launch in launches) if estimated and launches else None
+    return plan_slots(slots, machine, len(cells), ranks, gib)
+
+
+def describe_here(exp: Experiment, cells: list[Cell]) -> str:
+    """What `sweep run` would do with these cells on this machine: its slots and each method's launch."""
+    if not cells:
+        return "nothing left to run"
+    plan = slot_plan(exp, cells, None)
+    launches = {m: cell_launch(exp, [m], packed=plan.packed) for m in sorted({c.method for c in cells})}
+    return f"{plan.reason}; " + "; ".join(
+        f"{m}: {f'{launch.choice.strategy} x{launch.num_processes}' if launch.choice else 'as configured'}"
+        for m, launch in launches.items())
 
 
 def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_file: Path,
-              cell_worker: bool = True, slots: int | None = 1) -> list[str]:
+              cell_worker: bool = True, slots: int | None = None) -> list[str]:
     """Run what is not done; returns the ids of cells that failed (the sweep goes on past them).
     `slots`: how many cells run at once (None: as many as the machine holds)."""
     config = ["-c", str(experiment_file)]
@@ -105,11 +119,12 @@ def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_
     plan = slot_plan(exp, todo, slots)
     print(f"[slots] {plan.reason}", flush=True)
 
-    def runner(launch: Launch, cli_args: list[str], what: str, env: dict[str, str], out: IO[str] | None) -> int:
+    def runner(launch: Launch, cli_args: list[str], what: str, env: dict[str, str], out: IO[str] | None,
+               children: Children) -> int:
         try:
-            run_launch(exp, launch, cli_args, what, env, out)
+            run_launch(exp, launch, cli_args, what, env, out, children)
         except LaunchFailed as e:
-            print(f"!!! {e}", flush=True)
+            print(f"!!! {e}", file=out, flush=True)
             return 1
         return 0
 

@@ -5,7 +5,8 @@ model loads once per slot), fed one cell id at a time on stdin; any other cell (
 several ranks, or the worker switched off) is a launch of its own in that slot. A worker that dies
 fails the cell it had and is started again for the next one. With one slot the launches write to this
 terminal as they always did; with several, each slot appends to its own log file and the terminal
-shows which cell starts and ends where.
+shows which cell starts and ends where. Ctrl-C (or an error in a slot) stops every slot: no new cell
+starts, and the running launches are terminated before the sweep exits.
 """
 
 from __future__ import annotations
@@ -22,29 +23,76 @@ from typing import IO
 
 from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.methods import get_method
 from d2lora_dist.strategy import Launch, cell_launch
 from d2lora_dist.sweep.grid import Cell
 from d2lora_dist.sweep.slots import Slot, SlotPlan
 from d2lora_dist.sweep.worker import REPORT_FD_ENV
 
-# How a launch is run: (launch, CLI arguments, what it is, extra environment, output file or None) -> exit code
-Runner = Callable[[Launch, list[str], str, dict[str, str], "IO[str] | None"], int]
+
+class Stopping(RuntimeError):
+    """The sweep is stopping (Ctrl-C, or another slot's error): no launch starts."""
+
+
+@dataclass
+class Children:
+    """Every process the slots started and that still runs, to stop them all at once."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running: set[subprocess.Popen] = field(default_factory=set)
+
+    def start(self, command: list[str], **kwargs) -> subprocess.Popen:
+        with self.lock:
+            if self.stop.is_set():
+                raise Stopping("the sweep is stopping")
+            process = subprocess.Popen(command, **kwargs)
+            self.running.add(process)
+            return process
+
+    def wait(self, process: subprocess.Popen) -> int:
+        code = process.wait()
+        with self.lock:
+            self.running.discard(process)
+        return code
+
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        with self.lock:
+            self.stop.set()
+            running = list(self.running)
+        for process in running:
+            process.terminate()
+        deadline = time.time() + grace_s
+        for process in running:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+# How a launch is run: (launch, CLI arguments, what it is, extra environment, output file or None,
+# the registry its process goes in) -> exit code
+Runner = Callable[[Launch, list[str], str, dict[str, str], "IO[str] | None", Children], int]
 
 
 @dataclass
 class Progress:
-    """Cells started and ended, printed from every slot's thread under one lock."""
+    """Cells started and ended, and anything else the slots say, printed under one lock."""
 
     total: int
     started: int = 0
     ended: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self, cell: Cell, slot: Slot, shared: bool) -> None:
+    def say(self, text: str) -> None:
+        with self.lock:
+            print(text, flush=True)
+
+    def start(self, cell: Cell, slot: Slot) -> None:
         with self.lock:
             self.started += 1
-            print(f"=== cell {self.started}/{self.total}: {cell.id}" + (f" on {slot.describe()}" if shared else ""),
-                  flush=True)
+            where = f" on {slot.describe()}" if slot.count > 1 else ""
+            print(f"=== cell {self.started}/{self.total}: {cell.id}{where}", flush=True)
 
     def end(self, cell: Cell, slot: Slot, ok: bool, seconds: float, log: Path | None) -> None:
         with self.lock:
@@ -55,24 +103,29 @@ class Progress:
 
 
 class CellQueue:
-    def __init__(self, cells: list[Cell]) -> None:
+    def __init__(self, cells: list[Cell], stop: threading.Event) -> None:
         self._cells = list(reversed(cells))
         self._lock = threading.Lock()
+        self._stop = stop
 
     def take(self) -> Cell | None:
         with self._lock:
-            return self._cells.pop() if self._cells else None
+            return self._cells.pop() if self._cells and not self._stop.is_set() else None
 
 
 class WorkerProcess:
     """A `sweep worker --cells-from-stdin` of one slot: give it a cell, wait for its report."""
 
-    def __init__(self, command: list[str], env: dict[str, str], out: IO[str] | None) -> None:
+    def __init__(self, children: Children, command: list[str], env: dict[str, str], out: IO[str] | None) -> None:
+        self.children = children
         read, write = os.pipe()
         try:
-            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out,
-                                            stderr=subprocess.STDOUT if out is not None else None,
-                                            env=env | {REPORT_FD_ENV: str(write)}, pass_fds=(write,), text=True)
+            self.process = children.start(command, stdin=subprocess.PIPE, stdout=out,
+                                          stderr=subprocess.STDOUT if out is not None else None,
+                                          env=env | {REPORT_FD_ENV: str(write)}, pass_fds=(write,), text=True)
+        except BaseException:
+            os.close(read)
+            raise
         finally:
             os.close(write)  # the worker holds the only write end: its exit ends our reads
         self.reports = os.fdopen(read)
@@ -98,7 +151,7 @@ class WorkerProcess:
                 self.process.stdin.close()
             except BrokenPipeError:
                 pass
-        code = self.process.wait()
+        code = self.children.wait(self.process)
         self.reports.close()
         return code
 
@@ -109,66 +162,103 @@ def runs_in_worker(launch: Launch, cell_worker: bool) -> bool:
 
 
 def expected_work_first(cells: list[Cell]) -> list[Cell]:
-    """Cells with the most training first (preference pairs cost about three sequences: chosen, rejected
-    and the reference pass), evaluation-only cells last to fill the gaps: slots then end close together."""
+    """Cells with the most training first (a preference pair is two sequences, and a reference pass when
+    the method has one), evaluation-only cells last to fill the gaps: slots then end close together."""
     def work(cell: Cell) -> int:
-        return cell.n * (3 if cell.method in ("dpo", "orpo") else 1) if cell.trains else 0
+        if not cell.trains:
+            return 0
+        method = get_method(cell.method)
+        return cell.n * ((2 + method.uses_reference) if method.form == "preference" else 1)
 
     return sorted(cells, key=lambda c: -work(c))
 
 
+@dataclass(frozen=True)
+class SlotRun:
+    """What every slot's thread shares."""
+
+    exp: Experiment
+    layout: RunLayout
+    plan: SlotPlan
+    config: list[str]
+    cell_worker: bool
+    runner: Runner
+    worker_command: Callable[[Launch], list[str]]
+    queue: CellQueue
+    progress: Progress
+    children: Children
+
+
 def run_on_slots(exp: Experiment, layout: RunLayout, cells: list[Cell], plan: SlotPlan, config: list[str],
                  cell_worker: bool, runner: Runner, worker_command: Callable[[Launch], list[str]]) -> None:
-    """Every cell of `cells` on the plan's slots (one after another on one slot, else busiest first)."""
+    """Every cell of `cells` on the plan's slots (one after another on one slot, else busiest first).
+    A slot's error, or Ctrl-C, stops the others and is raised here."""
+    children = Children()
     shared = len(plan.slots) > 1
-    queue = CellQueue(expected_work_first(cells) if shared else cells)
-    progress = Progress(len(cells))
+    run = SlotRun(exp, layout, plan, config, cell_worker, runner, worker_command,
+                  CellQueue(expected_work_first(cells) if shared else cells, children.stop), Progress(len(cells)),
+                  children)
     if shared:
         layout.local_logs_dir.mkdir(parents=True, exist_ok=True)
-    threads = [threading.Thread(target=_slot_loop, daemon=True, name=f"slot-{slot.index}",
-                                args=(exp, layout, slot, plan.packed, queue, progress, config, cell_worker, runner,
-                                      worker_command))
+    errors: list[BaseException] = []
+
+    def slot_thread(slot: Slot) -> None:
+        try:
+            _slot_loop(run, slot)
+        except Stopping:
+            pass
+        except BaseException as e:  # stop the other slots, re-raised below
+            errors.append(e)
+            children.stop_all()
+
+    threads = [threading.Thread(target=slot_thread, args=(slot,), daemon=True, name=f"slot-{slot.index}")
                for slot in plan.slots]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        while thread.is_alive():  # join in steps so that Ctrl-C reaches this thread
-            thread.join(timeout=0.5)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():  # join in steps so that Ctrl-C reaches this thread
+                thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        children.stop_all()
+        raise
+    if errors:
+        raise errors[0]
 
 
 def slot_log(layout: RunLayout, slot: Slot) -> Path:
     return layout.local_logs_dir / f"slot{slot.index}.log"
 
 
-def _slot_loop(exp: Experiment, layout: RunLayout, slot: Slot, packed: bool, queue: CellQueue, progress: Progress,
-               config: list[str], cell_worker: bool, runner: Runner,
-               worker_command: Callable[[Launch], list[str]]) -> None:
-    shared = slot.count > 1
-    log = slot_log(layout, slot) if shared else None
-    env = os.environ.copy() | slot.env()
+def _slot_loop(run: SlotRun, slot: Slot) -> None:
+    log = slot_log(run.layout, slot) if slot.count > 1 else None
     with ExitStack() as stack:
         out = stack.enter_context(log.open("a")) if log is not None else None
         worker: WorkerProcess | None = None
-        while (cell := queue.take()) is not None:
-            launch = cell_launch(exp, [cell.method], packed=packed)
-            progress.start(cell, slot, shared)
-            start = time.time()
-            if runs_in_worker(launch, cell_worker):
-                if worker is None:
-                    command = worker_command(launch)
-                    print(f"[launch] cell worker of {slot.describe()}: {launch.describe()}", file=out, flush=True)
-                    print(f"$ {' '.join(command)}", file=out, flush=True)
-                    worker = WorkerProcess(command, env, out)
-                if worker.run(cell) is None:  # it died: this cell failed; a new worker takes the next
-                    code = worker.close()
-                    print(f"!!! the cell worker of {slot.describe()} exited with code {code} during {cell.id}",
-                          flush=True)
-                    worker = None
-            else:
-                if worker is not None:
-                    worker.close()
-                    worker = None
-                runner(launch, ["sweep", "cell", *config, "--cell", cell.id], f"cell {cell.id}", slot.env(), out)
-            progress.end(cell, slot, layout.cell_result(cell.id).is_file(), time.time() - start, log)
-        if worker is not None:
-            worker.close()
+        try:
+            while (cell := run.queue.take()) is not None:
+                launch = cell_launch(run.exp, [cell.method], packed=run.plan.packed)
+                run.progress.start(cell, slot)
+                start = time.time()
+                if runs_in_worker(launch, run.cell_worker):
+                    worker = worker or _start_worker(run, slot, launch, out)
+                    if worker.run(cell) is None:  # it died: this cell failed; a new worker takes the next
+                        code, worker = worker.close(), None
+                        run.progress.say(f"!!! the cell worker of {slot.describe()} exited with code {code} "
+                                         f"during {cell.id}")
+                else:
+                    if worker is not None:
+                        worker, _ = None, worker.close()
+                    run.runner(launch, ["sweep", "cell", *run.config, "--cell", cell.id], f"cell {cell.id}",
+                               slot.env(launch.num_processes), out, run.children)
+                run.progress.end(cell, slot, run.layout.cell_result(cell.id).is_file(), time.time() - start, log)
+        finally:
+            if worker is not None:
+                worker.close()
+
+
+def _start_worker(run: SlotRun, slot: Slot, launch: Launch, out: IO[str] | None) -> WorkerProcess:
+    command = run.worker_command(launch)
+    print(f"[launch] cell worker of {slot.describe()}: {launch.describe()}", file=out, flush=True)
+    print(f"$ {' '.join(command)}", file=out, flush=True)
+    return WorkerProcess(run.children, command, os.environ.copy() | slot.env(launch.num_processes), out)

@@ -64,7 +64,11 @@ def run_cells(exp: Experiment, layout: RunLayout, cells: list[Cell], source: str
 def serve_cells(exp: Experiment, layout: RunLayout, cell_ids: Iterable[str], source: str) -> list[str]:
     """Run each cell id as it arrives (one per line), reporting `<id> ok|failed` after each."""
     models = SharedBase()
-    report = os.fdopen(int(os.environ[REPORT_FD_ENV]), "w", buffering=1) if REPORT_FD_ENV in os.environ else None
+    report = None
+    if REPORT_FD_ENV in os.environ:  # ours alone: no process this worker starts may hold it open
+        fd = int(os.environ.pop(REPORT_FD_ENV))
+        os.set_inheritable(fd, False)
+        report = os.fdopen(fd, "w", buffering=1)
     failed = []
     for line in cell_ids:
         if not line.strip():

@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=_slots, default=None, metavar="N|auto",
                    help="cells run at once: auto (default) = as many as the machine holds (GPUs: groups of the "
                         "GPUs the largest cell needs; CPUs: a share of the cores each, bounded by memory); 1 = one "
-                        "after another. Results are the same either way (docs/performance.md)")
+                        "after another. On CPUs the adapters are the same either way; on GPUs several slots give each cell "
+                        "the launch its Slurm array task would get (docs/choices.md)")
     p.set_defaults(func=cmd_sweep_run)
     p = sweep.add_parser("cell", help="run one cell of the frozen plan (what array tasks call)")
     _experiment_args(p)

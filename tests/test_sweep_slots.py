@@ -166,3 +166,29 @@ def test_a_worker_killed_mid_cell_fails_that_cell_and_a_new_worker_runs_the_rest
     results = _results(tmp_path / "runs" / "tiny")
     assert len(results) == 3  # the other three cells ran, in a worker started for them
     assert out.count("--cells-from-stdin") == 2
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two slots need two cores")
+def test_ctrl_c_stops_every_slot_and_leaves_no_process_behind(tiny_experiment: dict, tmp_path: Path) -> None:
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora"], "n": [4, 8], "seeds": [0, 1]}]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    frozen = tmp_path / "runs" / "tiny" / "experiment.yaml"
+    env = dict(os.environ, D2LORA_TEST_STEP_DELAY_S="2")
+    with (tmp_path / "sweep.log").open("w") as log:
+        sweep = subprocess.Popen([sys.executable, "-m", "d2lora_dist.cli", "sweep", "run", "-c", str(path),
+                                  "--slots", "2"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+
+        def workers() -> list[str]:
+            return subprocess.run(["pgrep", "-f", f"{frozen} --cells-from-stdin"], capture_output=True,
+                                  text=True).stdout.split()
+
+        while len(workers()) < 2 and time.time() < deadline:  # both slots are running a cell
+            time.sleep(0.2)
+        assert len(workers()) == 2, (tmp_path / "sweep.log").read_text()[-3000:]
+        sweep.send_signal(signal.SIGINT)  # to the sweep alone, as `kill -INT` would, not its process group
+        sweep.wait(timeout=120)
+    assert sweep.returncode != 0
+    time.sleep(1)
+    assert workers() == []  # no slot's worker outlives the sweep
+    assert not list((tmp_path / "runs" / "tiny" / "cells").glob("*/result.json"))  # none ran to its end

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -232,8 +232,7 @@ def slot_log(layout: RunLayout, slot: Slot) -> Path:
 
 def _slot_loop(run: SlotRun, slot: Slot) -> None:
     log = slot_log(run.layout, slot) if slot.count > 1 else None
-    with ExitStack() as stack:
-        out = stack.enter_context(log.open("a")) if log is not None else None
+    with log.open("a") if log is not None else nullcontext() as out:
         worker: WorkerProcess | None = None
         try:
             while (cell := run.queue.take()) is not None:
@@ -247,8 +246,9 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
                         run.progress.say(f"!!! the cell worker of {slot.describe()} exited with code {code} "
                                          f"during {cell.id}")
                 else:
-                    if worker is not None:
-                        worker, _ = None, worker.close()
+                    if worker is not None:  # the next launch needs the slot's memory
+                        worker.close()
+                        worker = None
                     run.runner(launch, ["sweep", "cell", *run.config, "--cell", cell.id], f"cell {cell.id}",
                                slot.env(launch.num_processes), out, run.children)
                 run.progress.end(cell, slot, run.layout.cell_result(cell.id).is_file(), time.time() - start, log)

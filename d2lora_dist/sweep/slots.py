@@ -7,10 +7,13 @@ cores (OMP_NUM_THREADS / MKL_NUM_THREADS), bounded by the memory a cell needs: a
 small model does not keep two threads busy, so two one-thread slots on two cores get more done than one
 two-thread process (docs/performance.md).
 
-Which slot a cell runs in, and how many run beside it, changes nothing in its result: each cell still
-seeds itself and sees the same data and model, and a cell's adapter and predictions are bit-identical
-for 1 and 2 slots (tests/test_sweep_slots.py). result.json records the slot and thread count it ran with.
-The choice is a flag of `sweep run` (`--slots`), not an experiment setting, for that reason.
+On CPUs, which slot a cell runs in and how many run beside it change nothing in what it trains: each
+cell seeds itself and sees the same data and model, and its adapter is bit-identical for 1 and 2
+slots (tests/test_sweep_slots.py; a thread count can move the last bit of a float sum in evaluation).
+On GPUs, several slots give each cell the fewest GPUs that hold it, the launch a Slurm array task
+gets, instead of all ranks: another world size, recorded in the adapter's manifest. result.json
+records the slot and thread count a cell ran with. Where cells run is a flag of `sweep run`
+(`--slots`), not an experiment setting (docs/choices.md).
 """
 
 from __future__ import annotations

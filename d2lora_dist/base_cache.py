@@ -104,7 +104,6 @@ class SharedBase(FreshBase):
 
     def __init__(self) -> None:
         self.loads = 0  # base model loads, for the log and the tests
-        self.cells = 0  # cells that borrowed it (the worker counts them)
         self._key: str | None = None
         self._model: Any = None
         self._pristine: _Pristine | None = None

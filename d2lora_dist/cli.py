@@ -117,7 +117,7 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     print(f"{'cell':<{width}} {'done':<5} {'launch':<16} {'GiB/GPU':>8} {'train ex.':>10} {'train tokens':>13} "
           f"{'eval tokens':>12} {'GPU-h':>8}")
     for r in rows:
-        launch = f"{r.launch.choice.strategy} x{r.launch.num_processes}" if r.launch.choice else "as configured"
+        launch = r.launch.short()
         memory = f"{r.memory_gib:.1f}" if r.memory_gib is not None else "-"
         print(f"{r.cell.id:<{width}} {'yes' if r.done else '-':<5} {launch:<16} {memory:>8} {r.train_examples:>10} "
               f"{r.train_tokens:>13,} {r.eval_tokens:>12,} {r.gpu_hours:>8.2f}")

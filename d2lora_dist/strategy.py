@@ -89,6 +89,10 @@ class Launch:
 
         return ["--deepspeed_config_file", for_command(self.deepspeed_config)]
 
+    def short(self) -> str:
+        """`ddp x1`, `zero3 x8`: the table cell of `sweep plan`; "as configured" for the named files."""
+        return f"{self.choice.strategy} x{self.num_processes}" if self.choice else "as configured"
+
     def describe(self) -> str:
         if self.choice is None:
             return (f"launch as configured: {self.accelerate_config or 'one plain process'}"

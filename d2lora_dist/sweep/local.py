@@ -28,7 +28,7 @@ from d2lora_dist.shipped import for_command
 from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
 from d2lora_dist.sweep.grid import Cell, WarmupRun, warmup_runs
 from d2lora_dist.sweep.pool import Children, run_on_slots
-from d2lora_dist.sweep.slots import SLOT_ENV, Machine, SlotPlan, plan_slots
+from d2lora_dist.sweep.slots import Machine, Slot, SlotPlan, plan_slots
 
 
 class LaunchFailed(RuntimeError):
@@ -52,15 +52,15 @@ def launch_command(exp: Experiment, launch: Launch, cli_args: list[str], port_of
             "--num_processes", str(launch.num_processes), "--main_process_port", str(port), *module]
 
 
-def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str, env: dict[str, str] | None = None,
+def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str, slot: Slot | None = None,
                out: IO[str] | None = None, children: Children | None = None) -> None:
-    """Run one launch to its end (`env` added to this process's environment; output to `out`, else here;
+    """Run one launch to its end (in `slot`: its GPUs, threads and port offset; output to `out`, else here;
     registered with the slots' `children`, so that stopping the sweep stops it)."""
-    offset = int(env[SLOT_ENV].split("/")[0]) if env and SLOT_ENV in env else 0
-    command = launch_command(exp, launch, cli_args, port_offset=offset)
+    command = launch_command(exp, launch, cli_args, port_offset=slot.index if slot else 0)
     print(f"[launch] {what}: {launch.describe()}", file=out, flush=True)
     print(f"$ {' '.join(command)}", file=out, flush=True)
-    options = {"env": os.environ.copy() | (env or {}), "stdout": out,
+    env = slot.env(launch.num_processes) if slot else {}
+    options = {"env": os.environ.copy() | env, "stdout": out,
                "stderr": subprocess.STDOUT if out is not None else None}
     code = children.wait(children.start(command, **options)) if children else subprocess.call(command, **options)
     if code != 0:
@@ -98,9 +98,7 @@ def describe_here(exp: Experiment, cells: list[Cell]) -> str:
         return "nothing left to run"
     plan = slot_plan(exp, cells, None)
     launches = {m: cell_launch(exp, [m], packed=plan.packed) for m in sorted({c.method for c in cells})}
-    return f"{plan.reason}; " + "; ".join(
-        f"{m}: {f'{launch.choice.strategy} x{launch.num_processes}' if launch.choice else 'as configured'}"
-        for m, launch in launches.items())
+    return f"{plan.reason}; " + "; ".join(f"{m}: {launch.short()}" for m, launch in launches.items())
 
 
 def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_file: Path,
@@ -119,10 +117,10 @@ def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_
     plan = slot_plan(exp, todo, slots)
     print(f"[slots] {plan.reason}", flush=True)
 
-    def runner(launch: Launch, cli_args: list[str], what: str, env: dict[str, str], out: IO[str] | None,
+    def runner(launch: Launch, cli_args: list[str], what: str, slot: Slot, out: IO[str] | None,
                children: Children) -> int:
         try:
-            run_launch(exp, launch, cli_args, what, env, out, children)
+            run_launch(exp, launch, cli_args, what, slot, out, children)
         except LaunchFailed as e:
             print(f"!!! {e}", file=out, flush=True)
             return 1

@@ -70,9 +70,9 @@ class Children:
                 process.kill()
 
 
-# How a launch is run: (launch, CLI arguments, what it is, extra environment, output file or None,
+# How a launch is run: (launch, CLI arguments, what it is, the slot it runs in, output file or None,
 # the registry its process goes in) -> exit code
-Runner = Callable[[Launch, list[str], str, dict[str, str], "IO[str] | None", Children], int]
+Runner = Callable[[Launch, list[str], str, Slot, "IO[str] | None", Children], int]
 
 
 @dataclass
@@ -250,7 +250,7 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
                         worker.close()
                         worker = None
                     run.runner(launch, ["sweep", "cell", *run.config, "--cell", cell.id], f"cell {cell.id}",
-                               slot.env(launch.num_processes), out, run.children)
+                               slot, out, run.children)
                 run.progress.end(cell, slot, run.layout.cell_result(cell.id).is_file(), time.time() - start, log)
         finally:
             if worker is not None:

@@ -30,8 +30,8 @@ from d2lora_dist.sweep.grid import Cell, find_cell
 REPORT_FD_ENV = "D2LORA_WORKER_REPORT_FD"
 
 
-def run_one(exp: Experiment, layout: RunLayout, cell: Cell, source: str, models: SharedBase) -> bool:
-    """One cell on the shared base; False (after reporting why) when it failed."""
+def run_one(exp: Experiment, layout: RunLayout, cell: Cell, source: str, models: SharedBase, count: int) -> bool:
+    """One cell on the shared base, the worker's `count`-th; False (after reporting why) when it failed."""
     start = time.time()
     ok = True
     try:
@@ -43,9 +43,8 @@ def run_one(exp: Experiment, layout: RunLayout, cell: Cell, source: str, models:
         ok = False
         tracking.finish_open_run(exit_code=1)
         distributed.release_training_state()
-    models.cells += 1
     print(f"[worker] {cell.id}: {time.time() - start:.1f}s; base model loaded {models.loads} time(s) "
-          f"for {models.cells} cell(s)", flush=True)
+          f"for {count} cell(s)", flush=True)
     return ok
 
 
@@ -56,7 +55,7 @@ def run_cells(exp: Experiment, layout: RunLayout, cells: list[Cell], source: str
     failed = []
     for i, cell in enumerate(cells, 1):
         print(f"=== worker cell {i}/{len(cells)}: {cell.id}", flush=True)
-        if not run_one(exp, layout, cell, source, models):
+        if not run_one(exp, layout, cell, source, models, i):
             failed.append(cell.id)
     return failed
 
@@ -70,12 +69,14 @@ def serve_cells(exp: Experiment, layout: RunLayout, cell_ids: Iterable[str], sou
         os.set_inheritable(fd, False)
         report = os.fdopen(fd, "w", buffering=1)
     failed = []
+    count = 0
     for line in cell_ids:
         if not line.strip():
             continue
         cell = find_cell(exp, line.strip())
-        print(f"=== worker cell: {cell.id}", flush=True)
-        ok = run_one(exp, layout, cell, source, models)
+        count += 1
+        print(f"=== worker cell {count}: {cell.id}", flush=True)
+        ok = run_one(exp, layout, cell, source, models, count)
         failed += [] if ok else [cell.id]
         if report is not None:
             report.write(f"{cell.id} {'ok' if ok else 'failed'}\n")

@@ -125,7 +125,7 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
         print(f"launch of {method} cells: {reason}")
     todo = [r for r in rows if not r.done]
     print("the launch column is a Slurm array task's (sweep submit); `sweep run` here: "
-          + describe_here(exp, [r.cell for r in todo]))
+          + describe_here(exp, layout, [r.cell for r in todo]))
     print(f"total ({len(todo)} cells not done): {sum(r.train_tokens for r in todo):,} train tokens, "
           f"{sum(r.eval_tokens for r in todo):,} eval tokens, {sum(r.eval_items for r in todo):,} eval items, "
           f"{sum(r.gpu_hours for r in todo):.1f} GPU-hours")

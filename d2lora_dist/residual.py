@@ -71,17 +71,22 @@ def artifact_dir(run_dir: Path, key: dict[str, Any]) -> Path:
 
 
 def ensure_factors(exp: Experiment, key: dict[str, Any]) -> dict[str, Any]:
-    """The artifact for `key` (main process): reused and verified, or computed and written once."""
+    """The artifact for `key` (main process): reused and verified, or computed and written once. A lock per key:
+    a warm-up and a vanilla cell that run at once in two slots compute the factors once, the second waits."""
+    from d2lora_dist.assets.cache import locked
+
     out = artifact_dir(exp.run_dir, key)
-    if out.exists():
-        print(f"[lora_init] {key['lora_init']}: reusing the factors in {out}", flush=True)
-    else:
-        start = time.time()
-        factors = compute_factors(local_model_dir(exp.model), exp.model.dtype, exp.lora, key["lora_init"],
-                                  key["seed"] or 0)
-        _write(out, key, factors)
-        print(f"[lora_init] {key['lora_init']}: factors of {len(factors) // 2} modules computed in "
-              f"{time.time() - start:.1f}s, saved to {out}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out.parent, out.name):
+        if out.exists():
+            print(f"[lora_init] {key['lora_init']}: reusing the factors in {out}", flush=True)
+        else:
+            start = time.time()
+            factors = compute_factors(local_model_dir(exp.model), exp.model.dtype, exp.lora, key["lora_init"],
+                                      key["seed"] or 0)
+            _write(out, key, factors)
+            print(f"[lora_init] {key['lora_init']}: factors of {len(factors) // 2} modules computed in "
+                  f"{time.time() - start:.1f}s, saved to {out}", flush=True)
     return {"key": key, "factors_sha256": verify_factors(out, key)["factors_sha256"], "path": str(out)}
 
 

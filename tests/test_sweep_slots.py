@@ -1,9 +1,10 @@
 """Slots: how many cells the local executor runs at once, on what, and that it changes no result.
 
 The slot plan is a pure function of the machine (cores, visible GPUs, free memory), the cells and
-their launch; `sweep run --slots 2` on the tiny model gives every cell the bit-identical adapter and
-the same predictions as `--slots 1`, each cell runs once, and a cell worker killed mid-cell fails only
-that cell.
+their launch; `sweep run --slots 2` on the tiny model gives every cell (and the warm-up, trained in a
+slot beside the vanilla cells) the bit-identical adapter and the same predictions as `--slots 1`, each
+cell runs once, a cell worker killed mid-cell fails only that cell, and one that exits between cells
+is replaced without failing the next.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from d2lora_dist.config import experiment_from_dict, load_experiment
 from d2lora_dist.errors import InputError
-from d2lora_dist.sweep.grid import Cell
-from d2lora_dist.sweep.pool import expected_work_first
+from d2lora_dist.layout import RunLayout
+from d2lora_dist.sweep.grid import Cell, WarmupRun
+from d2lora_dist.sweep.local import slot_plan, warmups_in_slots
+from d2lora_dist.sweep.pool import JobQueue, expected_work_first, run_on_slots
 from d2lora_dist.sweep.slots import Machine, plan_slots
 from tests.conftest import write_experiment
 from tests.test_cli import REPO, _cli
@@ -90,6 +95,82 @@ def test_cells_with_the_most_training_go_first_and_evaluation_only_cells_last() 
                                                                       ("none", 0)]
 
 
+WARMUP = WarmupRun("warmup")
+
+
+def test_the_warmup_comes_first_and_its_cells_wait_for_it_while_vanilla_cells_run() -> None:
+    d2lora, lora = Cell("math", "sft", "d2lora", 8, 0), Cell("math", "sft", "lora", 4, 0)
+    queue = JobQueue([WARMUP], [d2lora, lora], threading.Event())
+    assert queue.take() == WARMUP
+    assert queue.take() == lora  # the D2LoRA cell waits for its warm-up; a free slot takes what can run
+    taken: list = []
+    waiting = threading.Thread(target=lambda: taken.append(queue.take()))
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive() and not taken  # only the warm-up's cell is left: the slot waits
+    assert queue.warmup_ended(WARMUP, ok=True) == []
+    waiting.join(timeout=5)
+    assert taken == [d2lora] and queue.take() is None
+
+
+def test_the_cells_of_a_failed_warmup_are_held_back_and_a_stop_ends_the_wait() -> None:
+    d2lora, lora = Cell("math", "sft", "d2lora", 8, 0), Cell("math", "dpo", "d2lora", 8, 0)
+    queue = JobQueue([WARMUP], [d2lora, lora], threading.Event())
+    queue.take()
+    assert queue.warmup_ended(WARMUP, ok=False) == [d2lora, lora]
+    assert queue.take() is None and queue.held_back == [d2lora, lora]
+    stop = threading.Event()
+    stopped = JobQueue([WARMUP], [d2lora], stop)
+    stopped.take()
+    threading.Timer(0.3, stop.set).start()
+    assert stopped.take() is None  # Ctrl-C while a slot waits for a warm-up
+
+
+def test_a_warmup_runs_in_a_slot_only_when_its_launch_fits_one(tiny_experiment: dict) -> None:
+    exp = experiment_from_dict(tiny_experiment)
+    cells = [Cell("math", "sft", "lora", 4, 0), Cell("math", "sft", "d2lora", 4, 0)]
+    two = slot_plan(exp, cells, None, Machine(2, (), 20.0), warmups=[WARMUP])
+    assert len(two.slots) == 2 and warmups_in_slots(exp, two, [WARMUP])
+    assert not warmups_in_slots(exp, two, [])  # nothing to train
+    one = slot_plan(exp, cells, 1, Machine(2, (), 20.0), warmups=[WARMUP])
+    assert not warmups_in_slots(exp, one, [WARMUP])  # one slot: the warm-up first, on the whole machine
+    paper = REPO / "launch/experiments/paper_math.yaml"
+    box = Machine(64, tuple("01234567"), 500.0)
+    every_rank = load_experiment(paper)  # the warm-up takes all 8 ranks: first, on every GPU
+    planned = slot_plan(every_rank, [Cell("math", "sft", "lora", 100, 0)], None, box, warmups=[WARMUP])
+    assert len(planned.slots) == 1 or not warmups_in_slots(every_rank, planned, [WARMUP])
+    single = load_experiment(paper, ["launch.num_processes=1"])
+    cells8 = [Cell("math", "sft", "lora", n, 0) for n in (100, 200, 500, 1000)]
+    planned = slot_plan(single, cells8, None, box, warmups=[WARMUP])
+    assert len(planned.slots) == 4 and warmups_in_slots(single, planned, [WARMUP])
+
+
+# A cell worker that runs one cell (writing its result.json) and exits, as a worker killed between cells would.
+ONE_CELL_WORKER = """
+import json, os, pathlib, sys
+report = os.fdopen(int(os.environ["D2LORA_WORKER_REPORT_FD"]), "w", buffering=1)
+cell = sys.stdin.readline().strip()
+report.write(cell + " started\\n")
+result = pathlib.Path(sys.argv[1]) / "cells" / cell / "result.json"
+result.parent.mkdir(parents=True, exist_ok=True)
+result.write_text(json.dumps({"cell": cell}))
+report.write(cell + " ok\\n")
+"""
+
+
+def test_a_worker_that_exits_between_cells_is_replaced_and_the_next_cell_runs(tiny_experiment: dict,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    exp = experiment_from_dict(tiny_experiment)
+    layout = RunLayout(exp.run_dir)
+    cells = [Cell("math", "sft", "lora", n, 0) for n in (4, 8, 16)]
+    plan = plan_slots(1, Machine(2, (), 20.0), len(cells), 1, 1.0)
+    held = run_on_slots(exp, layout, cells, plan, [], True, lambda *a: 1,
+                        lambda launch: [sys.executable, "-c", ONE_CELL_WORKER, str(layout.root)])
+    out = capsys.readouterr().out
+    assert held == [] and all(layout.cell_result(c.id).is_file() for c in cells)  # none failed
+    assert out.count("had exited (code 0) before") == 2 and "FAILED" not in out
+
+
 def _results(run_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted((run_dir / "cells").glob("*/result.json"))}
 
@@ -128,11 +209,21 @@ def test_two_slots_give_every_cell_the_same_adapter_and_predictions_as_one(tiny_
         assert (result["adapter"] or {}).get("sha256") == (second[cell]["adapter"] or {}).get("sha256"), cell
         assert result["metrics"] == second[cell]["metrics"], cell
     _same_predictions(_predictions(one), _predictions(two))  # completions and scores: identical
+    # the warm-up trained in slot 0 (one thread) while slot 1 ran vanilla cells, to the same adapter as alone
+    warmups = [json.loads((run / "warmup" / "adapter" / "manifest.json").read_text())["adapter_sha256"]
+               for run in (one, two)]
+    assert warmups[0] == warmups[1]
+    lines = out.splitlines()
+    began = lines.index(next(line for line in lines if line.startswith("=== warm-up warmup on slot")))
+    ended = lines.index(next(line for line in lines if "warm-up warmup done in" in line))
+    assert any(line.startswith("=== cell ") and "-lora-" in line for line in lines[began:ended])
     assert {r["runtime"]["slot"] for r in first.values()} == {"0/1"}
     assert {r["runtime"]["slot"] for r in second.values()} == {"0/2", "1/2"}  # both slots ran cells
     assert {r["runtime"]["torch_threads"] for r in second.values()} == {max(1, len(os.sched_getaffinity(0)) // 2)}
     # each cell ran once, and each slot's worker loaded the base once for all of its cells
-    assert "[slots] 2 slot(s)" in out and out.count("=== cell ") == 10 and out.count(" done in ") == 10
+    ended = [line for line in out.splitlines() if line.startswith("[slot ") and "] math-" in line]
+    assert "[slots] 2 slot(s)" in out and out.count("=== cell ") == 10 and len(ended) == 10
+    assert all(" done in " in line for line in ended)
     logs = sorted((two / "logs").glob("slot*.log"))
     assert [p.name for p in logs] == ["slot0.log", "slot1.log"]
     loaded = [line for p in logs for line in p.read_text().splitlines() if line.startswith("[worker]")]

@@ -1,6 +1,9 @@
-"""The local executor: the warm-ups the cells need, then every unfinished cell, then (in entries) the report.
+"""The local executor: the warm-ups the cells need, every unfinished cell, then (in entries) the report.
 
-A warm-up that fails holds back only the cells that start from it; the others run.
+A warm-up that fails holds back only the cells that start from it; the others run. With several slots,
+a warm-up whose launch fits a slot runs in one while the other slots run the cells that do not start
+from it (vanilla LoRA, other warm-ups' cells); a warm-up that needs more than a slot (all of a GPU box's
+ranks) runs first, on the whole machine.
 
 Cells run on the machine's slots (sweep/slots.py): several at once when the machine holds several
 (GPU groups, or shares of the CPU cores), each slot taking the next cell when it is free
@@ -82,39 +85,67 @@ def run_warmups(exp: Experiment, layout: RunLayout, cells: list[Cell], config: l
     return failed
 
 
-def slot_plan(exp: Experiment, cells: list[Cell], slots: int | None, machine: Machine | None = None) -> SlotPlan:
-    """The slots these cells run on: `slots` of them, or (None) as many as the machine holds."""
+def slot_plan(exp: Experiment, cells: list[Cell], slots: int | None, machine: Machine | None = None,
+              warmups: list[WarmupRun] | None = None) -> SlotPlan:
+    """The slots these cells run on: `slots` of them, or (None) as many as the machine holds. On a CPU machine
+    the `warmups` still to train are sized in too, as they run in a slot beside the cells (GPU slots are
+    sized by the cells alone, and a warm-up runs in one only when it fits: warmups_in_slots)."""
     machine = machine or Machine.here()
     launches = [cell_launch(exp, [m], packed=bool(machine.gpus)) for m in sorted({c.method for c in cells})]
+    if not machine.gpus:
+        launches += [warmup_launch(exp, name=run.name) for run in warmups or []]
     ranks = max((launch.num_processes for launch in launches), default=1)
     estimated = all(launch.choice is not None for launch in launches)  # else: launched as configured
     gib = max(launch.choice.estimate.total / GIB for launch in launches) if estimated and launches else None
     return plan_slots(slots, machine, len(cells), ranks, gib)
 
 
-def describe_here(exp: Experiment, cells: list[Cell]) -> str:
-    """What `sweep run` would do with these cells on this machine: its slots and each method's launch."""
+def warmups_in_slots(exp: Experiment, plan: SlotPlan, warmups: list[WarmupRun]) -> bool:
+    """Whether the warm-ups run in slots beside the cells: there are several slots, and each warm-up's launch
+    has a memory estimate and needs no more GPUs than a slot has (else it runs first, on every rank)."""
+    if len(plan.slots) < 2 or not warmups:
+        return False
+    launches = [warmup_launch(exp, name=run.name) for run in warmups]
+    gpus = len(plan.slots[0].devices) if plan.slots[0].devices is not None else None
+    return all(launch.choice is not None and (gpus is None or launch.num_processes <= gpus) for launch in launches)
+
+
+def pending_warmups(layout: RunLayout, cells: list[Cell]) -> list[WarmupRun]:
+    """The warm-ups these cells start from that are not trained yet."""
+    return [run for run in warmup_runs(cells) if not layout.warmup_result_of(run.key).is_file()]
+
+
+def describe_here(exp: Experiment, layout: RunLayout, cells: list[Cell]) -> str:
+    """What `sweep run` would do with these cells on this machine: its slots, where the warm-ups run, and each
+    method's launch."""
     if not cells:
         return "nothing left to run"
-    plan = slot_plan(exp, cells, None)
+    warmups = pending_warmups(layout, cells)
+    plan = slot_plan(exp, cells, None, warmups=warmups)
     launches = {m: cell_launch(exp, [m], packed=plan.packed) for m in sorted({c.method for c in cells})}
-    return f"{plan.reason}; " + "; ".join(f"{m}: {launch.short()}" for m, launch in launches.items())
+    beside = "; the warm-ups in slots beside the cells" if warmups_in_slots(exp, plan, warmups) else ""
+    return f"{plan.reason}{beside}; " + "; ".join(f"{m}: {launch.short()}" for m, launch in launches.items())
 
 
 def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_file: Path,
               cell_worker: bool = True, slots: int | None = None) -> list[str]:
     """Run what is not done; returns the ids of cells that failed (the sweep goes on past them).
-    `slots`: how many cells run at once (None: as many as the machine holds)."""
+    `slots`: how many jobs run at once (None: as many as the machine holds)."""
     config = ["-c", str(experiment_file)]
     todo = [c for c in cells if not layout.cell_result(c.id).is_file()]
-    held_back = run_warmups(exp, layout, todo, config)
-    failed = [c.id for c in todo if c.warmup_run in held_back]
-    todo = [c for c in todo if c.warmup_run not in held_back]
+    pending = pending_warmups(layout, todo)
+    plan = slot_plan(exp, todo, slots, warmups=pending)
+    beside = warmups_in_slots(exp, plan, pending)
+    failed: list[str] = []
+    if not beside:
+        held_back = run_warmups(exp, layout, todo, config)
+        failed = [c.id for c in todo if c.warmup_run in held_back]
+        todo = [c for c in todo if c.warmup_run not in held_back]
     print(f"{len(cells) - len(todo) - len(failed)} of {len(cells)} cells done; running {len(todo)}"
-          + (f"; {len(failed)} held back by a failed warm-up" if failed else ""), flush=True)
+          + (f"; {len(failed)} held back by a failed warm-up" if failed else "")
+          + (f", and warm-up(s) {', '.join(r.key for r in pending)} beside them" if beside else ""), flush=True)
     if not todo:
         return failed
-    plan = slot_plan(exp, todo, slots)
     print(f"[slots] {plan.reason}", flush=True)
 
     def runner(launch: Launch, cli_args: list[str], what: str, slot: Slot, out: IO[str] | None,
@@ -129,5 +160,8 @@ def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_
     def worker_command(launch: Launch) -> list[str]:
         return launch_command(exp, launch, ["sweep", "worker", *config, "--cells-from-stdin"])
 
-    run_on_slots(exp, layout, todo, plan, config, cell_worker, runner, worker_command)
+    held = run_on_slots(exp, layout, todo, plan, config, cell_worker, runner, worker_command,
+                        pending if beside else None)
+    if held:
+        print(f"{len(held)} cell(s) held back by a failed warm-up: {', '.join(c.id for c in held)}", flush=True)
     return failed + [c.id for c in todo if not layout.cell_result(c.id).is_file()]  # result.json = done

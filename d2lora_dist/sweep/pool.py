@@ -1,12 +1,15 @@
-"""Run a queue of cells on the slots of one machine: whichever slot is free takes the next cell.
+"""Run a queue of warm-ups and cells on the slots of one machine: whichever slot is free takes the next job.
 
 A slot runs cells launched as one plain process in a cell worker it keeps (sweep/worker.py: the base
 model loads once per slot), fed one cell id at a time on stdin; any other cell (`accelerate launch`,
-several ranks, or the worker switched off) is a launch of its own in that slot. A worker that dies
-fails the cell it had and is started again for the next one. With one slot the launches write to this
-terminal as they always did; with several, each slot appends to its own log file and the terminal
-shows which cell starts and ends where. Ctrl-C (or an error in a slot) stops every slot: no new cell
-starts, and the running launches are terminated before the sweep exits.
+several ranks, or the worker switched off) is a launch of its own in that slot. A worker that exits
+before it takes a cell is replaced and the cell goes to the new one; a worker that dies during a cell
+fails that cell alone. Warm-ups that fit a slot run in one (sweep/local.py decides), first in the queue:
+the cells that start from a warm-up wait for it, the others run beside it, and the cells of a warm-up
+that failed are held back. With one slot the launches write to this terminal as they always did; with
+several, each slot appends to its own log file and the terminal shows which job starts and ends where.
+Ctrl-C (or an error in a slot) stops every slot: no new job starts, and the running launches are
+terminated before the sweep exits.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from typing import IO
 from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
-from d2lora_dist.strategy import Launch, cell_launch
-from d2lora_dist.sweep.grid import Cell
+from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
+from d2lora_dist.sweep.grid import Cell, WarmupRun
 from d2lora_dist.sweep.slots import Slot, SlotPlan
 from d2lora_dist.sweep.worker import REPORT_FD_ENV
 
@@ -102,15 +105,39 @@ class Progress:
                   f"{self.ended}/{self.total} ended{where}", flush=True)
 
 
-class CellQueue:
-    def __init__(self, cells: list[Cell], stop: threading.Event) -> None:
-        self._cells = list(reversed(cells))
-        self._lock = threading.Lock()
-        self._stop = stop
+class JobQueue:
+    """The warm-ups, then the cells, in order. A cell that starts from a warm-up still to end waits for it (a
+    free slot takes the next cell that can run instead); the cells of a warm-up that failed are held back."""
 
-    def take(self) -> Cell | None:
-        with self._lock:
-            return self._cells.pop() if self._cells and not self._stop.is_set() else None
+    def __init__(self, warmups: list[WarmupRun], cells: list[Cell], stop: threading.Event) -> None:
+        self._jobs: list[WarmupRun | Cell] = [*warmups, *cells]
+        self._unfinished = set(warmups)
+        self._changed = threading.Condition()
+        self._stop = stop
+        self.held_back: list[Cell] = []
+
+    def take(self) -> WarmupRun | Cell | None:
+        """The next job that can start, waiting while only cells of running warm-ups are left; None at the end."""
+        with self._changed:
+            while self._jobs and not self._stop.is_set():
+                for i, job in enumerate(self._jobs):
+                    if isinstance(job, WarmupRun) or job.warmup_run not in self._unfinished:
+                        return self._jobs.pop(i)
+                self._changed.wait(timeout=0.5)  # a warm-up is running; the timeout notices a stop
+            return None
+
+    def warmup_ended(self, run: WarmupRun, ok: bool) -> list[Cell]:
+        """Its cells can start, or (failed) are held back: returns those held back."""
+        with self._changed:
+            self._unfinished.discard(run)
+            held = [] if ok else [j for j in self._jobs if isinstance(j, Cell) and j.warmup_run == run]
+            self._jobs = [j for j in self._jobs if j not in held]
+            self.held_back += held
+            self._changed.notify_all()
+            return held
+
+
+NOT_TAKEN = "not taken"
 
 
 class WorkerProcess:
@@ -130,20 +157,26 @@ class WorkerProcess:
             os.close(write)  # the worker holds the only write end: its exit ends our reads
         self.reports = os.fdopen(read)
 
-    def run(self, cell: Cell) -> bool | None:
-        """True/False as the worker reports the cell; None when the worker died before reporting it."""
+    def run(self, cell: Cell) -> str:
+        """How the cell went: "ok" or "failed" as the worker reports it, "died" when the worker died during
+        it, "not taken" when the worker had exited before it took the cell (the cell never started)."""
         assert self.process.stdin is not None
         try:
             self.process.stdin.write(cell.id + "\n")
             self.process.stdin.flush()
         except (BrokenPipeError, OSError):
-            return None
+            return NOT_TAKEN
+        if self._report(cell) != "started":
+            return NOT_TAKEN
+        return self._report(cell) or "died"
+
+    def _report(self, cell: Cell) -> str | None:
         line = self.reports.readline().split()
         if not line:
             return None
         if line[0] != cell.id:
             raise RuntimeError(f"cell worker reported {line[0]!r} while running {cell.id!r}")
-        return line[1] == "ok"
+        return line[1]
 
     def close(self) -> int:
         if self.process.stdin is not None and not self.process.stdin.closed:
@@ -184,19 +217,21 @@ class SlotRun:
     cell_worker: bool
     runner: Runner
     worker_command: Callable[[Launch], list[str]]
-    queue: CellQueue
+    queue: JobQueue
     progress: Progress
     children: Children
 
 
 def run_on_slots(exp: Experiment, layout: RunLayout, cells: list[Cell], plan: SlotPlan, config: list[str],
-                 cell_worker: bool, runner: Runner, worker_command: Callable[[Launch], list[str]]) -> None:
-    """Every cell of `cells` on the plan's slots (one after another on one slot, else busiest first).
-    A slot's error, or Ctrl-C, stops the others and is raised here."""
+                 cell_worker: bool, runner: Runner, worker_command: Callable[[Launch], list[str]],
+                 warmups: list[WarmupRun] | None = None) -> list[Cell]:
+    """`warmups`, then every cell of `cells`, on the plan's slots (in order on one slot, else cells with the most
+    work first); returns the cells held back by a failed warm-up. A slot's error, or Ctrl-C, stops the others
+    and is raised here."""
     children = Children()
     shared = len(plan.slots) > 1
-    run = SlotRun(exp, layout, plan, config, cell_worker, runner, worker_command,
-                  CellQueue(expected_work_first(cells) if shared else cells, children.stop), Progress(len(cells)),
+    queue = JobQueue(list(warmups or []), expected_work_first(cells) if shared else cells, children.stop)
+    run = SlotRun(exp, layout, plan, config, cell_worker, runner, worker_command, queue, Progress(len(cells)),
                   children)
     if shared:
         layout.local_logs_dir.mkdir(parents=True, exist_ok=True)
@@ -224,6 +259,7 @@ def run_on_slots(exp: Experiment, layout: RunLayout, cells: list[Cell], plan: Sl
         raise
     if errors:
         raise errors[0]
+    return queue.held_back
 
 
 def slot_log(layout: RunLayout, slot: Slot) -> Path:
@@ -235,13 +271,27 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
     with log.open("a") if log is not None else nullcontext() as out:
         worker: WorkerProcess | None = None
         try:
-            while (cell := run.queue.take()) is not None:
+            while (job := run.queue.take()) is not None:
+                if isinstance(job, WarmupRun):
+                    if worker is not None:  # the warm-up needs the slot's memory
+                        worker.close()
+                        worker = None
+                    _run_warmup(run, slot, job, out, log)
+                    continue
+                cell = job
                 launch = cell_launch(run.exp, [cell.method], packed=run.plan.packed)
                 run.progress.start(cell, slot)
                 start = time.time()
                 if runs_in_worker(launch, run.cell_worker):
                     worker = worker or _start_worker(run, slot, launch, out)
-                    if worker.run(cell) is None:  # it died: this cell failed; a new worker takes the next
+                    outcome = worker.run(cell)
+                    if outcome == NOT_TAKEN:  # it had exited between cells: the cell goes to a new worker
+                        code, worker = worker.close(), None
+                        run.progress.say(f"[{slot.describe()}] the cell worker had exited (code {code}) before "
+                                         f"{cell.id}; starting another")
+                        worker = _start_worker(run, slot, launch, out)
+                        outcome = worker.run(cell)
+                    if outcome in ("died", NOT_TAKEN):  # this cell failed; a new worker takes the next
                         code, worker = worker.close(), None
                         run.progress.say(f"!!! the cell worker of {slot.describe()} exited with code {code} "
                                          f"during {cell.id}")
@@ -255,6 +305,21 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
         finally:
             if worker is not None:
                 worker.close()
+
+
+def _run_warmup(run: SlotRun, slot: Slot, warmup: WarmupRun, out: IO[str] | None, log: Path | None) -> None:
+    where = f" on {slot.describe()}" if slot.count > 1 else ""
+    run.progress.say(f"=== warm-up {warmup.key}{where}, beside the cells that do not start from it")
+    start = time.time()
+    run.runner(warmup_launch(run.exp, name=warmup.name), ["warmup", *run.config, "--warmup", warmup.key],
+               f"warm-up {warmup.key}", slot, out, run.children)
+    ok = run.layout.warmup_result_of(warmup.key).is_file()
+    held = run.queue.warmup_ended(warmup, ok)
+    if ok:
+        run.progress.say(f"[{slot.describe()}] warm-up {warmup.key} done in {time.time() - start:.0f}s")
+    else:
+        run.progress.say(f"!!! warm-up {warmup.key} failed{f' (log: {log})' if log else ''}; its {len(held)} "
+                         f"cell(s) are held back")
 
 
 def _start_worker(run: SlotRun, slot: Slot, launch: Launch, out: IO[str] | None) -> WorkerProcess:

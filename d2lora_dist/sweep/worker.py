@@ -9,7 +9,9 @@ Multi-rank launches and Slurm array tasks run one cell per process (sweep cell).
 
 A worker is given its cells either all at once (`--cells`) or one at a time on stdin (`--cells-from
 -stdin`, what the executor's slots use, so that whichever slot is free takes the next cell); it then
-reports the end of each cell, ok or failed, on the file descriptor named by REPORT_FD_ENV.
+reports on the file descriptor named by REPORT_FD_ENV that it took each cell (`<id> started`) and how
+the cell ended (`<id> ok|failed`), so that the executor can tell a worker that died during a cell from
+one that had exited before it took one.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def serve_cells(exp: Experiment, layout: RunLayout, cell_ids: Iterable[str], sou
         if not line.strip():
             continue
         cell = find_cell(exp, line.strip())
+        if report is not None:
+            report.write(f"{cell.id} started\n")
         count += 1
         print(f"=== worker cell {count}: {cell.id}", flush=True)
         ok = run_one(exp, layout, cell, source, models, count)

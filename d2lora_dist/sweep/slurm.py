@@ -6,7 +6,9 @@
 With several warm-up runs (named `warmups`, or a LoRA-init axis) each warm-up is its own job and
 the cells are split into one array per warm-up they start from (plus one for vanilla cells, which
 wait for nothing); each array waits only for its own warm-up, so a failed warm-up holds back its
-own cells alone, and the report waits for every array.
+own cells alone, and the report waits for every array. Within that, cells whose methods get different
+launches (SFT fits one GPU, DPO needs two under ZeRO-3) go into one array per launch, each task asking for
+its own method's GPUs rather than the most demanding method's.
 
 Rendering (`render_warmup`, `render_cell_array`, `render_report`, `array_spec`) is pure:
 experiment + layout (+ cell indices) -> script text, tested against recorded files in
@@ -266,10 +268,27 @@ def array_launch(exp: Experiment, cells: Sequence[Cell]) -> tuple[Launch, int | 
     return launch, (launch.num_processes if packed and launch.choice is not None else None)
 
 
+def launch_groups(exp: Experiment, cells: Sequence[Cell], indices: Sequence[int]) -> list[tuple[str, list[int]]]:
+    """The indices split by the launch their array tasks get, each method's own (array_launch): one array per
+    distinct launch, so that a cell that fits one GPU neither waits for nor holds the GPUs another method's
+    cells need. [("", indices)] when they all get the same; else each group is labelled by its launch
+    (`ddp-x1`, `zero3-x2`)."""
+    by_method = {m: array_launch(exp, [next(c for c in cells if c.method == m)])
+                 for m in sorted({cells[i].method for i in indices})}
+    groups: dict[tuple, tuple[str, list[int]]] = {}
+    for i in indices:
+        launch, share = by_method[cells[i].method]
+        key = (launch.accelerate_config, launch.deepspeed_config, launch.num_processes, share)
+        groups.setdefault(key, (launch.short().replace(" ", "-"), []))[1].append(i)
+    if len(groups) == 1:
+        return [("", list(indices))]
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[2], groups[k][0]))]  # fewest GPUs first
+
+
 def render_cell_array(exp: Experiment, layout: RunLayout, indices: Sequence[int],
                       command: str | None = None, cells: Sequence[Cell] | None = None, group: str | None = None) -> str:
     """cell_array.sbatch: array task i runs cell i of the frozen plan (`cells`; default the experiment's).
-    `group`: the warm-up key (or "vanilla") of one of several arrays, in its job name."""
+    `group`: the warm-up key (or "vanilla") and/or the launch of one of several arrays, in its job name."""
     cells = plan_cells(exp) if cells is None else cells
     launch, share = array_launch(exp, [cells[i] for i in indices if 0 <= i < len(cells)] or cells)
     header = _header(exp, [f"--job-name=d2lora-{exp.name}-cells" + (f"-{group}" if group else ""),
@@ -376,9 +395,11 @@ def plan_submission(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], i
     for run in sorted(groups, key=lambda r: (r is not None, r or WarmupRun(""))):
         key = run.key if run is not None else "vanilla"
         after = ("afterok", (f"warmup:{key}",)) if f"warmup:{key}" in trained else None
-        steps.append(Step(f"array:{key}", d / f"cell_array-{key}.sbatch",
-                          render_cell_array(exp, layout, groups[run], commands.get("cell"), cells, key), after,
-                          tuple(groups[run])))
+        for label, part in launch_groups(exp, cells, groups[run]):
+            name = f"{key}-{label}" if label else key
+            steps.append(Step(f"array:{name}", d / f"cell_array-{name}.sbatch",
+                              render_cell_array(exp, layout, part, commands.get("cell"), cells, name), after,
+                              tuple(part)))
     arrays = tuple(s.name for s in steps if s.name.startswith("array"))
     steps.append(Step("report", d / REPORT_SCRIPT, render_report(exp, layout, commands.get("report")),
                       ("afterany", arrays)))
@@ -402,11 +423,13 @@ def _single_warmup_steps(exp: Experiment, layout: RunLayout, cells: Sequence[Cel
     else:
         steps.append(Step("warmup", d / WARMUP_SCRIPT, render_warmup(exp, layout, commands.get("warmup"))))
     array_after = ("afterok", ("warmup",)) if steps else None
-    steps.append(Step("array", d / ARRAY_SCRIPT,
-                      render_cell_array(exp, layout, indices, commands.get("cell"), cells), array_after,
-                      tuple(indices)))
+    for label, part in launch_groups(exp, cells, indices):  # one array, unless methods get different launches
+        name, script = (f"array:{label}", d / f"cell_array-{label}.sbatch") if label else ("array", d / ARRAY_SCRIPT)
+        steps.append(Step(name, script, render_cell_array(exp, layout, part, commands.get("cell"), cells,
+                                                          label or None), array_after, tuple(part)))
+    arrays = tuple(s.name for s in steps if s.name.startswith("array"))
     steps.append(Step("report", d / REPORT_SCRIPT, render_report(exp, layout, commands.get("report")),
-                      ("afterany", ("array",))))
+                      ("afterany", arrays)))
     return steps, skipped
 
 

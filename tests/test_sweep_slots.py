@@ -283,3 +283,21 @@ def test_ctrl_c_stops_every_slot_and_leaves_no_process_behind(tiny_experiment: d
     time.sleep(1)
     assert workers() == []  # no slot's worker outlives the sweep
     assert not list((tmp_path / "runs" / "tiny" / "cells").glob("*/result.json"))  # none ran to its end
+
+
+def test_two_launches_are_never_handed_the_same_free_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OS may offer a just-released port again; two slots starting `accelerate launch` at once must not
+    both get it (the second launch's rendezvous would fail or join the first's)."""
+    import socket
+
+    from d2lora_dist.sweep import local
+
+    offered = iter([29517, 29517, 29517, 29530])
+
+    class Offering(socket.socket):
+        def getsockname(self):  # what the OS offers, in order: the same port three times
+            return ("127.0.0.1", next(offered))
+
+    monkeypatch.setattr(local.socket, "socket", Offering)
+    monkeypatch.setattr(local, "_HANDED_OUT", set())
+    assert [local.free_port(), local.free_port()] == [29517, 29530]

@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import IO
 
@@ -38,10 +39,21 @@ class LaunchFailed(RuntimeError):
     pass
 
 
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now and that this sweep has not handed out before: two slots that start
+    `accelerate launch` at the same moment could otherwise be given the same one before either binds it."""
+    with _HANDED_OUT_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
 
 
 def launch_command(exp: Experiment, launch: Launch, cli_args: list[str], port_offset: int = 0) -> list[str]:

@@ -35,7 +35,7 @@ from d2lora_dist import distributed
 from d2lora_dist.adapters import lora_init_of
 from d2lora_dist.config import Experiment, LoraConfig
 from d2lora_dist.errors import InputError
-from d2lora_dist.fileio import sha256_file
+from d2lora_dist.fileio import exclusive, sha256_file
 from d2lora_dist.lora_inits import lora_init_spec
 from d2lora_dist.modeling import DTYPES, local_model_dir, peft_lora_config
 
@@ -73,11 +73,8 @@ def artifact_dir(run_dir: Path, key: dict[str, Any]) -> Path:
 def ensure_factors(exp: Experiment, key: dict[str, Any]) -> dict[str, Any]:
     """The artifact for `key` (main process): reused and verified, or computed and written once. A lock per key:
     a warm-up and a vanilla cell that run at once in two slots compute the factors once, the second waits."""
-    from d2lora_dist.assets.cache import locked
-
     out = artifact_dir(exp.run_dir, key)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with locked(out.parent, out.name):
+    with exclusive(Path(exp.run_dir) / ".locks" / f"lora_init-{out.name}.lock", f"[lora_init] {out.name}"):
         if out.exists():
             print(f"[lora_init] {key['lora_init']}: reusing the factors in {out}", flush=True)
         else:

@@ -285,9 +285,8 @@ def test_a_whole_node_memory_request_cannot_be_shared():
     assert "#SBATCH --mem=0" in sbatch_lines(slurm.render_cell_array(exp, RUN, [0]))
 
 
-def test_methods_with_different_launches_get_one_array_each_asking_for_their_own_gpus(tmp_path):
-    """On 32 GiB GPUs the 8B model's SFT cells fit one GPU and its DPO cells need ZeRO-3 on two: two arrays,
-    each sized for its own method, both after the one warm-up; the report waits for both."""
+def mixed_launches(tmp_path):
+    """On 32 GiB GPUs the 8B model's SFT cells fit one GPU and its DPO cells need ZeRO-3 on two."""
     data = experiment_dict("mixed", str(tmp_path), partition="gpu", gpus_per_node=8, cpus_per_task=64, mem="960G")
     data["model"].update(dtype="bfloat16", gradient_checkpointing=True)
     data["launch"] = {"strategy": "auto", "num_processes": 8, "gpu_memory_gib": 32}
@@ -297,17 +296,39 @@ def test_methods_with_different_launches_get_one_array_each_asking_for_their_own
     data["grid"][0] |= {"methods": ["sft", "dpo"], "n": [0, 8]}
     exp = experiment_from_dict(data)
     layout = RunLayout(exp.run_dir)
-    cells = freeze_plan(exp, layout)
+    return exp, layout, freeze_plan(exp, layout)
+
+
+def test_methods_with_different_launches_get_one_array_each_asking_for_their_own_gpus(tmp_path):
+    """Two arrays, each sized for its own method, both after the one warm-up, sharing slurm.max_parallel;
+    the report waits for both."""
+    exp, layout, cells = mixed_launches(tmp_path)
     steps, _ = slurm.plan_submission(exp, layout, cells, range(len(cells)))
     assert [s.name for s in steps] == ["warmup", "array:ddp-x1", "array:zero3-x2", "report"]
     by_name = {s.name: s for s in steps}
     assert {cells[i].method for i in by_name["array:zero3-x2"].indices} == {"dpo"}
     assert {cells[i].method for i in by_name["array:ddp-x1"].indices} == {"sft", "none"}  # n = 0: evaluation
     assert sorted(i for s in steps for i in s.indices) == list(range(len(cells)))  # every cell in one array
-    assert "#SBATCH --gpus-per-node=1" in sbatch_lines(by_name["array:ddp-x1"].text)
-    assert "#SBATCH --gpus-per-node=2" in sbatch_lines(by_name["array:zero3-x2"].text)
+    one, two = sbatch_lines(by_name["array:ddp-x1"].text), sbatch_lines(by_name["array:zero3-x2"].text)
+    assert "#SBATCH --gpus-per-node=1" in one and "#SBATCH --gpus-per-node=2" in two
+    assert any(x.endswith("%4") for x in one if "--array=" in x)  # 8 cells at once, shared by the two arrays
+    assert any(x.endswith("%4") for x in two if "--array=" in x)
     assert "--job-name=d2lora-mixed-cells-zero3-x2" in by_name["array:zero3-x2"].text
     assert by_name["array:ddp-x1"].after == by_name["array:zero3-x2"].after == ("afterok", ("warmup",))
     assert by_name["report"].after == ("afterany", ("array:ddp-x1", "array:zero3-x2"))
     sft_only = [i for i, c in enumerate(cells) if c.method != "dpo"]  # one launch: the one array as before
     assert [s.name for s in slurm.plan_submission(exp, layout, cells, sft_only)[0]] == ["warmup", "array", "report"]
+    assert slurm.share_throttle(8, 3) == [3, 3, 2] and slurm.share_throttle(2, 3) == [1, 1, 1]
+
+
+def test_a_split_submission_is_recorded_so_that_status_finds_each_cells_own_array(tmp_path):
+    from d2lora_dist.sweep.status import cell_status
+
+    exp, layout, cells = mixed_launches(tmp_path)
+    steps, skipped = slurm.plan_submission(exp, layout, cells, range(len(cells)))
+    jobs = {"warmup": "10", "array:ddp-x1": "11", "array:zero3-x2": "12", "report": "13"}
+    layout.slurm_dir.mkdir(parents=True, exist_ok=True)
+    slurm._append_record(layout, slurm.SubmitResult(steps, list(range(len(cells))), [], jobs, skipped), False)
+    rows = cell_status(exp, layout, lambda job_id: None)  # Slurm has forgotten them: each row names its job
+    assert [r.job for r in rows] == [f"{12 if c.method == 'dpo' else 11}_{i}" for i, c in enumerate(cells)]
+    assert {r.state for r in rows} == {"unknown"}

@@ -91,6 +91,11 @@ class Progress:
         with self.lock:
             print(text, flush=True)
 
+    def drop(self, cells: int) -> None:
+        """Cells that will not run (held back by a failed warm-up) leave the count."""
+        with self.lock:
+            self.total -= cells
+
     def start(self, cell: Cell, slot: Slot) -> None:
         with self.lock:
             self.started += 1
@@ -293,8 +298,11 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
                         outcome = worker.run(cell)
                     if outcome in ("died", NOT_TAKEN):  # this cell failed; a new worker takes the next
                         code, worker = worker.close(), None
+                        if run.children.stop.is_set():
+                            raise Stopping("the sweep is stopping")
+                        when = "during" if outcome == "died" else "before it took"
                         run.progress.say(f"!!! the cell worker of {slot.describe()} exited with code {code} "
-                                         f"during {cell.id}")
+                                         f"{when} {cell.id}")
                 else:
                     if worker is not None:  # the next launch needs the slot's memory
                         worker.close()
@@ -314,7 +322,10 @@ def _run_warmup(run: SlotRun, slot: Slot, warmup: WarmupRun, out: IO[str] | None
     run.runner(warmup_launch(run.exp, name=warmup.name), ["warmup", *run.config, "--warmup", warmup.key],
                f"warm-up {warmup.key}", slot, out, run.children)
     ok = run.layout.warmup_result_of(warmup.key).is_file()
+    if not ok and run.children.stop.is_set():  # stopped, not failed: its cells are not held back
+        raise Stopping("the sweep is stopping")
     held = run.queue.warmup_ended(warmup, ok)
+    run.progress.drop(len(held))
     if ok:
         run.progress.say(f"[{slot.describe()}] warm-up {warmup.key} done in {time.time() - start:.0f}s")
     else:

@@ -286,13 +286,15 @@ def launch_groups(exp: Experiment, cells: Sequence[Cell], indices: Sequence[int]
 
 
 def render_cell_array(exp: Experiment, layout: RunLayout, indices: Sequence[int],
-                      command: str | None = None, cells: Sequence[Cell] | None = None, group: str | None = None) -> str:
+                      command: str | None = None, cells: Sequence[Cell] | None = None, group: str | None = None,
+                      max_parallel: int | None = None) -> str:
     """cell_array.sbatch: array task i runs cell i of the frozen plan (`cells`; default the experiment's).
-    `group`: the warm-up key (or "vanilla") and/or the launch of one of several arrays, in its job name."""
+    `group`: the warm-up key (or "vanilla") and/or the launch of one of several arrays, in its job name;
+    `max_parallel`: its throttle, when slurm.max_parallel is shared out among several arrays."""
     cells = plan_cells(exp) if cells is None else cells
     launch, share = array_launch(exp, [cells[i] for i in indices if 0 <= i < len(cells)] or cells)
     header = _header(exp, [f"--job-name=d2lora-{exp.name}-cells" + (f"-{group}" if group else ""),
-                           f"--array={array_spec(indices, exp.slurm.max_parallel)}",
+                           f"--array={array_spec(indices, max_parallel or exp.slurm.max_parallel)}",
                            *_resource_lines(exp, 1, gpus=True, share=share), *_preemptible_lines(exp),
                            *_log_lines(layout, "cell-%A_%a")], launch)
     return _render(ARRAY_SCRIPT, experiment=exp.name, plan_file=str(_abs(layout.plan_file)),
@@ -343,7 +345,8 @@ def unfinished_indices(layout: RunLayout, cells: Sequence[Cell]) -> list[int]:
 class Step:
     """One job to submit: its script and what it waits for ((kind, step names) or None)."""
 
-    name: str  # warmup | array | report; warmup:<key> | array:<key> with several warm-up runs
+    name: str  # warmup | array | report; warmup:<key> | array:<key> with several warm-up runs; array:<launch>,
+    # array:<key>-<launch> when a warm-up's cells get different launches
     script: Path
     text: str
     after: tuple[str, tuple[str, ...]] | None = None
@@ -392,18 +395,14 @@ def plan_submission(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], i
             steps.append(Step(f"warmup:{run.key}", d / f"warmup-{run.key}.sbatch",
                               render_warmup(exp, layout, commands.get("warmup"), run)))
     trained = {s.name for s in steps}
+    arrays = []
     for run in sorted(groups, key=lambda r: (r is not None, r or WarmupRun(""))):
         key = run.key if run is not None else "vanilla"
         after = ("afterok", (f"warmup:{key}",)) if f"warmup:{key}" in trained else None
         for label, part in launch_groups(exp, cells, groups[run]):
             name = f"{key}-{label}" if label else key
-            steps.append(Step(f"array:{name}", d / f"cell_array-{name}.sbatch",
-                              render_cell_array(exp, layout, part, commands.get("cell"), cells, name), after,
-                              tuple(part)))
-    arrays = tuple(s.name for s in steps if s.name.startswith("array"))
-    steps.append(Step("report", d / REPORT_SCRIPT, render_report(exp, layout, commands.get("report")),
-                      ("afterany", arrays)))
-    return steps, skipped
+            arrays.append(PlannedArray(f"array:{name}", d / f"cell_array-{name}.sbatch", name, after, tuple(part)))
+    return _with_arrays_and_report(exp, layout, cells, commands, steps, arrays), skipped
 
 
 def _one_warmup(exp: Experiment, cells: Sequence[Cell]) -> bool:
@@ -422,15 +421,45 @@ def _single_warmup_steps(exp: Experiment, layout: RunLayout, cells: Sequence[Cel
         skipped["warmup"] = "no submitted cell uses init d2lora"
     else:
         steps.append(Step("warmup", d / WARMUP_SCRIPT, render_warmup(exp, layout, commands.get("warmup"))))
-    array_after = ("afterok", ("warmup",)) if steps else None
-    for label, part in launch_groups(exp, cells, indices):  # one array, unless methods get different launches
-        name, script = (f"array:{label}", d / f"cell_array-{label}.sbatch") if label else ("array", d / ARRAY_SCRIPT)
-        steps.append(Step(name, script, render_cell_array(exp, layout, part, commands.get("cell"), cells,
-                                                          label or None), array_after, tuple(part)))
-    arrays = tuple(s.name for s in steps if s.name.startswith("array"))
-    steps.append(Step("report", d / REPORT_SCRIPT, render_report(exp, layout, commands.get("report")),
-                      ("afterany", arrays)))
-    return steps, skipped
+    after = ("afterok", ("warmup",)) if steps else None
+    arrays = [PlannedArray(f"array:{label}", d / f"cell_array-{label}.sbatch", label, after, tuple(part)) if label
+              else PlannedArray("array", d / ARRAY_SCRIPT, None, after, tuple(part))
+              for label, part in launch_groups(exp, cells, indices)]  # one array, unless launches differ
+    return _with_arrays_and_report(exp, layout, cells, commands, steps, arrays), skipped
+
+
+@dataclass(frozen=True)
+class PlannedArray:
+    """An array step before its script is rendered: `group` names it in the job name."""
+
+    name: str
+    script: Path
+    group: str | None
+    after: tuple[str, tuple[str, ...]] | None
+    indices: tuple[int, ...]
+
+
+def _with_arrays_and_report(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], commands: dict[str, str],
+                            steps: list[Step], arrays: list[PlannedArray]) -> list[Step]:
+    """`steps` + the arrays' steps + the report after all of them.
+    slurm.max_parallel is shared out among the arrays (at least one each), as Slurm throttles each array
+    on its own and the setting caps the cells running at once."""
+    throttles = share_throttle(exp.slurm.max_parallel, len(arrays))
+    for array, throttle in zip(arrays, throttles, strict=True):
+        text = render_cell_array(exp, layout, array.indices, commands.get("cell"), cells, array.group, throttle)
+        steps.append(Step(array.name, array.script, text, array.after, array.indices))
+    steps.append(Step("report", layout.slurm_dir / REPORT_SCRIPT, render_report(exp, layout, commands.get("report")),
+                      ("afterany", tuple(a.name for a in arrays))))
+    return steps
+
+
+def share_throttle(max_parallel: int, arrays: int) -> list[int]:
+    """max_parallel split over `arrays` arrays, the first ones taking the remainder; 1 each when there are
+    more arrays than that (Slurm has no throttle across arrays)."""
+    if max_parallel < 1:
+        raise InputError(f"slurm.max_parallel: must be >= 1, got {max_parallel}")
+    base, extra = divmod(max_parallel, arrays)
+    return [max(1, base + (i < extra)) for i in range(arrays)]
 
 
 def sbatch_argv(step: Step, jobs: dict[str, str]) -> list[str]:

@@ -22,6 +22,7 @@ from d2lora_dist.methods import METHODS
 from d2lora_dist.schema import ConfigError, build, to_dict
 
 SINGLE_WARMUP = "warmup"  # the name of an experiment's one `warmup` section
+VANILLA_GROUP = "vanilla"  # the Slurm array of cells that start from no warm-up; no warm-up may take the name
 _WARMUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")  # part of cell ids and directory names
 
 
@@ -449,8 +450,10 @@ def _warmup_problems(exp: Experiment) -> list[str]:
         return ["warmups: give either one `warmup` section or named `warmups`, not both"]
     if exp.warmups is not None and not exp.warmups:
         return ["warmups: empty; name at least one warm-up or leave it out"]
-    return [f"warmups.{name}: the name must be lower-case letters, digits and _ (it is part of cell ids and "
-            "directory names)" for name in exp.warmups or {} if not _WARMUP_NAME.match(name)]
+    problems = [f"warmups.{name}: the name must be lower-case letters, digits and _ (it is part of cell ids and "
+                "directory names)" for name in exp.warmups or {} if not _WARMUP_NAME.match(name)]
+    return problems + [f"warmups.{name}: the name is taken (Slurm's array of vanilla cells is `{name}`); "
+                       "choose another" for name in exp.warmups or {} if name == VANILLA_GROUP]
 
 
 def _global_problems(exp: Experiment) -> list[str]:

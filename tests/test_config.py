@@ -130,3 +130,13 @@ def test_presets_state_the_global_batch_the_warmup_seed_and_each_methods_target(
     assert math.methods["dpo"].preference_target == "step" and math.methods["orpo"].preference_target == "full"
     assert all(s.min_steps == 16 for s in math.methods.values())
     assert math.suites["gsm8k"].answer_filter == "flexible"
+
+
+def test_warmup_names_that_would_break_ids_or_clash_with_the_vanilla_array_are_refused(tiny_experiment: dict) -> None:
+    warmup = tiny_experiment.pop("warmup")
+    tiny_experiment["warmups"] = {"M8": warmup, "vanilla": warmup, "m32": warmup}
+    with pytest.raises(ConfigError) as err:
+        experiment_from_dict(tiny_experiment)
+    assert "warmups.M8: the name must be lower-case letters" in str(err.value)
+    assert "warmups.vanilla: the name is taken (Slurm's array of vanilla cells is `vanilla`)" in str(err.value)
+    assert "m32" not in str(err.value)

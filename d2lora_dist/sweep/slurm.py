@@ -33,7 +33,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from d2lora_dist.config import Experiment
+from d2lora_dist.config import VANILLA_GROUP, Experiment
 from d2lora_dist.errors import InputError
 from d2lora_dist.fileio import write_text_atomic
 from d2lora_dist.layout import RunLayout
@@ -397,7 +397,7 @@ def plan_submission(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], i
     trained = {s.name for s in steps}
     arrays = []
     for run in sorted(groups, key=lambda r: (r is not None, r or WarmupRun(""))):
-        key = run.key if run is not None else "vanilla"
+        key = run.key if run is not None else VANILLA_GROUP
         after = ("afterok", (f"warmup:{key}",)) if f"warmup:{key}" in trained else None
         for label, part in launch_groups(exp, cells, groups[run]):
             name = f"{key}-{label}" if label else key

@@ -261,10 +261,11 @@ def test_a_worker_killed_mid_cell_fails_that_cell_and_a_new_worker_runs_the_rest
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two slots need two cores")
 def test_ctrl_c_stops_every_slot_and_leaves_no_process_behind(tiny_experiment: dict, tmp_path: Path) -> None:
-    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora"], "n": [4, 8], "seeds": [0, 1]}]
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora"], "n": [8, 16], "seeds": [0, 1]}]
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
     frozen = tmp_path / "runs" / "tiny" / "experiment.yaml"
-    env = dict(os.environ, D2LORA_TEST_STEP_DELAY_S="2")
+    env = dict(os.environ, D2LORA_TEST_STEP_DELAY_S="5")
+    cells = tmp_path / "runs" / "tiny" / "cells"
     with (tmp_path / "sweep.log").open("w") as log:
         sweep = subprocess.Popen([sys.executable, "-m", "d2lora_dist.cli", "sweep", "run", "-c", str(path),
                                   "--slots", "2"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -274,15 +275,19 @@ def test_ctrl_c_stops_every_slot_and_leaves_no_process_behind(tiny_experiment: d
             return subprocess.run(["pgrep", "-f", f"{frozen} --cells-from-stdin"], capture_output=True,
                                   text=True).stdout.split()
 
-        while len(workers()) < 2 and time.time() < deadline:  # both slots are running a cell
+        def training() -> bool:  # both slots' workers are in a cell that has drawn its rows
+            return len(workers()) == 2 and len(list(cells.glob("*/subset.json"))) >= 2
+
+        while not training() and time.time() < deadline:
             time.sleep(0.2)
-        assert len(workers()) == 2, (tmp_path / "sweep.log").read_text()[-3000:]
+        assert training() and sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+        assert not list(cells.glob("*/result.json"))  # the signal comes while both are mid-cell
         sweep.send_signal(signal.SIGINT)  # to the sweep alone, as `kill -INT` would, not its process group
         sweep.wait(timeout=120)
     assert sweep.returncode != 0
     time.sleep(1)
     assert workers() == []  # no slot's worker outlives the sweep
-    assert not list((tmp_path / "runs" / "tiny" / "cells").glob("*/result.json"))  # none ran to its end
+    assert not list(cells.glob("*/result.json"))  # none ran to its end
 
 
 def test_two_launches_are_never_handed_the_same_free_port(monkeypatch: pytest.MonkeyPatch) -> None:

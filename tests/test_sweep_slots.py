@@ -267,8 +267,11 @@ def test_ctrl_c_stops_every_slot_and_leaves_no_process_behind(tiny_experiment: d
     env = dict(os.environ, D2LORA_TEST_STEP_DELAY_S="5")
     cells = tmp_path / "runs" / "tiny" / "cells"
     with (tmp_path / "sweep.log").open("w") as log:
+        # SIGINT as a terminal leaves it: an ignored SIGINT (some library may set that in this test process)
+        # would stay ignored across exec, and the sweep would never see the Ctrl-C
         sweep = subprocess.Popen([sys.executable, "-m", "d2lora_dist.cli", "sweep", "run", "-c", str(path),
-                                  "--slots", "2"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                  "--slots", "2"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 300
 
         def workers() -> list[str]:
@@ -284,7 +287,7 @@ def test_ctrl_c_stops_every_slot_and_leaves_no_process_behind(tiny_experiment: d
         assert not list(cells.glob("*/result.json"))  # the signal comes while both are mid-cell
         sweep.send_signal(signal.SIGINT)  # to the sweep alone, as `kill -INT` would, not its process group
         sweep.wait(timeout=120)
-    assert sweep.returncode != 0
+    assert sweep.returncode != 0, (tmp_path / "sweep.log").read_text()[-3000:]
     time.sleep(1)
     assert workers() == []  # no slot's worker outlives the sweep
     assert not list(cells.glob("*/result.json"))  # none ran to its end

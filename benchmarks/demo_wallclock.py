@@ -89,10 +89,20 @@ def parts(run_dir: Path) -> dict:
     step_times = [[h["step_time_s"] for h in t.get("log_history", []) if "step_time_s" in h] for t in trains]
     timing = [r.get("timing") or {} for r in results]
     finished = [datetime.fromisoformat(r["finished_at"].replace("Z", "+00:00")).timestamp() for r in results]
+    starts = [f - t.get("cell_s", 0.0) for f, t in zip(finished, timing, strict=True)]
+    warm_record = json.loads((run_dir / "warmup/result.json").read_text())
+    if "finished_at" in warm_record:  # the warm-up's own wall time, and whether it ran beside the cells
+        warm_end = datetime.fromisoformat(warm_record["finished_at"].replace("Z", "+00:00")).timestamp()
+        starts.append(warm_end - warm_record["timing"]["warmup_s"])
+        finished = [*finished, warm_end]
     return {
         "slots": sorted({(r.get("runtime") or {}).get("slot", "0/1").split("/")[1] for r in results}),
         # first cell start to last cell end (cells of several slots overlap)
-        "cell_span": max(finished) - min(f - t.get("cell_s", 0.0) for f, t in zip(finished, timing, strict=True)),
+        "cell_span": max(finished[:len(results)]) - min(starts[:len(results)]),
+        # the same from the warm-up's start, when it recorded its wall time
+        "work_span": max(finished) - min(starts) if "finished_at" in warm_record else None,
+        "warmup_wall": warm_record.get("timing", {}).get("warmup_s"),
+        "warmup_beside": "finished_at" in warm_record and min(starts[:len(results)]) < finished[-1],
         "cells": len(results),
         "workers": {bool(r.get("shared_worker")) for r in results},
         "warmup_train": warm["runtime_s"],
@@ -110,8 +120,9 @@ def parts(run_dir: Path) -> dict:
 def print_breakdown(run: dict) -> None:
     parallel = run["slots"] != ["1"]
     summed = f", summed over {'/'.join(run['slots'])} slots that ran at once" if parallel else ""
+    beside = " (in a slot beside the cells)" if run.get("warmup_beside") else ""
     rows = [("sweep run: warm-up + cells + report", run["total"]),
-            ("  warm-up training (trainer.train)", run["warmup_train"]),
+            (f"  warm-up training (trainer.train){beside}", run["warmup_train"]),
             (f"  cell training (trainer.train, {run['cells']} cells{summed})", run["cell_train"])]
     if run["timed"]:
         cells_wall = run["cell_span"] if parallel else run["cell_wall"]
@@ -120,9 +131,14 @@ def print_breakdown(run: dict) -> None:
                  (f"  cell evaluation (model load + suites){summed}", run["cell_evaluate"]),
                  (f"  cell W&B runs, data selection, result{summed}", run["cell_wall"] - run["cell_train_wall"]
                   - run["cell_evaluate"]),
-                 ("  cells, first start to last end", run["cell_span"]),
-                 ("  outside cells: process starts, imports, warm-up load, preflight, report",
-                  run["total"] - run["warmup_train"] - cells_wall)]
+                 ("  cells, first start to last end", run["cell_span"])]
+        if run.get("work_span") is not None:  # the warm-up recorded its wall time: nothing counted twice
+            rows += [("  warm-up, its data to its result", run["warmup_wall"]),
+                     ("  warm-up and cells, first start to last end", run["work_span"]),
+                     ("  outside them: process starts, imports, preflight, report", run["total"] - run["work_span"])]
+        else:
+            rows.append(("  outside cells: process starts, imports, warm-up load, preflight, report",
+                         run["total"] - run["warmup_train"] - cells_wall))
     else:
         rows.append(("  everything else (this version records no per-cell timing)",
                      run["total"] - run["warmup_train"] - run["cell_train"]))

@@ -6,6 +6,7 @@ D2LoRA cells use (sweep/grid.WarmupRun), into its own directory and W&B artifact
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from d2lora_dist import distributed, tracking
@@ -16,6 +17,7 @@ from d2lora_dist.fileio import read_json, write_json_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.schema import ConfigError
 from d2lora_dist.sweep.grid import WarmupRun, plan_cells, warmup_runs
+from d2lora_dist.sweep.slots import slot_record
 from d2lora_dist.train import Phase, train_phase
 
 SINGLE = WarmupRun(SINGLE_WARMUP)
@@ -62,6 +64,7 @@ def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None =
         if distributed.is_main_process():
             print(f"warm-up {run.key} already done: {adapter}", flush=True)
         return read_json(result_file)
+    started = time.time()
     records, subset = warmup_records(exp, run.name)
     name = "warmup" if run == SINGLE else f"warmup-{run.key}"
     described = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, "n": len(records)}
@@ -74,7 +77,10 @@ def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None =
                   callbacks=callbacks or [])
     outcome = train_phase(exp, phase)
     result = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, "train": outcome.summary(),
-              "data": {"dataset": subset.dataset, "n": subset.n, "subset_sha256": subset.sha256}, "adapter": None}
+              "data": {"dataset": subset.dataset, "n": subset.n, "subset_sha256": subset.sha256}, "adapter": None,
+              # wall seconds from its data to its result, where it ran (benchmarks/demo_wallclock.py)
+              "timing": {"warmup_s": round(time.time() - started, 2)}, "runtime": slot_record(),
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if outcome.manifest is not None and distributed.is_main_process():
         result["adapter"] = {"sha256": outcome.manifest["adapter_sha256"], "path": str(adapter)}
         write_json_atomic(home / "subset.json", subset.to_dict())

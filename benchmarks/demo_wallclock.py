@@ -92,7 +92,7 @@ def parts(run_dir: Path) -> dict:
     starts = [f - t.get("cell_s", 0.0) for f, t in zip(finished, timing, strict=True)]
     warm_record = json.loads((run_dir / "warmup/result.json").read_text())
     if "finished_at" in warm_record:  # the warm-up's own wall time, and whether it ran beside the cells
-        warm_end = datetime.fromisoformat(warm_record["finished_at"].replace("Z", "+00:00")).timestamp()
+        warm_end = warm_record["timing"]["ended"]
         starts.append(warm_end - warm_record["timing"]["warmup_s"])
         finished = [*finished, warm_end]
     return {

@@ -61,10 +61,11 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
     with open(lock_file, "w") as handle:
         locked = True
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"{what}: another process is on it; waiting for {lock_file}", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"{what}: another process is on it; waiting for {lock_file}", flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as e:
             if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise

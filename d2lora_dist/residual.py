@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,8 @@ def ensure_factors(exp: Experiment, key: dict[str, Any]) -> dict[str, Any]:
     """The artifact for `key` (main process): reused and verified, or computed and written once. A lock per key:
     a warm-up and a vanilla cell that run at once in two slots compute the factors once, the second waits."""
     out = artifact_dir(exp.run_dir, key)
-    with exclusive(Path(exp.run_dir) / ".locks" / f"lora_init-{out.name}.lock", f"[lora_init] {out.name}"):
+    with (nullcontext() if out.exists() else  # reuse takes no lock
+          exclusive(Path(exp.run_dir) / ".locks" / f"lora_init-{out.name}.lock", f"[lora_init] {out.name}")):
         if out.exists():
             print(f"[lora_init] {key['lora_init']}: reusing the factors in {out}", flush=True)
         else:

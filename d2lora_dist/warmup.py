@@ -79,7 +79,8 @@ def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None =
     result = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, "train": outcome.summary(),
               "data": {"dataset": subset.dataset, "n": subset.n, "subset_sha256": subset.sha256}, "adapter": None,
               # wall seconds from its data to its result, where it ran (benchmarks/demo_wallclock.py)
-              "timing": {"warmup_s": round(time.time() - started, 2)}, "runtime": slot_record(),
+              "timing": {"warmup_s": round(time.time() - started, 2), "ended": round(time.time(), 3)},
+              "runtime": slot_record(),
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if outcome.manifest is not None and distributed.is_main_process():
         result["adapter"] = {"sha256": outcome.manifest["adapter_sha256"], "path": str(adapter)}

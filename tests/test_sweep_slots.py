@@ -213,6 +213,8 @@ def test_two_slots_give_every_cell_the_same_adapter_and_predictions_as_one(tiny_
     warmups = [json.loads((run / "warmup" / "adapter" / "manifest.json").read_text())["adapter_sha256"]
                for run in (one, two)]
     assert warmups[0] == warmups[1]
+    where = [json.loads((run / "warmup" / "result.json").read_text()) for run in (one, two)]
+    assert [w["runtime"]["slot"] for w in where] == ["0/1", "0/2"] and all(w["timing"]["warmup_s"] > 0 for w in where)
     lines = out.splitlines()
     assert any(line.startswith("=== warm-up warmup on slot") for line in lines)
     ended = lines.index(next(line for line in lines if "warm-up warmup done in" in line))

@@ -191,6 +191,9 @@ def test_each_warmup_run_is_a_job_and_each_array_waits_for_its_own_warmup_only(t
     assert "d2lora warmup -c" in by_name["warmup:m8+pissa"].text and "--warmup m8+pissa" in by_name[
         "warmup:m8+pissa"].text
     assert "--job-name=d2lora-axes-warmup-m8+pissa" in by_name["warmup:m8+pissa"].text
+    throttle = f"%{exp.slurm.max_parallel}"  # each waits for its own warm-up: none shares its throttle
+    assert all(any(x.startswith("#SBATCH --array=") and x.endswith(throttle) for x in sbatch_lines(s.text))
+               for s in steps if s.name.startswith("array:"))
     jobs = {"array:vanilla": "5", **{f"array:{k}": str(10 + i) for i, k in enumerate(warmups)}}
     assert slurm.sbatch_argv(by_name["report"], jobs)[2] == "--dependency=afterany:5:10:11:12:13"
     layout.warmup_home("m8").mkdir(parents=True)
@@ -318,7 +321,8 @@ def test_methods_with_different_launches_get_one_array_each_asking_for_their_own
     assert by_name["report"].after == ("afterany", ("array:ddp-x1", "array:zero3-x2"))
     sft_only = [i for i, c in enumerate(cells) if c.method != "dpo"]  # one launch: the one array as before
     assert [s.name for s in slurm.plan_submission(exp, layout, cells, sft_only)[0]] == ["warmup", "array", "report"]
-    assert slurm.share_throttle(8, 3) == [3, 3, 2] and slurm.share_throttle(2, 3) == [1, 1, 1]
+    assert slurm.share_throttle(8, [3, 3, 3]) == [3, 3, 2] and slurm.share_throttle(2, [5, 5, 5]) == [1, 1, 1]
+    assert slurm.share_throttle(8, [2, 40]) == [2, 6]  # no array is given more than its cells
 
 
 def test_a_split_submission_is_recorded_so_that_status_finds_each_cells_own_array(tmp_path):

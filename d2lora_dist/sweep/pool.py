@@ -309,6 +309,8 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
                         worker = None
                     run.runner(launch, ["sweep", "cell", *run.config, "--cell", cell.id], f"cell {cell.id}",
                                slot, out, run.children)
+                    if run.children.stop.is_set() and not run.layout.cell_result(cell.id).is_file():
+                        raise Stopping("the sweep is stopping")  # terminated, not failed
                 run.progress.end(cell, slot, run.layout.cell_result(cell.id).is_file(), time.time() - start, log)
         finally:
             if worker is not None:

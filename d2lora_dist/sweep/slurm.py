@@ -282,7 +282,13 @@ def launch_groups(exp: Experiment, cells: Sequence[Cell], indices: Sequence[int]
         groups.setdefault(key, (launch.short().replace(" ", "-"), []))[1].append(i)
     if len(groups) == 1:
         return [("", list(indices))]
-    return [groups[key] for key in sorted(groups, key=lambda k: (k[2], groups[k][0]))]  # fewest GPUs first
+    ordered = [groups[key] for key in sorted(groups, key=lambda k: (k[2], groups[k][0]))]  # fewest GPUs first
+    seen: dict[str, int] = {}
+    named = []
+    for label, part in ordered:  # two launches that print alike still get their own script and job names
+        seen[label] = seen.get(label, 0) + 1
+        named.append((label if seen[label] == 1 else f"{label}-{seen[label]}", part))
+    return named
 
 
 def render_cell_array(exp: Experiment, layout: RunLayout, indices: Sequence[int],
@@ -441,10 +447,18 @@ class PlannedArray:
 
 def _with_arrays_and_report(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], commands: dict[str, str],
                             steps: list[Step], arrays: list[PlannedArray]) -> list[Step]:
-    """`steps` + the arrays' steps + the report after all of them.
-    slurm.max_parallel is shared out among the arrays (at least one each), as Slurm throttles each array
-    on its own and the setting caps the cells running at once."""
-    throttles = share_throttle(exp.slurm.max_parallel, len(arrays))
+    """`steps` + the arrays' steps + the report after all of them. Arrays that start together (the launches
+    of one warm-up's cells) share slurm.max_parallel, as Slurm throttles each array on its own; arrays that
+    wait for different warm-ups start at different times and each keep the whole throttle."""
+    together: dict[tuple | None, list[int]] = {}
+    for i, array in enumerate(arrays):
+        together.setdefault(array.after, []).append(i)
+    throttles = [0] * len(arrays)
+    for members in together.values():
+        shares = share_throttle(exp.slurm.max_parallel, [len(arrays[i].indices) for i in members]) \
+            if len(members) > 1 else [exp.slurm.max_parallel]
+        for i, share in zip(members, shares, strict=True):
+            throttles[i] = share
     for array, throttle in zip(arrays, throttles, strict=True):
         text = render_cell_array(exp, layout, array.indices, commands.get("cell"), cells, array.group, throttle)
         steps.append(Step(array.name, array.script, text, array.after, array.indices))
@@ -453,13 +467,25 @@ def _with_arrays_and_report(exp: Experiment, layout: RunLayout, cells: Sequence[
     return steps
 
 
-def share_throttle(max_parallel: int, arrays: int) -> list[int]:
-    """max_parallel split over `arrays` arrays, the first ones taking the remainder; 1 each when there are
-    more arrays than that (Slurm has no throttle across arrays)."""
+def share_throttle(max_parallel: int, sizes: Sequence[int]) -> list[int]:
+    """max_parallel split over arrays of these many cells: evenly, no array given more than its cells, what
+    one cannot use going to the others; 1 each when there are more arrays than max_parallel (Slurm has no
+    throttle across arrays, so then the cap is exceeded)."""
     if max_parallel < 1:
         raise InputError(f"slurm.max_parallel: must be >= 1, got {max_parallel}")
-    base, extra = divmod(max_parallel, arrays)
-    return [max(1, base + (i < extra)) for i in range(arrays)]
+    shares = [0] * len(sizes)
+    left, open_ = max_parallel, [i for i, size in enumerate(sizes) if size > 0]
+    while left > 0 and open_:
+        each = max(1, left // len(open_))
+        for i in list(open_):
+            give = min(each, sizes[i] - shares[i], left)
+            shares[i] += give
+            left -= give
+            if shares[i] >= sizes[i]:
+                open_.remove(i)
+            if left == 0:
+                break
+    return [max(1, share) for share in shares]
 
 
 def sbatch_argv(step: Step, jobs: dict[str, str]) -> list[str]:

@@ -9,16 +9,15 @@ found and named.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from d2lora_dist.fileio import sha256_file
+from d2lora_dist.fileio import exclusive, sha256_file
 
 DEFAULT_CACHE: Path = Path(os.environ.get("D2LORA_ASSETS") or "~/.cache/d2lora_dist/assets").expanduser()
 MARKER = ".complete.json"
@@ -77,21 +76,9 @@ def write_marker(final: Path, is_dir: bool, record: dict[str, Any]) -> None:
     _write_atomic(marker_path(final, is_dir), json.dumps(record, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def locked(cache: Path, key: str) -> Iterator[None]:
+def locked(cache: Path, key: str) -> contextlib.AbstractContextManager[None]:
     """An exclusive flock per asset/archive: other processes wait, then find the work done."""
-    locks = cache / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{key}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"{key}: another process is preparing it; waiting for {handle.name}", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive(cache / ".locks" / f"{key}.lock", key)
 
 
 def _move_into_place(staging: Path, final: Path) -> None:

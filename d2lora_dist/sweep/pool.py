@@ -277,44 +277,48 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
         worker: WorkerProcess | None = None
         try:
             while (job := run.queue.take()) is not None:
-                if isinstance(job, WarmupRun):
-                    if worker is not None:  # the warm-up needs the slot's memory
-                        worker.close()
-                        worker = None
+                launch = None if isinstance(job, WarmupRun) else cell_launch(run.exp, [job.method],
+                                                                            packed=run.plan.packed)
+                if worker is not None and (launch is None or not runs_in_worker(launch, run.cell_worker)):
+                    worker.close()  # the next launch needs the slot's memory
+                    worker = None
+                if launch is None:
                     _run_warmup(run, slot, job, out, log)
                     continue
-                cell = job
-                launch = cell_launch(run.exp, [cell.method], packed=run.plan.packed)
-                run.progress.start(cell, slot)
+                run.progress.start(job, slot)
                 start = time.time()
                 if runs_in_worker(launch, run.cell_worker):
-                    worker = worker or _start_worker(run, slot, launch, out)
-                    outcome = worker.run(cell)
-                    if outcome == NOT_TAKEN:  # it had exited between cells: the cell goes to a new worker
-                        code, worker = worker.close(), None
-                        run.progress.say(f"[{slot.describe()}] the cell worker had exited (code {code}) before "
-                                         f"{cell.id}; starting another")
-                        worker = _start_worker(run, slot, launch, out)
-                        outcome = worker.run(cell)
-                    if outcome in ("died", NOT_TAKEN):  # this cell failed; a new worker takes the next
-                        code, worker = worker.close(), None
-                        if run.children.stop.is_set():
-                            raise Stopping("the sweep is stopping")
-                        when = "during" if outcome == "died" else "before it took"
-                        run.progress.say(f"!!! the cell worker of {slot.describe()} exited with code {code} "
-                                         f"{when} {cell.id}")
+                    worker = _run_in_worker(run, slot, job, launch, worker, out)
                 else:
-                    if worker is not None:  # the next launch needs the slot's memory
-                        worker.close()
-                        worker = None
-                    run.runner(launch, ["sweep", "cell", *run.config, "--cell", cell.id], f"cell {cell.id}",
+                    run.runner(launch, ["sweep", "cell", *run.config, "--cell", job.id], f"cell {job.id}",
                                slot, out, run.children)
-                    if run.children.stop.is_set() and not run.layout.cell_result(cell.id).is_file():
+                    if run.children.stop.is_set() and not run.layout.cell_result(job.id).is_file():
                         raise Stopping("the sweep is stopping")  # terminated, not failed
-                run.progress.end(cell, slot, run.layout.cell_result(cell.id).is_file(), time.time() - start, log)
+                run.progress.end(job, slot, run.layout.cell_result(job.id).is_file(), time.time() - start, log)
         finally:
             if worker is not None:
                 worker.close()
+
+
+def _run_in_worker(run: SlotRun, slot: Slot, cell: Cell, launch: Launch, worker: WorkerProcess | None,
+                   out: IO[str] | None) -> WorkerProcess | None:
+    """The cell in the slot's worker (started if need be); returns the worker to keep, None after it died."""
+    worker = worker or _start_worker(run, slot, launch, out)
+    outcome = worker.run(cell)
+    if outcome == NOT_TAKEN:  # it had exited between cells: the cell goes to a new worker
+        code = worker.close()
+        run.progress.say(f"[{slot.describe()}] the cell worker had exited (code {code}) before {cell.id}; "
+                         "starting another")
+        worker = _start_worker(run, slot, launch, out)
+        outcome = worker.run(cell)
+    if outcome not in ("died", NOT_TAKEN):
+        return worker
+    code = worker.close()  # this cell failed; a new worker takes the next
+    if run.children.stop.is_set():
+        raise Stopping("the sweep is stopping")
+    when = "during" if outcome == "died" else "before it took"
+    run.progress.say(f"!!! the cell worker of {slot.describe()} exited with code {code} {when} {cell.id}")
+    return None
 
 
 def _run_warmup(run: SlotRun, slot: Slot, warmup: WarmupRun, out: IO[str] | None, log: Path | None) -> None:

@@ -38,8 +38,18 @@ def _load(args: argparse.Namespace):
 # ---- handlers -------------------------------------------------------------------------------
 def cmd_assets(args: argparse.Namespace) -> int:
     from d2lora_dist import assets
+    from d2lora_dist.errors import InputError
 
-    paths = assets.fetch_all(args.cache_dir, only=args.only or None, progress=not args.quiet)
+    only = args.only or None
+    if args.for_experiment is not None:
+        import yaml
+
+        try:
+            document = yaml.safe_load(args.for_experiment.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise InputError(f"--for {args.for_experiment}: cannot read the experiment file: {e}") from e
+        only = [*(only or []), *assets.assets_named_in(document)]
+    paths = assets.fetch_all(args.cache_dir, only=only, progress=not args.quiet)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -196,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("assets", help="fetch the offline default model and data into the cache")
     p.add_argument("--cache-dir", type=Path, default=None, help="default: $D2LORA_ASSETS or ~/.cache/d2lora_dist")
     p.add_argument("--only", nargs="*", help="asset names to fetch (default: all)")
+    p.add_argument("--for", dest="for_experiment", type=Path, metavar="EXP",
+                   help="fetch only the assets this experiment file names (asset:NAME values)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_assets)
 

@@ -3,6 +3,6 @@
 # environment, offline assets, warm-up, the adaptation grid, evaluation and the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
-.venv/bin/d2lora assets
+EXTRAS="" bash launch/setup.sh
+.venv/bin/d2lora assets --for launch/experiments/demo_cpu.yaml
 .venv/bin/d2lora sweep run -c launch/experiments/demo_cpu.yaml "$@"

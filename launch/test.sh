@@ -15,4 +15,10 @@ if ! command -v slurmctld >/dev/null 2>&1; then
   fi
 fi
 .venv/bin/d2lora assets --quiet
+# The 2-rank CPU tests use DeepSpeed's shared-memory communication op: build it once here (about
+# 50 s on a fresh machine, then cached under ~/.cache/torch_extensions) rather than inside the
+# first distributed test.
+echo "[test] DeepSpeed's CPU communication op"
+.venv/bin/python -c "from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" 2>&1 | grep -v 'Setting accelerator' || true
 .venv/bin/python -m pytest "$@"

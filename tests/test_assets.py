@@ -18,6 +18,7 @@ from d2lora_dist.assets import (
     AssetError,
     AssetNotFetchedError,
     asset_path,
+    assets_named_in,
     ensure_asset,
     fetch_all,
     pypi,
@@ -51,6 +52,18 @@ def test_unknown_name_lists_the_valid_ones(tmp_path: Path, call) -> None:
         call(tmp_path)
     assert all(name in str(info.value) for name in ASSET_NAMES)
     assert not (tmp_path / "archives").exists()  # nothing was fetched before the error
+
+
+def test_assets_for_an_experiment_are_the_asset_names_its_file_refers_to() -> None:
+    import yaml
+
+    from tests.conftest import REPO
+
+    demo = yaml.safe_load((REPO / "launch/experiments/demo_cpu.yaml").read_text())
+    assert assets_named_in(demo) == ["smollm2", "arc_easy", "titles", "dpo_demo"]  # ASSET_NAMES order
+    assert assets_named_in({"model": {"name_or_path": "asset:smollm2/tokenizer.json"}, "x": [1, None]}) == ["smollm2"]
+    with pytest.raises(AssetError, match="unknown asset.*'bogus'.*valid names: smollm2"):
+        assets_named_in({"tasks": {"t": {"dataset": {"data_files": ["asset:bogus"]}}}})
 
 
 def test_resolve_asset_uri(cache: Path, data: dict[str, Path]) -> None:

@@ -61,7 +61,7 @@ from d2lora_dist.assets.synthetic_math import MATH_ROWS, MATH_SEED, math_step_ro
 
 __all__ = [
     "ASSET_NAMES", "ASSET_URI_PREFIX", "DEFAULT_CACHE", "MARKER", "MATH_ROWS", "MATH_SEED",
-    "AssetError", "AssetNotFetchedError", "asset_path", "ensure_asset", "fetch_all", "math_step_row",
+    "AssetError", "AssetNotFetchedError", "asset_path", "assets_named_in", "ensure_asset", "fetch_all", "math_step_row",
     "resolve_asset_uri",
 ]
 
@@ -124,6 +124,25 @@ def fetch_all(cache_dir: Path | None = None, only: Sequence[str] | None = None,
     if unknown:
         raise ValueError(f"unknown asset(s) {unknown}; valid names: {', '.join(ASSET_NAMES)}")
     return {n: ensure_asset(n, cache_dir, progress) for n in ASSET_NAMES if n in names}
+
+
+def assets_named_in(document: object) -> list[str]:
+    """The asset names an experiment document (parsed YAML) refers to through `asset:NAME[/sub]`
+    strings, in ASSET_NAMES order; `d2lora assets --for EXP` fetches just these."""
+    found: set[str] = set()
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str) and node.startswith(ASSET_URI_PREFIX):
+            found.add(node[len(ASSET_URI_PREFIX):].partition("/")[0])
+    unknown = sorted(found - set(ASSET_NAMES))
+    if unknown:
+        raise AssetError(f"unknown asset(s) {unknown}; valid names: {', '.join(ASSET_NAMES)}")
+    return [n for n in ASSET_NAMES if n in found]
 
 
 def resolve_asset_uri(value: str, cache_dir: Path | None = None) -> str:

@@ -37,3 +37,28 @@ def test_smollm2_is_a_plain_hf_model_dir(tmp_path_factory: pytest.TempPathFactor
     inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_the_gguf_file_is_parsed_once_per_conversion_and_the_reader_is_restored(tmp_path) -> None:
+    """transformers opens the GGUF three times while converting (tokenizer, config, weights); inside
+    the conversion every open gets the one parse, and gguf.GGUFReader is itself again afterwards."""
+    import gguf
+    import numpy as np
+
+    from d2lora_dist.assets.convert import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # the str and the Path name one file
+        assert [t.name for t in first.tensors] == ["token_embd.weight"]
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(path) is not first

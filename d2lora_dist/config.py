@@ -510,7 +510,7 @@ def _primary_problems(exp: Experiment, key: str, p: PrimaryComparison, suites: d
     if suite not in task.suites:
         return [f"{key}.suite: {suite!r} is not a suite of task {p.task!r} ({task.suites})"]
     metrics = [m for m in suites[exp.suites[suite].kind].metrics if m != "items"] if suite in exp.suites else []
-    if metrics and p.metric not in metrics:
+    if metrics and p.metric is not None and p.metric not in metrics:
         return [f"{key}.metric: suite {suite!r} reports no {p.metric!r} (valid: {', '.join(metrics)})"]
     blocks = [b for b in exp.grid if b.task == p.task]
     if p.n != 0:
@@ -528,12 +528,18 @@ def _primary_problems(exp: Experiment, key: str, p: PrimaryComparison, suites: d
     if not blocks:
         return [f"{key}: no grid block runs both LoRA and D2LoRA cells of {p.task} {p.method} n={p.n} with suite "
                 f"{suite!r} and LoRA init {p.lora_init!r}"]
-    warmups = sorted({w for b in blocks for w in (b.warmups or exp.warmup_configs())})
+    warmups = primary_warmups(exp, p)
     if p.warmup is None and len(warmups) > 1:
         return [f"{key}.warmup: the grid has several warm-ups here ({', '.join(warmups)}); name the one compared"]
     if p.warmup is not None and p.warmup not in warmups:
         return [f"{key}.warmup: {p.warmup!r} is not a warm-up of these cells ({', '.join(warmups)})"]
     return []
+
+
+def primary_warmups(exp: Experiment, p: PrimaryComparison) -> list[str]:
+    """The warm-ups whose D2LoRA cells a primary comparison could mean (one, or it must name one)."""
+    blocks = [b for b in exp.grid if b.task == p.task and p.n in b.n and (p.n == 0 or p.method in b.methods)]
+    return sorted({w for b in blocks for w in (b.warmups or exp.warmup_configs())})
 
 
 def _global_problems(exp: Experiment) -> list[str]:

@@ -17,8 +17,8 @@ from d2lora_dist.layout import RunLayout
 from d2lora_dist.report.collect import collect
 from d2lora_dist.report.paired import Deltas, load_item_scores, render_deltas_csv
 from d2lora_dist.report.plots import write_plots
-from d2lora_dist.report.verdicts import primary_keys
 from d2lora_dist.report.tables import render_csv, render_markdown, table_specs
+from d2lora_dist.report.verdicts import primary_keys
 
 __all__ = ["ReportResult", "report"]
 

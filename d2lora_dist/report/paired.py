@@ -25,10 +25,10 @@ import numpy as np
 from d2lora_dist.config import Experiment
 from d2lora_dist.evaluate.scoring import item_scores, read_predictions
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.report import verdicts as v
 from d2lora_dist.report.arms import LEGACY_PAIR, Pair
 from d2lora_dist.report.collect import Collection, cell_method
 from d2lora_dist.report.stats import Components, crossed
-from d2lora_dist.report import verdicts as v
 from d2lora_dist.report.verdicts import Verdict
 from d2lora_dist.sweep.grid import NO_TRAINING
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from d2lora_dist.config import SINGLE_WARMUP, Experiment
+from d2lora_dist.config import SINGLE_WARMUP, Experiment, primary_warmups
 from d2lora_dist.inits import BASELINE, TREATMENT
 from d2lora_dist.report.stats import LEVEL, holm
 from d2lora_dist.sweep.grid import NO_TRAINING, arm_name
@@ -80,7 +80,7 @@ def primary_keys(exp: Experiment) -> frozenset[tuple]:
         task = exp.tasks[p.task]
         suite = p.suite or task.suites[0]
         method = NO_TRAINING if p.n == 0 else p.method
-        named = p.warmup or next(iter(exp.warmup_configs()), SINGLE_WARMUP)
+        named = p.warmup or next(iter(primary_warmups(exp, p)), SINGLE_WARMUP)
         keys.add((p.task, method, p.n, suite, p.metric, arm_name(TREATMENT, named, p.lora_init),
                   arm_name(BASELINE, "", p.lora_init)))
     return frozenset(keys)

@@ -276,6 +276,12 @@ def test_tables_show_mean_std_paired_delta_and_missing(run, capsys):
     assert [h.split(":")[0] for h in headings[:2]] == ["### math · SFT · gsm8k (task suite)",
                                                       "### math · SFT · arc_easy (forgetting suite)"]
     assert "0.00" not in " ".join(dpo["D2LoRA"])  # missing is never shown as 0
+    power = md.split("## Power", 1)[1].split("\n## ", 1)[0]
+    assert "| math SFT n=100 accuracy (D2LoRA − LoRA) | primary | 2 × 100 | " in power  # target: 1 accuracy point
+    assert re.search(r"\| math SFT n=100 accuracy \(D2LoRA − LoRA\) \| primary \| 2 × 100 \| [\d. ·]+ \| \d+\.\d\d \| 1 \| \d+ \|",
+                     power)
+    assert "| math SFT n=1000 accuracy (D2LoRA − LoRA) | exploratory | 1 × 100 | — |" in power
+    assert "— (one seed: its variance is unknown) |" in power
     assert "95% t interval from the crossed seeds × items analysis" in md
     assert "Satterthwaite degrees of freedom" in md and "Holm" in md
     assert "math-sft-n1000: LoRA seed(s) 1 finished without the other init: left out of Δ" in md

@@ -94,6 +94,8 @@ def _row(exp: Experiment, deltas: Deltas, key: tuple, seeds: int, is_primary: bo
     d = deltas.get(task, method, n, suite, metric, Pair(baseline, treatment))
     if d.components is None or not d.items:
         return replace(base, pilot="the pilot has no item-level Δ here")
+    if len(d.seeds) < 2:
+        return replace(base, pilot="the pilot has one paired seed here: its seed variance is unknown")
     items = limit or d.items[0]
     c = d.components
     need = seeds_to_detect(target / 100, c, items) if target else None

@@ -207,6 +207,10 @@ def _power_row(exp: Experiment, spec: TableSpec, d: Delta, label: str) -> str:
     kind = exp.suites[spec.suite].kind if spec.suite in exp.suites else ""
     target = exp.report.target_effect.get(kind)
     items = d.items[0] if d.items else 1
+    if len(d.seeds) < 2:  # one seed cannot tell seed, item and residual variance apart
+        return (f"| {spec.task} {method_label(spec.method)} n={d.n} {label} ({d.pair.label}) | "
+                f"{d.verdict.role if d.verdict else 'exploratory'} | 1 × {items} | — | {d.mde * 100:.2f} | "
+                f"{'—' if target is None else f'{target:g}'} | — (one seed: its variance is unknown) |")
     need = None if target is None else seeds_to_detect(target / 100, d.components, items)
     c = d.components
     sds = " · ".join(f"{(x ** 0.5) * 100:.2f}" for x in (c.seed, c.item, c.resid))

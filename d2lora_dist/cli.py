@@ -113,8 +113,15 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     exp, layout = _load(args)
     speed = Throughput(args.train_tokens_per_s, args.eval_tokens_per_s)
     rows = entries.plan(exp, layout, str(args.config), speed)
+    power = None
+    if args.power_from is not None:
+        from d2lora_dist.report.power import plan_power
+
+        power = plan_power(exp, args.power_from)
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        cells = [r.to_dict() for r in rows]
+        print(json.dumps(cells if power is None else {"cells": cells, "power": [p.to_dict() for p in power]},
+                         indent=2))
         return 0
     print(f"{exp.name}: {len(rows)} cells, {sum(r.done for r in rows)} done; run dir {layout.root}")
     for w in warmup_rows(exp, layout):
@@ -139,6 +146,10 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     print(f"total ({len(todo)} cells not done): {sum(r.train_tokens for r in todo):,} train tokens, "
           f"{sum(r.eval_tokens for r in todo):,} eval tokens, {sum(r.eval_items for r in todo):,} eval items, "
           f"{sum(r.gpu_hours for r in todo):.1f} GPU-hours")
+    if power is not None:
+        from d2lora_dist.report.power import format_power
+
+        print(*format_power(power, args.power_from), sep="\n")
     return 0
 
 
@@ -264,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "A100-class)")
     p.add_argument("--eval-tokens-per-s", type=float, default=1000.0, metavar="TOKENS",
                    help="evaluation throughput per GPU (prompt + generated tokens) the GPU-hours assume")
+    p.add_argument("--power-from", type=Path, default=None, metavar="RUN_DIR",
+                   help="a finished pilot run directory: print, for the planned seeds and items, the minimum "
+                        "detectable effect of each comparison and the seeds report.target_effect needs, from the "
+                        "pilot's variance components (with --json: {cells, power})")
     p.set_defaults(func=cmd_sweep_plan)
     p = sweep.add_parser("run", help="run warm-up, every unfinished cell and the report on this machine")
     _experiment_args(p)

@@ -227,6 +227,34 @@ class SlurmConfig:
 
 
 @dataclass
+class PrimaryComparison:
+    task: str = _help("Task name (a key of `tasks`).")
+    method: str = _help("Method of the cells compared (sft, dpo, orpo; `none` for n = 0).")
+    n: int = _help("Task-example count of the cells compared.")
+    metric: str = _help("Metric of the suite, e.g. rougeL or accuracy.")
+    suite: str | None = _help("Suite of the metric; null = the task's task suite (its first).", default=None)
+    warmup: str | None = _help("Warm-up of the D2LoRA arm (a name under `warmups`); null = the one warm-up.",
+                               default=None)
+    lora_init: str = _help("LoRA init of both arms (grid `lora_inits`).", default=DEFAULT_LORA_INIT)
+
+
+@dataclass
+class ReportConfig:
+    """How the report judges Δ = D2LoRA − LoRA (docs/statistics.md)."""
+
+    min_seeds: int = _help(
+        "Paired seeds a trained Δ needs before it can be called resolved; fewer show their interval and "
+        "'too few seeds to resolve (k of min_seeds)'. Below 5 the t interval over seeds is itself liberal.",
+        default=5)
+    primary: list[PrimaryComparison] = _help(
+        "The comparison(s) the experiment is run to answer, each tested at 95%. Every other Δ is exploratory: "
+        "resolved only after Holm's correction over the Δs of its table.", default_factory=list)
+    target_effect: dict[str, float] = _help(
+        "The Δ, in points, the report sizes the study for (how many seeds would detect it at 80% power), by "
+        "suite kind.", default_factory=lambda: {"titles": 2.0, "gsm8k": 1.0, "arc": 1.0})
+
+
+@dataclass
 class Experiment:
     name: str = _help("Experiment name: run directory and W&B group.")
     model: ModelConfig = _help("Base model.")
@@ -250,6 +278,7 @@ class Experiment:
         "Several named warm-ups instead of one `warmup` (e.g. sizes m of the paper's D2LoRA(m, n)); each is "
         "trained once, per LoRA init its cells use. Names: lower-case letters, digits and _.", default=None)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -344,6 +373,7 @@ def validate(exp: Experiment, well_typed: bool = True) -> list[str]:
     units += [partial(_train_problems, f"{exp.warmup_settings_key(name)}.train", w.train)
               for name, w in exp.warmup_configs().items()]
     units.append(lambda: _warmup_problems(exp))
+    units.append(lambda: _report_problems(exp))
     units += [partial(_grid_problems, exp, i, block) for i, block in enumerate(exp.grid or [])]
     problems: list[str] = []
     for unit in units:
@@ -454,6 +484,62 @@ def _warmup_problems(exp: Experiment) -> list[str]:
                 "directory names)" for name in exp.warmups or {} if not _WARMUP_NAME.match(name)]
     return problems + [f"warmups.{name}: the name is taken (Slurm's array of vanilla cells is `{name}`); "
                        "choose another" for name in exp.warmups or {} if name == VANILLA_GROUP]
+
+
+def _report_problems(exp: Experiment) -> list[str]:
+    from d2lora_dist.evaluate.suites import SUITES  # late: evaluation imports torch
+
+    cfg = exp.report
+    problems = [] if cfg.min_seeds >= 2 else [
+        f"report.min_seeds: must be >= 2 (one seed says nothing about seed-to-seed variation), got {cfg.min_seeds}"]
+    problems += [f"report.target_effect.{kind}: not a suite kind (valid: {', '.join(SUITES)})"
+                 for kind in cfg.target_effect if kind not in SUITES]
+    problems += [f"report.target_effect.{kind}: must be > 0 points, got {value}"
+                 for kind, value in cfg.target_effect.items() if not value > 0]
+    for i, primary in enumerate(cfg.primary):
+        problems += _primary_problems(exp, f"report.primary[{i}]", primary, SUITES)
+    return problems
+
+
+def _primary_problems(exp: Experiment, key: str, p: PrimaryComparison, suites: dict[str, Any]) -> list[str]:
+    """A primary comparison names a Δ the grid has: both inits at the task, method, n, suite and axes."""
+    task = exp.tasks.get(p.task)
+    if task is None:
+        return [f"{key}.task: unknown task {p.task!r} (defined: {sorted(exp.tasks)})"]
+    suite = p.suite or (task.suites[0] if task.suites else None)
+    if suite not in task.suites:
+        return [f"{key}.suite: {suite!r} is not a suite of task {p.task!r} ({task.suites})"]
+    metrics = [m for m in suites[exp.suites[suite].kind].metrics if m != "items"] if suite in exp.suites else []
+    if metrics and p.metric is not None and p.metric not in metrics:
+        return [f"{key}.metric: suite {suite!r} reports no {p.metric!r} (valid: {', '.join(metrics)})"]
+    blocks = [b for b in exp.grid if b.task == p.task]
+    if p.n != 0:
+        blocks = [b for b in blocks if p.method in b.methods]
+        if not blocks:
+            return [f"{key}.method: no grid block of task {p.task!r} runs method {p.method!r}"]
+    elif p.method not in ("none", *(m for b in blocks for m in b.methods)):
+        return [f"{key}.method: {p.method!r} at n = 0 (use none, or a method of task {p.task!r}'s grid)"]
+    blocks = [b for b in blocks if p.n in b.n]
+    if not blocks:
+        have = sorted({n for b in exp.grid if b.task == p.task and (p.n == 0 or p.method in b.methods) for n in b.n})
+        return [f"{key}.n: the grid runs task {p.task!r} method {p.method!r} at n = {have}, not {p.n}"]
+    blocks = [b for b in blocks if (b.suites is None or suite in b.suites) and p.lora_init in b.lora_inits
+              and "lora" in b.inits and any(INITS[i].from_warmup for i in b.inits if i in INITS)]
+    if not blocks:
+        return [f"{key}: no grid block runs both LoRA and D2LoRA cells of {p.task} {p.method} n={p.n} with suite "
+                f"{suite!r} and LoRA init {p.lora_init!r}"]
+    warmups = primary_warmups(exp, p)
+    if p.warmup is None and len(warmups) > 1:
+        return [f"{key}.warmup: the grid has several warm-ups here ({', '.join(warmups)}); name the one compared"]
+    if p.warmup is not None and p.warmup not in warmups:
+        return [f"{key}.warmup: {p.warmup!r} is not a warm-up of these cells ({', '.join(warmups)})"]
+    return []
+
+
+def primary_warmups(exp: Experiment, p: PrimaryComparison) -> list[str]:
+    """The warm-ups whose D2LoRA cells a primary comparison could mean (one, or it must name one)."""
+    blocks = [b for b in exp.grid if b.task == p.task and p.n in b.n and (p.n == 0 or p.method in b.methods)]
+    return sorted({w for b in blocks for w in (b.warmups or exp.warmup_configs())})
 
 
 def _global_problems(exp: Experiment) -> list[str]:

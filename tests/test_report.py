@@ -26,8 +26,9 @@ from d2lora_dist.report import report
 from d2lora_dist.report.collect import collect
 from d2lora_dist.report.paired import DELTAS_CSV_COLUMNS, Deltas, load_item_scores
 from d2lora_dist.report.plots import INTERVAL, TREND, UNRESOLVED, delta_panel, joined_runs
-from d2lora_dist.report.stats import excludes_zero, mean_std, paired_bootstrap_ci
+from d2lora_dist.report.stats import excludes_zero, mean_std
 from d2lora_dist.report.tables import table_specs
+from d2lora_dist.report.verdicts import primary_keys
 from d2lora_dist.report.wandb_report import build, plan_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report" / "experiment.yaml"
@@ -234,15 +235,18 @@ def test_tables_show_mean_std_paired_delta_and_missing(run, capsys):
     delta = sft["Δ (D2LoRA − LoRA)"]
     n0, n100, n1000 = (parse_delta(d) for d in delta[:3])
     assert (n0["delta"], n0["seeds"], n0["items"]) == (2.0, 1, 100)
-    assert n0["rest"].startswith(" · 1 seed: test-set noise only")
+    assert " · 1 seed: test-set noise only · " in n0["rest"]
     assert (n100["delta"], n100["seeds"], n100["items"]) == (4.0, 2, 100)
     assert "test-set noise only" not in n100["rest"]
     # n = 1000: LoRA seeds 0 and 1, D2LoRA seed 0 only -> one paired seed (27 vs 24), not 27 vs 25.
     assert (n1000["delta"], n1000["seeds"]) == (3.0, 1)
     for d in (n0, n100, n1000):
         assert d["lo"] <= d["delta"] <= d["hi"]
-        resolved = d["lo"] > 0 or d["hi"] < 0
-        assert d["bold"] == resolved and d["rest"].endswith(" · unresolved") == (not resolved)
+        assert re.search(r" · MDE \d+\.\d\d · ", d["rest"])
+    # The fixture's report.primary is math SFT n = 100 accuracy; min_seeds is 2.
+    assert n100["rest"].endswith("(primary)") and n100["bold"] == n100["rest"].endswith("· resolved (primary)")
+    assert n1000["rest"].endswith(" · too few seeds to resolve (1 of 2)") and not n1000["bold"]
+    assert re.search(r"· (un)?resolved \(exploratory, Holm-adjusted p \d\.\d{3} over \d+ Δ\)$", n0["rest"])
     assert delta[3] == "—"
     assert sft["seeds done (LoRA · D2LoRA)"] == ["1/1 · 1/1", "2/2 · 2/2", "2/2 · 1/2", "0/2 · 0/2"]
 
@@ -262,16 +266,24 @@ def test_tables_show_mean_std_paired_delta_and_missing(run, capsys):
     assert titles["ROUGE-1 LoRA"] == ["30.00", "41.00"]
     assert titles["ROUGE-2 D2LoRA"] == ["14.00", "—"]
     # Every title item differs by exactly +3 points: the interval is [3, 3], resolved.
+    # n = 0 is judged on the test items alone; Holm runs over its three ROUGE metrics.
     assert titles["ROUGE-L Δ (D2LoRA − LoRA)"] == [
-        "**+3.00** [+3.00, +3.00] · 1 seed × 100 items · 1 seed: test-set noise only",
+        "**+3.00** [+3.00, +3.00] · 1 seed × 100 items · MDE 0.00 · 1 seed: test-set noise only · "
+        "resolved (exploratory, Holm-adjusted p 0.000 over 3 Δ)",
         "— (no seed finished for both inits)"]
     # Paper order: per task, methods sft/dpo/orpo, task suite before forgetting suite.
     headings = [line for line in md.splitlines() if line.startswith("### math")]
     assert [h.split(":")[0] for h in headings[:2]] == ["### math · SFT · gsm8k (task suite)",
                                                       "### math · SFT · arc_easy (forgetting suite)"]
     assert "0.00" not in " ".join(dpo["D2LoRA"])  # missing is never shown as 0
-    assert "paired hierarchical bootstrap interval: 10000 resamples" in md
-    assert "2.5th and 97.5th percentiles; numpy seed 20240611" in md
+    power = md.split("## Power", 1)[1].split("\n## ", 1)[0]
+    assert "| math SFT n=100 accuracy (D2LoRA − LoRA) | primary | 2 × 100 | " in power  # target: 1 accuracy point
+    assert re.search(r"\| math SFT n=100 accuracy \(D2LoRA − LoRA\) \| primary \| 2 × 100 \| [\d. ·]+ \| \d+\.\d\d \| 1 \| \d+ \|",
+                     power)
+    assert "| math SFT n=1000 accuracy (D2LoRA − LoRA) | exploratory | 1 × 100 | — |" in power
+    assert "— (one seed: its variance is unknown) |" in power
+    assert "95% t interval from the crossed seeds × items analysis" in md
+    assert "Satterthwaite degrees of freedom" in md and "Holm" in md
     assert "math-sft-n1000: LoRA seed(s) 1 finished without the other init: left out of Δ" in md
     out = capsys.readouterr().out
     assert "math · SFT · gsm8k" in out and "deltas.csv" in out and "math_sft_vs_n.png" in out
@@ -311,6 +323,10 @@ def test_deltas_csv_has_every_metric_with_what_it_rests_on(run, no_plots):
                                          ["gsm8k"]["accuracy"]) for s in (0, 1))
     assert row["differing_items"] == str(differing) == "20"  # 3 + 6 on seed 0, 3 + 8 on seed 1
     assert row["resolved"] == str(excludes_zero((float(row["ci_low"]), float(row["ci_high"])))).lower()
+    assert (row["state"], row["role"]) == ("resolved" if row["resolved"] == "true" else "unresolved", "primary")
+    assert float(row["p_value"]) < 0.05 if row["resolved"] == "true" else float(row["p_value"]) >= 0.05
+    assert float(row["se"]) > 0 and float(row["mde"]) > float(row["se"]) and row["p_holm"] == ""
+    assert delta_row(rows, "math", "sft", 1000, "gsm8k", "accuracy")["state"] == "too few seeds"
     # n = 0 is one line, method none (as in results.csv); arc's second metric is there too.
     assert [r["method"] for r in rows if r["n"] == "0" and r["task"] == "math" and r["suite"] == "gsm8k"] == ["none"]
     norm = delta_row(rows, "math", "none", 0, "arc_easy", "accuracy_norm")
@@ -321,45 +337,7 @@ def test_deltas_csv_has_every_metric_with_what_it_rests_on(run, no_plots):
     assert not [r for r in rows if r["n"] == "2000"]  # nothing finished there: no line
 
 
-# ---- the interval, against cases worked out by hand -----------------------------------------------
-
-def test_interval_of_constant_differences_is_exactly_that_constant():
-    """(a) Every item difference equals c: every resample is c."""
-    assert paired_bootstrap_ci([[0.25] * 1319]) == (0.25, 0.25)
-    assert paired_bootstrap_ci([[-0.5] * 40, [-0.5] * 60, [-0.5] * 50]) == (-0.5, -0.5)
-    ci = paired_bootstrap_ci([[0.03] * 200, [0.03] * 200])  # 0.03 is not a binary fraction
-    assert ci == pytest.approx((0.03, 0.03), abs=1e-15)
-
-
-@pytest.mark.parametrize(("a", "b"), [(0.02, 0.06), (0.10, -0.04), (0.0, 1.0)])
-def test_two_seeds_constant_within_seed_give_the_range_of_the_seeds(a, b):
-    """(b) Seed-resampled means are a, (a+b)/2, b with probability 1/4, 1/2, 1/4: the 2.5th
-    percentile is the lower of a and b, the 97.5th the higher."""
-    lo, hi = paired_bootstrap_ci([[a] * 300, [b] * 500])
-    assert (lo, hi) == pytest.approx((min(a, b), max(a, b)), abs=1e-12)
-
-
-def test_three_seeds_without_item_noise_resample_the_seeds():
-    """All three picks land on the lowest seed with probability 1/27 = 3.7% > 2.5%: the
-    interval is [lowest, highest] seed difference; item resampling alone would collapse it."""
-    assert paired_bootstrap_ci([[0.01] * 100, [0.04] * 100, [0.02] * 100]) == pytest.approx((0.01, 0.04), abs=1e-12)
-
-
-@pytest.mark.parametrize("kind", ["accuracy", "rouge"])
-def test_one_seed_interval_is_the_normal_approximation_over_items(kind):
-    """(c) One seed, m items: mean ± 1.96 sd / sqrt(m), within 0.1 standard error (the
-    percentile noise of 10,000 resamples is about 0.03 standard errors)."""
-    rng = np.random.default_rng(7)
-    m = 1319
-    if kind == "accuracy":  # differences in {-1, 0, 1}
-        d = (rng.random(m) < 0.82).astype(float) - (rng.random(m) < 0.80).astype(float)
-    else:  # continuous ROUGE differences
-        d = rng.normal(0.01, 0.2, m)
-    se = d.std(ddof=1) / math.sqrt(m)
-    lo, hi = paired_bootstrap_ci([d])
-    assert lo == pytest.approx(d.mean() - 1.96 * se, abs=0.1 * se)
-    assert hi == pytest.approx(d.mean() + 1.96 * se, abs=0.1 * se)
-
+# ---- the interval in the report (report.stats is tested on its own in test_report_stats.py) -------------
 
 def binomial_quantile(m: int, p: float, q: float) -> int:
     """Smallest k with P(Binomial(m, p) <= k) >= q, summed exactly."""
@@ -371,22 +349,22 @@ def binomial_quantile(m: int, p: float, q: float) -> int:
     return m
 
 
-def test_paired_interval_resamples_the_same_items_for_both_arms(empty_run, no_plots):
-    """Arms that agree except 30 of 1000 items D2LoRA gets right and LoRA wrong: each resample
-    is Binomial(1000, 0.03) / 1000, so the interval is that binomial's 2.5% and 97.5% points
-    (about [2.0, 4.1] points). Unpaired resampling (sd ~2.2 points per arm) would straddle 0."""
+def test_paired_interval_uses_the_same_items_for_both_arms(empty_run, no_plots):
+    """Arms that agree except 30 of 1000 items D2LoRA gets right and LoRA wrong (n = 0, one run per
+    arm): the paired t interval over items is close to Binomial(1000, 0.03) / 1000's 2.5% and 97.5%
+    points (about [2.0, 4.1] points). Unpaired arms (sd ~2.2 points each) would straddle 0."""
     exp, layout = empty_run
     rng = np.random.default_rng(3)
     lora = (rng.random(1000) < 0.5).astype(float)
     wrong = np.flatnonzero(lora == 0)[:30]
     d2lora = lora.copy()
     d2lora[wrong] = 1.0
-    sft_cells(layout, 100, [(lora.tolist(), d2lora.tolist())])  # D2LoRA rows are written in reverse order
+    sft_cells(layout, 0, [(lora.tolist(), d2lora.tolist())])  # D2LoRA rows are written in reverse order
     report(exp, layout)
-    row = delta_row(deltas_csv(layout), "math", "sft", 100, "gsm8k", "accuracy")
+    row = delta_row(deltas_csv(layout), "math", "none", 0, "gsm8k", "accuracy")
     assert float(row["delta"]) == pytest.approx(0.03, abs=1e-9)
-    assert float(row["ci_low"]) == pytest.approx(binomial_quantile(1000, 0.03, 0.025) / 1000, abs=0.0011)
-    assert float(row["ci_high"]) == pytest.approx(binomial_quantile(1000, 0.03, 0.975) / 1000, abs=0.0011)
+    assert float(row["ci_low"]) == pytest.approx(binomial_quantile(1000, 0.03, 0.025) / 1000, abs=0.0015)
+    assert float(row["ci_high"]) == pytest.approx(binomial_quantile(1000, 0.03, 0.975) / 1000, abs=0.0015)
     assert (row["resolved"], row["differing_items"], row["seeds"], row["items"]) == ("true", "30", "1", "1000")
 
 
@@ -406,27 +384,26 @@ def test_unpaired_seeds_are_left_out(run, no_plots):
 
 
 def test_resolved_only_when_the_interval_excludes_zero(empty_run, no_plots):
-    """(e) n = 100: 30 of 100 items won, nothing lost -> interval well above 0, resolved.
-    n = 1000: seed 0 identical, seed 1 every item won -> seed means 0 and 1, interval exactly
-    [0, 1]: it touches 0, so unresolved. n = 2000: one item won, one lost -> contains 0."""
+    """(e) n = 100 (the primary comparison): 30 and 25 of 100 items won, nothing lost -> interval well
+    above 0, resolved. n = 1000: seed 0 identical, seed 1 every item won -> seed means 0 and 1; the
+    old bootstrap gave exactly [0, 1], a t over the two seeds gives 0.5 ± 12.71 · 0.5. n = 2000: one
+    item won, one lost -> contains 0. Both exploratory, Holm over the two."""
     exp, layout = empty_run
     base = hits(0.5)
-    sft_cells(layout, 100, [(base, hits(0.8))])
+    sft_cells(layout, 100, [(base, hits(0.8)), (base, hits(0.75))])
     sft_cells(layout, 1000, [(base, base), ([0.0] * M, [1.0] * M)])
-    sft_cells(layout, 2000, [(base, hits(0.5, start=1))])
+    sft_cells(layout, 2000, [(base, hits(0.5, start=1)), (base, hits(0.5, start=2))])
     result = report(exp, layout)
     delta = table(result.markdown, "math · SFT · gsm8k")["Δ (D2LoRA − LoRA)"]
     resolved = parse_delta(delta[1])
-    assert resolved["bold"] and resolved["lo"] > 0 and "unresolved" not in resolved["rest"]
-    assert delta[2] == "+50.00 [+0.00, +100.00] · 2 seeds × 100 items · unresolved"
-    assert delta[3].endswith(" · unresolved")
+    assert resolved["bold"] and resolved["lo"] > 0 and resolved["rest"].endswith("· resolved (primary)")
+    assert delta[2] == ("+50.00 [-585.31, +685.31] · 2 seeds × 100 items · MDE 704.13 · "
+                        "unresolved (exploratory, Holm-adjusted p 1.000 over 2 Δ)")
     crossing = parse_delta(delta[3])
     assert crossing["delta"] == 0.0 and crossing["lo"] < 0 < crossing["hi"] and not crossing["bold"]
     rows = deltas_csv(layout)
     assert [delta_row(rows, "math", "sft", n, "gsm8k", "accuracy")["resolved"] for n in (100, 1000, 2000)] == [
         "true", "false", "false"]
-    touching = delta_row(rows, "math", "sft", 1000, "gsm8k", "accuracy")
-    assert (float(touching["ci_low"]), float(touching["ci_high"])) == (0.0, 1.0)
     assert not excludes_zero((0.0, 0.3)) and not excludes_zero((-0.2, 0.0)) and not excludes_zero(None)
     assert excludes_zero((1e-9, 0.3)) and excludes_zero((-0.2, -1e-9))
 
@@ -438,8 +415,8 @@ def test_identical_arms_say_identical_outputs(empty_run, no_plots):
     sft_cells(layout, 100, [(hits(0.4), hits(0.4)), (hits(0.3), hits(0.3, start=5))])
     result = report(exp, layout)
     delta = table(result.markdown, "math · SFT · gsm8k")["Δ (D2LoRA − LoRA)"]
-    assert delta[0] == ("+0.00 [+0.00, +0.00] · 1 seed × 100 items · 1 seed: test-set noise only · "
-                        "identical outputs · unresolved")
+    assert delta[0] == ("+0.00 [+0.00, +0.00] · 1 seed × 100 items · MDE 0.00 · 1 seed: test-set noise only · "
+                        "identical outputs · unresolved (exploratory, Holm-adjusted p 1.000 over 1 Δ)")
     assert "identical outputs" not in delta[1]  # same accuracy, different items
     rows = deltas_csv(layout)
     assert delta_row(rows, "math", "none", 0, "gsm8k", "accuracy")["differing_items"] == "0"
@@ -459,10 +436,11 @@ def test_missing_unreadable_or_unknown_item_scores_fall_back_to_seed_level(run, 
                    extra={"gsm8k": {"exact_match": gsm / 2}})
     result = report(exp, layout)
     delta = table(result.markdown, "math · SFT · gsm8k")["Δ (D2LoRA − LoRA)"]
-    # n = 100: seed level over the 2 paired seeds: per-seed differences 0.03 and 0.05 -> [3, 5] (case b).
-    assert delta[1] == "**+4.00** [+3.00, +5.00] · 2 seeds, seed-level only"
-    assert delta[2] == "+3.00 · 1 seed, seed-level only · no interval · unresolved"
-    assert delta[0].endswith("items · 1 seed: test-set noise only · unresolved")  # accuracy still has items
+    # n = 100: seed level over the 2 paired seeds: per-seed differences 0.03 and 0.05 -> a t over two
+    # seeds, 4 ± 12.71 · 1, MDE (12.71 + 1.38) · 1 (the old [min, max] = [3, 5] called it resolved).
+    assert delta[1] == "+4.00 [-8.71, +16.71] · 2 seeds, seed-level only · MDE 14.08 · unresolved (primary)"
+    assert delta[2] == "+3.00 · 1 seed, seed-level only · no interval"
+    assert " · 1 seed: test-set noise only · " in delta[0] and delta[0].startswith("+2.00 [")  # still has items
     notes = result.markdown.split("## Notes on Δ", 1)[1]
     assert "cells/math-sft-lora-n100-s1/predictions/gsm8k.jsonl: missing" in notes
     assert "cells/math-sft-d2lora-n1000-s0/predictions/gsm8k.jsonl: unreadable (InputError:" in notes
@@ -545,8 +523,9 @@ def test_trend_lines_join_only_neighbouring_resolved_points():
 
 
 def test_delta_plot_draws_unresolved_points_hollow_and_unjoined(empty_run):
-    """(g) n = 0 identical and n = 2000 a wash (unresolved), n = 100 and 1000 clear gains:
-    one trend line through positions 1 and 2 only, hollow grey points at 0 and 3."""
+    """(g) n = 0 identical and n = 2000 a wash (unresolved), n = 100 (primary) and 1000 (exploratory,
+    resolved after Holm) clear gains: one trend line through positions 1 and 2 only, hollow grey
+    points at 0 and 3, each point that is not a resolved primary comparison labelled in words."""
     exp, layout = empty_run
     base = hits(0.5)
     sft_cells(layout, 0, [(base, base)])
@@ -558,7 +537,7 @@ def test_delta_plot_draws_unresolved_points_hollow_and_unjoined(empty_run):
     assert png_size_and_not_blank(delta_png) == (3 * 640, 400)  # SFT, DPO and ORPO panels
 
     coll = collect(exp, layout)
-    deltas = Deltas(coll, load_item_scores(exp, layout, coll))
+    deltas = Deltas(coll, load_item_scores(exp, layout, coll), exp.report.min_seeds, primary_keys(exp))
     spec = next(s for s in table_specs(exp, coll) if (s.method, s.suite) == ("sft", "gsm8k"))
     fig = Figure()
     FigureCanvasAgg(fig)
@@ -581,9 +560,11 @@ def test_delta_plot_draws_unresolved_points_hollow_and_unjoined(empty_run):
                       for i, n in enumerate(spec.ns)
                       if (d := deltas.get(spec.task, "sft", n, "gsm8k", spec.metrics[0][0])).ci is not None)
     assert drawn == expected and len(drawn) >= 3
-    # and each unresolved one says so in words next to it
+    # each unresolved one says so in words next to it, and so does the exploratory one resolved after Holm
     labels = [a for a in ax.texts if a.get_gid() == UNRESOLVED]
-    assert sorted(round(a.xy[0]) for a in labels) == [0, 3] and {a.get_text() for a in labels} == {"unresolved"}
+    assert sorted(round(a.xy[0]) for a in labels) == [0, 3]
+    assert {a.get_text() for a in labels} == {"unresolved (Holm)"}
+    assert [(round(a.xy[0]), a.get_text()) for a in ax.texts if a.get_gid() is None] == [(2, "resolved (Holm)")]
 
 
 # ---- the rest of the report ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from d2lora_dist.report.collect import collect
 from d2lora_dist.report.paired import Deltas, load_item_scores
 from d2lora_dist.report.plots import INTERVAL, UNRESOLVED, delta_vs_m_panel
 from d2lora_dist.report.tables import table_specs
+from d2lora_dist.report.verdicts import primary_keys
 from d2lora_dist.sweep.grid import plan_cells
 from tests.test_report import prediction_rows
 
@@ -40,6 +41,8 @@ def experiment(tmp_path: Path):
         "methods": {"sft": {"learning_rate": 1e-4, "epochs": 1, "global_batch_size": 4}},
         "grid": [{"task": "titles", "methods": ["sft"], "inits": ["lora", "d2lora"], "lora_inits": ["default", "pissa"],
                   "n": [0, 16], "seeds": [0, 1, 2]}],
+        "report": {"min_seeds": 3, "primary": [{"task": "titles", "method": "sft", "n": 16, "metric": "rougeL",
+                                                "warmup": "m192", "lora_init": "pissa"}]},
         "tracking": {"mode": "disabled"}}, "axes.yaml")
 
 
@@ -92,8 +95,11 @@ def test_tables_have_a_row_per_arm_and_a_delta_per_warmup_and_lora_init(tmp_path
     assert rows["ROUGE-L LoRA · PiSSA"][0] == rows["ROUGE-L LoRA"][0] == "30.00"
     resolved = rows["ROUGE-L Δ (D2LoRA(m192) · PiSSA − LoRA · PiSSA)"][1]
     assert resolved.startswith("**+4.00** [+3.") and "· 3 seeds × 40 items" in resolved, resolved
+    assert resolved.endswith("· resolved (primary)"), resolved  # report.primary names warm-up and LoRA init
     unresolved = rows["ROUGE-L Δ (D2LoRA(m64) − LoRA)"][1]
-    assert unresolved.startswith("+0.00 [") and unresolved.endswith("unresolved"), unresolved
+    assert unresolved.startswith("+0.00 [") and "· unresolved (exploratory, Holm-adjusted p" in unresolved
+    other = rows["ROUGE-L Δ (D2LoRA(m192) − LoRA)"][1]  # the same gain at the default init: exploratory
+    assert other.startswith("**+4.00**") and "· resolved (exploratory, Holm-adjusted p 0.000 over" in other
     with (RunLayout(exp.run_dir).report_dir / "deltas.csv").open() as f:
         deltas = [r for r in csv.DictReader(f) if r["metric"] == "rougeL" and r["n"] == "16"]
     assert {(r["treatment"], r["baseline"]) for r in deltas} == {
@@ -105,7 +111,7 @@ def test_delta_against_m_draws_every_interval_in_order_of_m_and_labels_unresolve
     exp = experiment(tmp_path)
     layout = write_results(exp)
     coll = collect(exp, layout)
-    deltas = Deltas(coll, load_item_scores(exp, layout, coll))
+    deltas = Deltas(coll, load_item_scores(exp, layout, coll), exp.report.min_seeds, primary_keys(exp))
     spec = next(s for s in table_specs(exp, coll) if s.method == "sft")
     fig = Figure()
     FigureCanvasAgg(fig)
@@ -120,7 +126,9 @@ def test_delta_against_m_draws_every_interval_in_order_of_m_and_labels_unresolve
     assert all(lo < 0 < hi for x, lo, hi in spans if x < 0.5)  # m64: the interval spans 0
     assert all(3 < lo < 4 < hi < 5 for x, lo, hi in spans if x > 0.5)  # m192: +4 pp, resolved
     labels = [t for t in ax.texts if t.get_gid() == UNRESOLVED]
-    assert len(labels) == 2 and all(t.get_text() == "unresolved" for t in labels)  # m64, both inits
+    assert len(labels) == 2 and all(t.get_text() == "unresolved (Holm)" for t in labels)  # m64, both inits
+    # m192 at the default init is resolved only after Holm: it says so; the primary (PiSSA) says nothing
+    assert [t.get_text() for t in ax.texts if t.get_gid() is None] == ["resolved (Holm)"]
     assert all(abs(t.xy[0] - round(t.xy[0])) < 0.2 and round(t.xy[0]) == 0 for t in labels)  # at m = 64
 
 

@@ -18,6 +18,7 @@ from d2lora_dist.report.collect import collect
 from d2lora_dist.report.paired import Deltas, load_item_scores, render_deltas_csv
 from d2lora_dist.report.plots import write_plots
 from d2lora_dist.report.tables import render_csv, render_markdown, table_specs
+from d2lora_dist.report.verdicts import primary_keys
 
 __all__ = ["ReportResult", "report"]
 
@@ -44,7 +45,7 @@ def report(exp: Experiment, layout: RunLayout, wandb_report: bool = False) -> Re
     """Write results.csv, deltas.csv, results.md and the plots; print the tables and paths."""
     coll = collect(exp, layout)
     specs = table_specs(exp, coll)
-    deltas = Deltas(coll, load_item_scores(exp, layout, coll))
+    deltas = Deltas(coll, load_item_scores(exp, layout, coll), exp.report.min_seeds, primary_keys(exp))
     every = deltas.every([(s.task, s.method, s.suite, s.ns) for s in specs])
     markdown = render_markdown(exp, coll, specs, deltas)
     out = layout.report_dir

@@ -4,33 +4,39 @@ A pair (report.arms) is a warm-started arm and the vanilla arm of the same LoRA 
 experiment without warm-up or LoRA-init axes has the one pair D2LoRA − LoRA.
 
 Only seeds finished on both sides enter (LoRA and D2LoRA cells with the same seed; n = 0 cells
-are method "none", seed 0, shared by every method). Each paired seed contributes the mean over
-the items both arms answered of (D2LoRA item score − LoRA item score), read from
-`cells/<cell-id>/predictions/<suite>.jsonl` through `evaluate.scoring.item_scores`. When a
-paired cell has no usable item scores for the metric, that Δ falls back to the seed level
-(per-seed differences of the result.json values) and says why; nothing is invented.
+are method "none", seed 0, shared by every method). Every paired seed answers the same items, so
+the per-item differences (D2LoRA item score − LoRA item score, read from
+`cells/<cell-id>/predictions/<suite>.jsonl` through `evaluate.scoring.item_scores`) form a seeds ×
+items matrix over the items all of them answered; Δ, its interval and power come from the crossed
+analysis of that matrix (report.stats.crossed). When a paired cell has no usable item scores for
+the metric, that Δ falls back to the seed level (one value per seed from result.json, a t over
+seeds) and says why; nothing is invented. Which Δ is resolved is decided once the family of its
+table is known (report.verdicts).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from d2lora_dist.config import Experiment
 from d2lora_dist.evaluate.scoring import item_scores, read_predictions
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.report import verdicts as v
 from d2lora_dist.report.arms import LEGACY_PAIR, Pair
 from d2lora_dist.report.collect import Collection, cell_method
-from d2lora_dist.report.stats import excludes_zero, paired_bootstrap_ci, paired_delta
+from d2lora_dist.report.stats import Components, crossed
+from d2lora_dist.report.verdicts import Verdict
 from d2lora_dist.sweep.grid import NO_TRAINING
 
 ITEMS, SEEDS, NONE = "items", "seeds", "none"  # what a Δ rests on
 MATCH_TOLERANCE = 1e-6  # item-score mean vs result.json value
 DELTAS_CSV_COLUMNS = ("task", "method", "n", "suite", "metric", "delta", "ci_low", "ci_high", "seeds", "items",
-                      "differing_items", "resolved", "basis", "note", "treatment", "baseline")
+                      "differing_items", "resolved", "basis", "note", "treatment", "baseline", "state", "role",
+                      "p_value", "p_holm", "family_size", "se", "df", "mde", "seed_sd", "item_sd", "resid_sd")
 
 Scores = dict[str, dict[str, float]]  # metric -> {item id -> score}
 
@@ -114,6 +120,12 @@ class Delta:
     fallback: tuple[str, ...] = ()  # basis SEEDS: why item scores could not be used
     notes: tuple[str, ...] = ()  # seeds left out, item ids that differ
     pair: Pair = LEGACY_PAIR  # treatment − baseline arms
+    se: float | None = None  # standard error of value (report.stats.crossed); None without an interval
+    df: float | None = None  # its Satterthwaite degrees of freedom
+    p: float | None = None  # two-sided p-value of value against 0
+    mde: float | None = None  # minimum detectable effect at 80% power, two-sided 5%
+    components: Components | None = None  # σ² of seed, item and residual: what sizes the next study
+    verdict: Verdict | None = None  # set by Deltas once the Δ's family is known
 
     @property
     def note(self) -> str:
@@ -123,7 +135,12 @@ class Delta:
 
     @property
     def resolved(self) -> bool:
-        return excludes_zero(self.ci)
+        return self.verdict is not None and self.verdict.resolved
+
+    @property
+    def key(self) -> tuple:
+        """(task, method, n, suite, metric, treatment arm, baseline arm): how a primary comparison names it."""
+        return (self.task, self.method, self.n, self.suite, self.metric, self.pair.treatment, self.pair.baseline)
 
     @property
     def identical(self) -> bool:
@@ -146,29 +163,46 @@ def compute_delta(coll: Collection, scores: ItemScores, task: str, method: str, 
     if not seeds:
         why = "no seed finished on both sides" if lora or d2lora else "not finished"
         return Delta(*key, None, None, (), (), None, NONE, finished, why=why, notes=notes, pair=arms)
-    diffs, differing, reasons = [], 0, []
+    rows, differing, reasons = [], 0, []
     for seed in seeds:
         lora_id, d2lora_id = (coll.cell_id(task, method, arm, n, seed) for arm in (arms.baseline, arms.treatment))
         pair = _item_differences(scores, lora_id, d2lora_id, suite, metric)
         if isinstance(pair, str):
             reasons.append(pair)
             continue
-        d, k, mismatch = pair
-        diffs.append(d)
+        by_item, k, mismatch = pair
+        rows.append(by_item)
         differing += k
         notes += (mismatch,) if mismatch else ()
-    if reasons:  # fall back to seed level for this Δ, and say why
-        seed_diffs = [[d2lora[s] - lora[s]] for s in seeds]
-        ci = paired_bootstrap_ci(seed_diffs) if len(seeds) > 1 else None
-        return Delta(*key, paired_delta(seed_diffs), ci, seeds, (), None, SEEDS, finished,
-                     fallback=tuple(dict.fromkeys(reasons)), notes=notes, pair=arms)
-    return Delta(*key, paired_delta(diffs), paired_bootstrap_ci(diffs), seeds, tuple(d.size for d in diffs),
-                 differing, ITEMS, finished, notes=notes, pair=arms)
+    if reasons:  # fall back to seed level for this Δ, and say why: a t over the per-seed differences
+        matrix = np.array([[d2lora[s] - lora[s]] for s in seeds])
+        return _with_stats(Delta(*key, None, None, seeds, (), None, SEEDS, finished,
+                                 fallback=tuple(dict.fromkeys(reasons)), notes=notes, pair=arms), matrix)
+    common = sorted(set.intersection(*(set(r) for r in rows)))
+    if not common:
+        return Delta(*key, None, None, (), (), None, NONE, finished, why="no item answered by every paired seed",
+                     notes=notes, pair=arms)
+    if any(len(r) != len(common) for r in rows):
+        notes += (f"{task}-{key[1]}-n{n} {suite}: the paired seeds answered different items; Δ uses the "
+                  f"{len(common)} items every seed answered",)
+    matrix = np.array([[r[i] for i in common] for r in rows])
+    return _with_stats(Delta(*key, None, None, seeds, (len(common),) * len(seeds), differing, ITEMS, finished,
+                             notes=notes, pair=arms), matrix)
+
+
+def _with_stats(delta: Delta, matrix: np.ndarray) -> Delta:
+    """Δ with its value, interval, p, MDE and variance components from the seeds × items matrix."""
+    c = crossed(matrix)
+    if np.isnan(c.se):  # one seed with one value: no interval
+        return replace(delta, value=float(c.delta))
+    lo, hi = c.interval()
+    return replace(delta, value=float(c.delta), ci=(float(lo), float(hi)), se=float(c.se), df=float(c.df),
+                   p=float(c.p), mde=float(c.mde()), components=c.components())
 
 
 def _item_differences(scores: ItemScores, lora_id: str, d2lora_id: str, suite: str,
-                      metric: str) -> tuple[np.ndarray, int, str | None] | str:
-    """(D2LoRA − LoRA per common item, how many differ, id-mismatch note) or why not available."""
+                      metric: str) -> tuple[dict[str, float], int, str | None] | str:
+    """({item id: D2LoRA − LoRA} over common items, how many differ, id-mismatch note) or why not available."""
     a, b = scores.get(lora_id, suite, metric), scores.get(d2lora_id, suite, metric)
     if isinstance(a, str):
         return a
@@ -181,9 +215,8 @@ def _item_differences(scores: ItemScores, lora_id: str, d2lora_id: str, suite: s
                 f"{d2lora_id} ({len(b) - len(common)} only there); Δ uses the {len(common)} common items")
     if not common:
         return f"{suite}: {lora_id} and {d2lora_id} have no item id in common"
-    lo = np.fromiter((a[i] for i in common), float, len(common))
-    hi = np.fromiter((b[i] for i in common), float, len(common))
-    return hi - lo, int(np.count_nonzero(hi != lo)), note
+    diffs = {i: b[i] - a[i] for i in common}
+    return diffs, sum(b[i] != a[i] for i in common), note
 
 
 def _unpaired_notes(task: str, method: str, n: int, lora: dict[int, float], d2lora: dict[int, float],
@@ -203,17 +236,59 @@ def _unpaired_notes(task: str, method: str, n: int, lora: dict[int, float], d2lo
 # ---- all of them -------------------------------------------------------------------------------
 
 class Deltas:
-    """Every Δ of the report, computed once (n = 0 is shared by every method's table)."""
+    """Every Δ of the report, computed once (n = 0 is shared by every method's table), each with its
+    verdict (report.verdicts): primary comparisons alone, the others by Holm within their table."""
 
-    def __init__(self, coll: Collection, scores: ItemScores):
+    def __init__(self, coll: Collection, scores: ItemScores, min_seeds: int = 5,
+                 primary: frozenset[tuple] = frozenset()):
         self.coll, self.scores = coll, scores
+        self.min_seeds, self.primary = min_seeds, primary
         self._cache: dict[tuple, Delta] = {}
+        self._judged: dict[tuple, Delta] = {}
 
     def get(self, task: str, method: str, n: int, suite: str, metric: str, pair: Pair = LEGACY_PAIR) -> Delta:
+        """The Δ with its verdict."""
         key = (task, cell_method(method, n), n, suite, metric, pair)
+        if key not in self._judged:
+            self._judge_family(task, key[1], suite)
+        return self._judged[key] if key in self._judged else self._judge_alone(self._raw(*key))
+
+    def _raw(self, task: str, method: str, n: int, suite: str, metric: str, pair: Pair) -> Delta:
+        key = (task, method, n, suite, metric, pair)
         if key not in self._cache:
             self._cache[key] = compute_delta(self.coll, self.scores, task, method, n, suite, metric, pair)
         return self._cache[key]
+
+    def family(self, task: str, method: str, suite: str) -> list[Delta]:
+        """The Δs of one table (every metric, pair and n; n = 0 has a family of its own, shared by every
+        method's table), unjudged."""
+        ns = [0] if method == NO_TRAINING else sorted({c.n for c in self.coll.cells()
+                                                       if c.task == task and c.method == method and c.n > 0})
+        return [self._raw(task, method, n, suite, metric, pair) for metric in self.coll.metrics(task, suite)
+                for pair in self.pairs(task) for n in ns]
+
+    def _judge_alone(self, d: Delta) -> Delta:
+        """The verdict a Δ has without its family: too few seeds, no interval, or a primary's."""
+        role = v.PRIMARY if d.key in self.primary else v.EXPLORATORY
+        if d.p is None:
+            state = v.NO_INTERVAL
+        elif not v.enough_seeds(len(d.seeds), d.n, self.min_seeds):
+            state = v.TOO_FEW
+        elif role == v.PRIMARY:
+            state = v.RESOLVED if v.primary_resolved(d.p, len(d.seeds), d.n, self.min_seeds) else v.UNRESOLVED
+        else:
+            return d  # exploratory: decided with its family
+        return replace(d, verdict=v.Verdict(state, role, len(d.seeds), self.min_seeds))
+
+    def _judge_family(self, task: str, method: str, suite: str) -> None:
+        judged = [self._judge_alone(d) for d in self.family(task, method, suite)]
+        open_ = [d for d in judged if d.verdict is None and d.basis != NONE]
+        resolved, adjusted = v.exploratory_resolved([d.p for d in open_])
+        decided = {id(d): replace(d, verdict=v.Verdict(v.RESOLVED if r else v.UNRESOLVED, v.EXPLORATORY,
+                                                      len(d.seeds), self.min_seeds, a, len(open_)))
+                   for d, r, a in zip(open_, resolved, adjusted, strict=True)}
+        for d in judged:
+            self._judged[(d.task, d.method, d.n, d.suite, d.metric, d.pair)] = decided.get(id(d), d)
 
     def pairs(self, task: str) -> list[Pair]:
         """The Δ pairs of a task's arms (report.arms.pairs_of)."""
@@ -250,9 +325,14 @@ def render_deltas_csv(deltas: list[Delta]) -> str:
         if d.basis == NONE and not any(d.finished):
             continue  # nothing finished: no line
         ci = d.ci or ("", "")
+        verdict, comp = d.verdict, d.components
+        sds = ("", "", "") if comp is None else tuple(np.sqrt([comp.seed, comp.item, comp.resid]))
         writer.writerow([d.task, d.method, d.n, d.suite, d.metric, _num(d.value), _num(ci[0]), _num(ci[1]),
                          len(d.seeds), d.items_label, "" if d.differing is None else d.differing,
-                         str(d.resolved).lower(), d.basis, d.note, d.pair.treatment, d.pair.baseline])
+                         str(d.resolved).lower(), d.basis, d.note, d.pair.treatment, d.pair.baseline,
+                         verdict.state if verdict else "", verdict.role if verdict else "", _num(d.p),
+                         _num(verdict.p_holm if verdict else None), verdict.family if verdict and verdict.family else "",
+                         _num(d.se), "" if d.df is None else f"{d.df:.2f}", _num(d.mde), *map(_num, sds)])
     return buf.getvalue()
 
 

@@ -11,7 +11,9 @@ With the warm-up or LoRA-init axes every arm (D2LoRA(m), LoRA · PiSSA, ...) is 
 every Δ pair (report.arms) a series of the Δ row.
 Every figure that compares the inits has a Δ row under it: Δ with its paired 95% interval
 (report.paired), a zero line, resolved points filled and joined to resolved neighbours,
-unresolved ones hollow with a grey interval and never joined. n is drawn on evenly spaced
+unresolved ones hollow with a grey interval and never joined; every point that is not a resolved
+primary comparison says its verdict in words ("unresolved", "too few seeds", "resolved (Holm)" for
+an exploratory Δ resolved after Holm's correction; report.verdicts). n is drawn on evenly spaced
 positions labelled with its values (0 and 10k on one axis).
 """
 
@@ -229,7 +231,7 @@ def delta_panel(ax: Axes, deltas: Deltas, specs: list[TableSpec], max_n: int | N
     ax.grid(alpha=0.3)
     compared = "D2LoRA − LoRA" if len(pairs) == 1 else "D2LoRA(m) − LoRA per LoRA init"
     what = f"{spec.task}: Δ {compared}, {method_label(spec.method)}, " if title else f"Δ {compared}, "
-    ax.set_title(f"{what}95% paired interval (hollow, grey bar: unresolved)", fontsize=9)
+    ax.set_title(f"{what}95% paired interval (hollow, grey bar: not resolved)", fontsize=9)
     if not drawn:
         ax.text(0.5, 0.5, "no Δ yet: no seed finished for both inits", transform=ax.transAxes, ha="center",
                 va="center", fontsize=9, color="0.4")
@@ -262,9 +264,11 @@ def _delta_series(ax: Axes, deltas: list[Delta], color: str, label: str, shift: 
                       linewidth=1.5, gid=INTERVAL)
         ax.plot([x[i]], [d.value * 100], linestyle="none", marker=marker, markersize=6, color=color,
                 markerfacecolor=color if d.resolved else "none", gid=None if d.resolved else UNRESOLVED)
-        if not d.resolved:  # said in words too: a hollow marker alone is easy to misread in print
-            ax.annotate("unresolved", (x[i], d.value * 100), xytext=(4, 4), textcoords="offset points",
-                        fontsize=7, color=UNRESOLVED_COLOR, gid=UNRESOLVED)
+        words = d.verdict.short if d.verdict else "unresolved"
+        if words != "resolved":  # said in words: a hollow marker alone is easy to misread in print, and a
+            # point resolved only after Holm's correction is exploratory
+            ax.annotate(words, (x[i], d.value * 100), xytext=(4, 4), textcoords="offset points", fontsize=7,
+                        color=color if d.resolved else UNRESOLVED_COLOR, gid=None if d.resolved else UNRESOLVED)
     for run in joined_runs([d.resolved if d.value is not None else None for d in deltas]):
         ax.plot(x[run], [deltas[i].value * 100 for i in run], color=color, linewidth=1.2, gid=TREND)
     ax.plot([], [], marker=marker, linestyle="none", color=color, label=label)  # legend entry
@@ -310,7 +314,7 @@ def delta_vs_m_panel(ax: Axes, deltas: Deltas, spec: TableSpec, n: int, warmups:
     ax.set_ylabel(f"Δ {spec.suite} {spec.metrics[0][1]} (pp)")
     ax.grid(alpha=0.3)
     ax.set_title(f"{spec.task}: Δ D2LoRA(m, n={n}) − LoRA(n={n}), {method_label(spec.method)}\n"
-                 "95% paired interval (hollow, grey bar: unresolved)", fontsize=9)
+                 "95% paired interval (hollow, grey bar: not resolved)", fontsize=9)
     if drawn > 1:
         ax.legend(fontsize=8, loc="best")
     return drawn

@@ -1,9 +1,10 @@
 """Paper-style tables: per task and method, per suite (task suite, then forgetting), n as columns.
 
 Rows are LoRA, D2LoRA and Δ (D2LoRA − LoRA); values are percentages, mean ± std over seeds;
-Δ is paired (report.paired) and carries its paired hierarchical bootstrap 95% interval, what it
-rests on (seeds × items) and whether it is resolved; "—" marks a cell that has not finished
-(never 0).
+Δ is paired (report.paired) and carries its 95% interval from the crossed seeds × items analysis,
+what it rests on (seeds × items), its minimum detectable effect and its verdict
+(report.verdicts); "—" marks a cell that has not finished (never 0). A power section says how
+many seeds would detect `report.target_effect`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from d2lora_dist.methods import METHODS, method_label
 from d2lora_dist.report.arms import Arm
 from d2lora_dist.report.collect import Collection, Row
 from d2lora_dist.report.paired import ITEMS, NONE, SEEDS, Delta, Deltas
-from d2lora_dist.report.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, mean_std
+from d2lora_dist.report.stats import LEVEL, POWER, mean_std, seeds_to_detect
 from d2lora_dist.sweep.grid import NO_TRAINING
 
 MISSING = "—"
 INITS = tuple((name, spec.label) for name, spec in INIT_SPECS.items())  # table rows, in registry order
-UNRESOLVED = "unresolved"
 ONE_SEED = "1 seed: test-set noise only"
 IDENTICAL = "identical outputs"
 SEED_LEVEL = "seed-level only"
@@ -105,7 +105,8 @@ def _pp(x: float) -> str:
 
 
 def fmt_delta(delta: Delta) -> str:
-    """'+1.20 [+0.31, +2.08] · 3 seeds × 1319 items', value in bold when resolved, else '· unresolved'."""
+    """'+1.20 [+0.31, +2.08] · 5 seeds × 1319 items · MDE 1.10 · resolved (primary)', the value in bold
+    when resolved; the verdict's words last (report.verdicts.Verdict.label)."""
     if delta.basis == NONE or delta.value is None:
         return MISSING if delta.why == "not finished" else f"{MISSING} (no seed finished for both inits)"
     seeds = len(delta.seeds)
@@ -113,12 +114,12 @@ def fmt_delta(delta: Delta) -> str:
     parts = [value if delta.ci is None else f"{value} [{_pp(delta.ci[0])}, {_pp(delta.ci[1])}]"]
     if delta.basis == ITEMS:
         parts[0] += f" · {seeds} seed{'s' * (seeds > 1)} × {delta.items_label} items"
-        parts += [ONE_SEED] if seeds == 1 else []
-        parts += [IDENTICAL] if delta.identical else []
     elif delta.basis == SEEDS:
         parts[0] += f" · {seeds} seed{'s' * (seeds > 1)}, {SEED_LEVEL}"
-        parts += [] if delta.ci else ["no interval"]
-    parts += [] if delta.resolved else [UNRESOLVED]
+    parts += [] if delta.mde is None else [f"MDE {delta.mde * 100:.2f}"]
+    parts += [ONE_SEED] if delta.basis == ITEMS and seeds == 1 else []
+    parts += [IDENTICAL] if delta.identical else []
+    parts += [delta.verdict.label] if delta.verdict else []
     return " · ".join(parts)
 
 
@@ -157,20 +158,66 @@ def _row(label: str, cells: list[str]) -> str:
 HEADER = (
     "Metrics in %: mean ± sample std over seeds (the value alone when one seed finished). "
     "Δ = D2LoRA − LoRA in percentage points, paired: only seeds finished for both inits enter, and Δ is the "
-    "mean over those seeds of the mean over items of (D2LoRA item score − LoRA item score). In brackets its "
-    f"{LEVEL:.0%} paired hierarchical bootstrap interval: {RESAMPLES} resamples, each drawing the paired seeds "
-    "with replacement and, within each drawn seed, its items with replacement (the same items for both "
-    f"inits); the {(1 - LEVEL) * 50:g}th and {100 - (1 - LEVEL) * 50:g}th percentiles; numpy seed {BOOTSTRAP_SEED} "
-    "(docs/statistics.md). "
-    "\"S seeds × m items\" is what Δ rests on. A Δ in **bold** is resolved: its interval excludes 0; "
-    f"every other Δ is marked {UNRESOLVED}. \"{ONE_SEED}\": one paired seed, so the interval covers the "
-    f"test items only, not seed-to-seed variation. \"{IDENTICAL}\": no item score differs between the "
-    f"inits. \"{SEED_LEVEL}\": some paired cell has no per-item scores (see the notes), so the interval "
-    "resamples the per-seed differences (none with one seed). "
+    "mean over those seeds and the items they all answered of (D2LoRA item score − LoRA item score). In brackets "
+    f"its {LEVEL:.0%} t interval from the crossed seeds × items analysis: every seed answers the same items, so "
+    "the variance of Δ is σ²_seed/S + σ²_item/I + σ²_resid/(S·I), estimated from the mean squares of the "
+    "seeds × items table of differences, with Satterthwaite degrees of freedom (docs/statistics.md). "
+    "\"S seeds × m items\" is what Δ rests on; \"MDE\" is the |Δ| this design detects with "
+    f"{POWER:.0%} power at a two-sided 5% level, from Δ's own variance components. "
+    "Verdicts: a **bold** Δ is resolved. \"resolved/unresolved (primary)\": a comparison named in "
+    f"`report.primary`, tested alone at {LEVEL:.0%}. \"(exploratory, Holm-adjusted p … over k Δ)\": every other "
+    "Δ, resolved only when its p after Holm's correction over the k exploratory Δs of its table (every metric, "
+    "pair and n; n = 0 apart) is below 0.05. \"too few seeds to resolve (k of K)\": fewer paired seeds than "
+    f"`report.min_seeds`; the interval is shown, the verdict is not given. \"{ONE_SEED}\": the interval covers "
+    f"the test items only (n = 0, where nothing is trained, is judged on that alone). \"{IDENTICAL}\": no item "
+    f"score differs between the inits. \"{SEED_LEVEL}\": some paired cell has no per-item scores (see the "
+    "notes), so the interval is a t interval over the per-seed differences (none with one seed). "
     f"{MISSING} = not finished (or no seed finished for both inits). n = 0 is the untrained base model (LoRA) "
     "or the warm-up adapter alone (D2LoRA), shared by every method. Every Δ, of every metric, is in deltas.csv. "
     "With several warm-ups (D2LoRA(m) names the warm-up) or LoRA inits (LoRA · PiSSA), each D2LoRA arm is "
     "paired with the vanilla LoRA arm of the same LoRA init, so every Δ isolates one warm-up.")
+
+
+def render_power(exp: Experiment, specs: list[TableSpec], deltas: Deltas) -> list[str]:
+    """How many seeds would detect `report.target_effect`, for the primary comparisons and the headline
+    metric's trained Δs, from each Δ's own variance components at its number of items."""
+    rows = []
+    for spec in specs:
+        if spec.role != "task" or spec.method == NO_TRAINING:
+            continue
+        for pair in deltas.pairs(spec.task):
+            for n in spec.ns:
+                for metric, label in spec.metrics:
+                    d = deltas.get(spec.task, spec.method, n, spec.suite, metric, pair)
+                    headline = metric == spec.metrics[0][0]
+                    if d.components is None or n == 0 or not (headline or d.key in deltas.primary):
+                        continue
+                    rows.append(_power_row(exp, spec, d, label))
+    if not rows:
+        return []
+    return ["## Power", "",
+            "Minimum detectable effect (MDE: 80% power, two-sided 5%) of each trained Δ of the headline metric and "
+            "of every primary comparison, and the paired seeds at the same items that would detect the target "
+            "effect (`report.target_effect`, by suite kind), projected from the Δ's own variance components.", "",
+            "| comparison | role | seeds × items | σ seed · item · resid (pp) | MDE (pp) | target (pp) | seeds to detect |",
+            "|---|---|---|---|---:|---:|---:|", *rows, ""]
+
+
+def _power_row(exp: Experiment, spec: TableSpec, d: Delta, label: str) -> str:
+    kind = exp.suites[spec.suite].kind if spec.suite in exp.suites else ""
+    target = exp.report.target_effect.get(kind)
+    items = d.items[0] if d.items else 1
+    if len(d.seeds) < 2:  # one seed cannot tell seed, item and residual variance apart
+        return (f"| {spec.task} {method_label(spec.method)} n={d.n} {label} ({d.pair.label}) | "
+                f"{d.verdict.role if d.verdict else 'exploratory'} | 1 × {items} | — | {d.mde * 100:.2f} | "
+                f"{'—' if target is None else f'{target:g}'} | — (one seed: its variance is unknown) |")
+    need = None if target is None else seeds_to_detect(target / 100, d.components, items)
+    c = d.components
+    sds = " · ".join(f"{(x ** 0.5) * 100:.2f}" for x in (c.seed, c.item, c.resid))
+    role = d.verdict.role if d.verdict else "exploratory"
+    what = f"{spec.task} {method_label(spec.method)} n={d.n} {label} ({d.pair.label})"
+    return (f"| {what} | {role} | {len(d.seeds)} × {items} | {sds} | {d.mde * 100:.2f} | "
+            f"{'—' if target is None else f'{target:g}'} | {'—' if target is None else (need or '> 1000')} |")
 
 
 def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec], deltas: Deltas) -> str:
@@ -186,6 +233,7 @@ def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec], d
             out += [f"## Task: {task}", ""]
         metrics = ", ".join(label for _, label in spec.metrics)
         out += [f"### {spec.title}: {metrics}", "", render_table(spec, coll, deltas), ""]
+    out += render_power(exp, specs, deltas)
     if notes := deltas.notes():
         out += ["## Notes on Δ", "", "Missing or unreadable predictions make every Δ that uses the cell "
                 f"{SEED_LEVEL}; seeds without the other init are left out.", "", *[f"- {n}" for n in notes], ""]

@@ -25,6 +25,11 @@ class PlanError(InputError):
     """The run directory's frozen plan disagrees with the request."""
 
 
+# Sections that say how results are judged, not how they are made: they may change after the plan is
+# frozen (a report can declare its primary comparison once the pilot has run).
+JUDGED_NOT_MADE = ("report",)
+
+
 def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
     """Write experiment.yaml and plan.json, or check that the existing ones match."""
     cells = plan_cells(exp)
@@ -32,7 +37,8 @@ def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
     # Jobs may start in another working directory: freeze where the runs live absolutely.
     resolved["output_dir"] = str(layout.root.resolve().parent)
     if layout.experiment_file.is_file():
-        diffs = _diff(_as_frozen_runs_it(yaml.safe_load(layout.experiment_file.read_text())), resolved)
+        diffs = [d for d in _diff(_as_frozen_runs_it(yaml.safe_load(layout.experiment_file.read_text())), resolved)
+                 if d.split(".")[0].split(":")[0] not in JUDGED_NOT_MADE]
         if diffs:
             raise PlanError(f"{layout.experiment_file} was frozen with other settings ({'; '.join(diffs[:5])}). "
                             "Results of a run directory must come from one experiment: set those keys back to the frozen "

@@ -284,7 +284,7 @@ def test_csv_has_one_row_per_cell_and_metric(run, no_plots):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(MATH) * 3 + len(TITLES) * 5  # items counts are not metrics
     assert list(rows[0]) == ["cell_id", "task", "method", "init", "n", "seed", "suite", "role", "metric", "value",
-                             "arm"]
+                             "arm", "n_trained", "prompt_version", "scorer_version", "code"]
     row = next(r for r in rows if r["cell_id"] == "math-sft-d2lora-n100-s1" and r["metric"] == "accuracy"
                and r["suite"] == "gsm8k")
     assert (row["task"], row["method"], row["init"], row["n"], row["seed"], row["role"], float(row["value"])) == (

@@ -146,6 +146,11 @@ def write_result(layout: RunLayout, cell_id: str, metrics: dict, suites: dict) -
 
 @pytest.fixture
 def run(tmp_path):
+    return write_run(tmp_path)
+
+
+def write_run(tmp_path: Path):
+    """The fixture experiment with the MATH and TITLES cells finished (and one still running)."""
     exp = load_experiment(tmp_path)
     layout = RunLayout(exp.run_dir)
     for cell_id, (gsm, arc) in MATH.items():

@@ -14,9 +14,20 @@ from d2lora_dist.errors import InputError
 from d2lora_dist.report import report, report_from_items
 from d2lora_dist.report.items import COLUMNS, read_items_csv, render_items_csv
 from d2lora_dist.report.versions import MixedVersions
-from tests.test_report import MATH, math_items, no_plots, run, table, write_cell  # noqa: F401  (fixtures)
+from tests.test_report import MATH, math_items, table, write_cell, write_run
 
 TABLES = ("results.csv", "deltas.csv", "results.md")
+
+
+@pytest.fixture
+def run(tmp_path):
+    return write_run(tmp_path)
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Tests of the numbers skip drawing."""
+    monkeypatch.setattr("d2lora_dist.report.write_plots", lambda *args, **kwargs: [])
 
 
 def rebuilt(layout, tmp_path: Path, name: str = "rebuilt") -> Path:

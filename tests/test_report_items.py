@@ -258,3 +258,8 @@ def test_n_trained_is_shown_beside_n(run, no_plots):
         trained = {(r["cell_id"], r["n_trained"]) for r in csv.DictReader(f)}
     assert ("math-sft-d2lora-n100-s0", "97") in trained and ("math-none-lora-n0-s0", "0") in trained
     assert ("math-sft-d2lora-n100-s1", "") in trained  # not recorded
+    with (layout.report_dir / "deltas.csv").open() as f:
+        deltas = {(r["method"], r["n"], r["n_trained"]) for r in csv.DictReader(f)
+                  if r["suite"] == "gsm8k" and r["metric"] == "accuracy"}
+    # n = 100 pairs seed 0 (both 97) and seed 1 (not recorded); n = 1000 pairs seed 0 only (998, 1000)
+    assert deltas >= {("none", "0", "0"), ("sft", "100", "97"), ("sft", "1000", "998–1000")}

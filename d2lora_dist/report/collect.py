@@ -103,11 +103,17 @@ class Collection:
     def n_label(self, task: str, method: str, n: int) -> str:
         """n as a table column shows it: "16", or "16 (15 trained)" when the finished cells at n trained
         on fewer rows (prompts that fill max_length are dropped); a range when they differ."""
+        trained = self.n_trained(task, method, n)
+        return str(n) if trained in ("", str(n)) else f"{n} ({trained} trained)"
+
+    def n_trained(self, task: str, method: str, n: int, arms: tuple[str, ...] = (),
+                  seeds: tuple[int, ...] = ()) -> str:
+        """The rows the finished cells at n trained on ("15", or "14–16" when they differ; "" when no
+        cell recorded it), over the given arms and seeds (all when empty)."""
+        at = {arm_at(a, n) for a in arms}
         trained = sorted({r.n_trained for r in self.rows if (r.task, r.method, r.n) == (task, cell_method(method, n), n)
-                          and r.n_trained is not None})
-        if not trained or trained == [n]:
-            return str(n)
-        return f"{n} ({trained[0] if len(trained) == 1 else f'{trained[0]}–{trained[-1]}'} trained)"
+                          and r.n_trained is not None and (not at or r.arm in at) and (not seeds or r.seed in seeds)})
+        return "" if not trained else str(trained[0]) if len(trained) == 1 else f"{trained[0]}–{trained[-1]}"
 
     def seeds(self, task: str, method: str, init: str, n: int) -> tuple[int, int]:
         """(finished, planned) seeds of one table cell."""

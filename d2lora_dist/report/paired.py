@@ -30,7 +30,7 @@ from d2lora_dist.sweep.grid import NO_TRAINING
 ITEMS, SEEDS, NONE = "items", "seeds", "none"  # what a Δ rests on
 MATCH_TOLERANCE = 1e-6  # item-score mean vs result.json value
 DELTAS_CSV_COLUMNS = ("task", "method", "n", "suite", "metric", "delta", "ci_low", "ci_high", "seeds", "items",
-                      "differing_items", "resolved", "basis", "note", "treatment", "baseline")
+                      "differing_items", "resolved", "basis", "note", "treatment", "baseline", "n_trained")
 
 Scores = dict[str, dict[str, float]]  # metric -> {item id -> score}
 
@@ -242,7 +242,8 @@ class Deltas:
         return list(dict.fromkeys(lines))
 
 
-def render_deltas_csv(deltas: list[Delta]) -> str:
+def render_deltas_csv(deltas: list[Delta], coll: Collection | None = None) -> str:
+    """deltas.csv; n_trained (from `coll`): the rows the paired cells trained on, "" when not recorded."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(DELTAS_CSV_COLUMNS)
@@ -250,9 +251,11 @@ def render_deltas_csv(deltas: list[Delta]) -> str:
         if d.basis == NONE and not any(d.finished):
             continue  # nothing finished: no line
         ci = d.ci or ("", "")
+        trained = "" if coll is None else coll.n_trained(d.task, d.method, d.n, (d.pair.baseline, d.pair.treatment),
+                                                         d.seeds)
         writer.writerow([d.task, d.method, d.n, d.suite, d.metric, _num(d.value), _num(ci[0]), _num(ci[1]),
                          len(d.seeds), d.items_label, "" if d.differing is None else d.differing,
-                         str(d.resolved).lower(), d.basis, d.note, d.pair.treatment, d.pair.baseline])
+                         str(d.resolved).lower(), d.basis, d.note, d.pair.treatment, d.pair.baseline, trained])
     return buf.getvalue()
 
 

@@ -86,7 +86,7 @@ def _write(exp: Any, coll: Collection, scores: ItemScores, conflicts: dict[str, 
     every = deltas.every([(s.task, s.method, s.suite, s.ns) for s in specs])
     markdown = render_markdown(exp, coll, specs, deltas, version_lines(coll.rows, conflicts), frozenset(conflicts))
     csv_path = atomic_write_text(out / "results.csv", render_csv(coll.rows))
-    deltas_path = atomic_write_text(out / "deltas.csv", render_deltas_csv(every))
+    deltas_path = atomic_write_text(out / "deltas.csv", render_deltas_csv(every, coll))
     md_path = atomic_write_text(out / "results.md", markdown)
     plots = write_plots(coll, specs, deltas, out / "plots", warmup_sizes, warmup_labels)
     return ReportResult(len(coll.planned), len(coll.done), coll.missing, coll.unplanned, csv_path, deltas_path,

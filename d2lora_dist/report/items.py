@@ -20,6 +20,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from d2lora_dist.errors import InputError, MissingInput
 from d2lora_dist.report.arms import Arm
@@ -92,19 +93,23 @@ def render_items_csv(name: str, kinds: dict[str, str], task_order: list[str], co
         base = {"cell": cell.id, "task": cell.task, "method": cell.method, "init": cell.init, "arm": cell.arm,
                 "n": cell.n, "seed": cell.seed, "status": status, "experiment": name}
         if status == MISSING:
-            writer.writerow([base.get(c, "") for c in COLUMNS])
+            _write_row(writer, base)
             continue
         for r in rows_of.get(cell.id, []):  # result.json order: suites as the task lists them
             suite = {"suite": r.suite, "kind": kinds.get(r.suite, ""), "role": r.role, "n_trained": r.n_trained,
                      "prompt_version": r.prompt_version, "scorer_version": r.scorer_version, "code": r.code}
             per_item = scores.get(cell.id, r.suite, r.metric)
             note = per_item if isinstance(per_item, str) and _stated(scores, cell.id, r.suite, r.metric) else ""
-            line = base | suite | {"metric": r.metric, "item": CELL_VALUE, "score": repr(r.value), "note": note}
-            writer.writerow(["" if line.get(c) is None else line.get(c, "") for c in COLUMNS])
+            _write_row(writer, base | suite | {"metric": r.metric, "item": CELL_VALUE, "score": repr(r.value),
+                                               "note": note})
             for item, value in (scores.scores.get((cell.id, r.suite)) or {}).get(r.metric, {}).items():
-                line = base | suite | {"metric": r.metric, "item": item, "score": repr(value)}
-                writer.writerow(["" if line.get(c) is None else line.get(c, "") for c in COLUMNS])
+                _write_row(writer, base | suite | {"metric": r.metric, "item": item, "score": repr(value)})
     return buf.getvalue()
+
+
+def _write_row(writer: Any, line: dict[str, Any]) -> None:
+    # repr of a float reads back as the same float: a rebuilt report computes from identical numbers
+    writer.writerow(["" if line.get(c) is None else line[c] for c in COLUMNS])
 
 
 def _stated(scores: ItemScores, cell_id: str, suite: str, metric: str) -> bool:

@@ -198,10 +198,20 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from d2lora_dist.report import report
+    from d2lora_dist.errors import InputError
+    from d2lora_dist.report import report, report_from_items
 
+    if args.items is not None:
+        if args.config is not None or args.overrides or args.wandb_report or args.out is None:
+            raise InputError("report --items FILE rebuilds from that file alone: give --out DIR, and neither "
+                             "-c/--config, --set nor --wandb-report")
+        report_from_items(args.items, args.out, allow_mixed=args.allow_mixed)
+        return 0
+    if args.config is None or args.out is not None:
+        raise InputError("report needs -c/--config EXPERIMENT (it writes into the run directory's report/), "
+                         "or --items FILE --out DIR")
     exp, layout = _load(args)
-    report(exp, layout, wandb_report=args.wandb_report)
+    report(exp, layout, wandb_report=args.wandb_report, allow_mixed=args.allow_mixed)
     return 0
 
 
@@ -316,8 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_args(p)
     p.set_defaults(func=cmd_sweep_status)
 
-    p = sub.add_parser("report", help="tables, confidence intervals and plots from finished cells")
-    _experiment_args(p)
+    p = sub.add_parser("report", help="tables, confidence intervals and plots from finished cells, or rebuilt "
+                                      "from an items.csv")
+    p.add_argument("-c", "--config", type=Path, default=None, help="experiment YAML file (its run directory)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--items", type=Path, default=None, metavar="FILE",
+                   help="rebuild the tables from this items.csv alone (written by a report as report/items.csv)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="with --items: where the tables go")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="report cells made by different prompt or scorer versions together (marked as mixed) "
+                        "instead of refusing")
     p.add_argument("--wandb-report", action="store_true", help="also publish a W&B Report (online only)")
     p.set_defaults(func=cmd_report)
     return parser

@@ -15,6 +15,7 @@ from d2lora_dist.data.selection import warmup_records
 from d2lora_dist.errors import UnknownName
 from d2lora_dist.fileio import read_json, write_json_atomic
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.provenance import code_version
 from d2lora_dist.schema import ConfigError
 from d2lora_dist.sweep.grid import WarmupRun, plan_cells, warmup_runs
 from d2lora_dist.sweep.slots import slot_record
@@ -80,7 +81,7 @@ def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None =
               "data": {"dataset": subset.dataset, "n": subset.n, "subset_sha256": subset.sha256}, "adapter": None,
               # wall seconds from its data to its result, where it ran (benchmarks/demo_wallclock.py)
               "timing": {"warmup_s": round(time.time() - started, 2), "ended": round(time.time(), 3)},
-              "runtime": slot_record(),
+              "runtime": slot_record(), "code": code_version(),
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if outcome.manifest is not None and distributed.is_main_process():
         result["adapter"] = {"sha256": outcome.manifest["adapter_sha256"], "path": str(adapter)}

@@ -52,6 +52,11 @@ def test_score_reads_predictions_without_a_model(tmp_path: Path, capsys: pytest.
     titles.write_text(json.dumps({"completion": "Low rank adapters", "reference": "Low rank adapters"}) + "\n")
     assert main(["score", "titles", str(titles)]) == 0
     assert "rougeL: 1.0000" in capsys.readouterr().out
+    titles.write_text("".join(json.dumps({"completion": c, "reference": "Low rank adapters"}) + "\n" for c in
+                              ["Here is a title for the paper:\n\nLow rank adapters", "Low rank adapters"]))
+    assert main(["score", "titles", str(titles), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["rougeL"] == 1.0 and scored["bare_title"] == 0.5  # the preamble is not scored, and is counted
     (tmp_path / "bad.jsonl").write_text(json.dumps({"completion": "x"}) + "\n")
     assert main(["score", "gsm8k", str(tmp_path / "bad.jsonl")]) == 2
     assert "reference" in capsys.readouterr().err

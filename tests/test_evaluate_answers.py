@@ -16,6 +16,7 @@ from d2lora_dist.evaluate.answers import (
     extract_flexible,
     extract_strict,
     extract_title,
+    is_bare_title,
     is_correct,
     reference_answer,
 )
@@ -220,3 +221,36 @@ def test_canonical_number():
 ])
 def test_extract_title(completion, expected):
     assert extract_title(completion) == expected
+
+
+# Golden completions: (completion, extracted title, is the completion a bare title).
+TITLE_GOLDEN = [
+    ("Low Rank Adapters", "Low Rank Adapters", True),
+    ("  Low Rank Adapters.\n", "Low Rank Adapters.", True),
+    ("Here is a concise title for the paper:\n\nLow Rank Adapters", "Low Rank Adapters", False),
+    ("Sure! Here's a title for the paper:\n\n**Low Rank Adapters**", "Low Rank Adapters", False),
+    ("Sure!\nHere is a possible title:\n**Title:** Low Rank Adapters", "Low Rank Adapters", False),
+    ('Here is a title: "BERT: Pre-training Deep Transformers"', "BERT: Pre-training Deep Transformers", False),
+    ("A suitable title would be:\n\nLow Rank Adapters", "Low Rank Adapters", False),
+    ("Title: Low Rank Adapters", "Low Rank Adapters", False),
+    ("**Title:** Low Rank Adapters", "Low Rank Adapters", False),
+    ('"Low Rank Adapters"', "Low Rank Adapters", False),
+    ("**Low Rank Adapters**", "Low Rank Adapters", False),
+    ("# Low Rank Adapters", "Low Rank Adapters", False),
+    ("Low Rank Adapters\n\nThis title captures the main idea of the abstract.", "Low Rank Adapters", False),
+    ("Low Rank Adapters:\nA Study of Fine-Tuning", "Low Rank Adapters:", False),
+    # titles that look like lead-ins or carry markup characters stay whole
+    ("Here Is Why Banks Fail", "Here Is Why Banks Fail", True),
+    ("BERT: Pre-training of Deep Bidirectional Transformers", "BERT: Pre-training of Deep Bidirectional Transformers",
+     True),
+    ("Learning C#", "Learning C#", True),
+    # a lead-in with no title after it: nothing to score
+    ("Here is a concise title for the paper:", "", False),
+    ("", "", False),
+]
+
+
+@pytest.mark.parametrize("completion, title, bare", TITLE_GOLDEN)
+def test_extract_title_golden(completion, title, bare):
+    assert extract_title(completion) == title
+    assert is_bare_title(completion) is bare

@@ -48,7 +48,15 @@ def test_score_titles_means_and_extracts_the_title():
     rows = [{"completion": "Title: Low Rank Adapters\nI chose this because...", "reference": "low rank adapters"},
             {"completion": "graph neural networks", "reference": "economic growth"}]
     metrics = score_titles(rows)
-    assert metrics == {"rouge1": 0.5, "rouge2": 0.5, "rougeL": 0.5, "items": 2}
+    assert metrics == {"rouge1": 0.5, "rouge2": 0.5, "rougeL": 0.5, "bare_title": 0.5, "items": 2}
+
+
+def test_score_titles_scores_the_title_after_a_preamble_not_the_preamble():
+    rows = [{"completion": "Here is a concise title for the paper:\n\nLow Rank Adapters", "reference": "low rank adapters"},
+            {"completion": "Low rank adapters", "reference": "low rank adapters"}]
+    assert score_titles(rows) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "bare_title": 0.5, "items": 2}
+    assert item_scores("titles", [{"id": i, **row, **score_row("titles", row["completion"], row["reference"])}
+                                  for i, row in enumerate(rows)])["bare_title"] == {"0": 0.0, "1": 1.0}
 
 
 # strict: 2 of 4 (rows 0 and 1); flexible: 3 of 4 (row 2 has no marker but ends on the answer)

@@ -34,13 +34,13 @@ ARC_ITEMS = [{"id": f"a{i}", "question": q, "choices": c, "answer_index": g} for
 ROW_KEYS = {
     "gsm8k": {"id", "prompt", "completion", "extracted", "reference", "correct", "extracted_strict",
               "extracted_flexible", "correct_strict", "correct_flexible"},
-    "titles": {"id", "prompt", "completion", "extracted", "reference", "score"},
+    "titles": {"id", "prompt", "completion", "extracted", "reference", "score", "bare_title"},
     "arc": {"id", "prompt", "choices", "logliks", "pred", "pred_norm", "gold", "correct", "correct_norm"},
 }
 ITEMS = {"gsm8k": GSM8K_ITEMS, "titles": TITLE_ITEMS, "arc": ARC_ITEMS}
 # String entries of run_suite's metrics besides the numbers, per kind.
-LABELS = {"gsm8k": {"prompt_version", "answer_filter", "answer_rules"}, "titles": {"prompt_version"},
-          "arc": {"prompt_version"}}
+LABELS = {"gsm8k": {"prompt_version", "answer_filter", "answer_rules", "scorer_version"},
+          "titles": {"prompt_version", "scorer_version"}, "arc": {"prompt_version", "scorer_version"}}
 
 
 @pytest.fixture(scope="session")
@@ -265,7 +265,8 @@ def test_gsm8k_rows_and_metrics_carry_both_filters_and_the_setting_picks_the_hea
         (r[f"extracted_{answer_filter}"], r[f"correct_{answer_filter}"]) for r in rows]
     assert metrics == {"accuracy": accuracy, "strict_accuracy": 0.0, "flexible_accuracy": 0.5, "items": 2,
                        "prompt_version": suites.GSM8K_PROMPT_VERSION, "answer_filter": answer_filter,
-                       "answer_rules": ANSWER_RULES_VERSION}
+                       "answer_rules": ANSWER_RULES_VERSION,
+                       "scorer_version": f"{ANSWER_RULES_VERSION}/{answer_filter}"}
     # the file alone reproduces every number, given the headline filter
     rescored = score_file("gsm8k", out, answer_filter=answer_filter)
     assert {k: rescored[k] for k in suites.SUITES["gsm8k"].metrics} == {

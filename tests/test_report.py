@@ -147,6 +147,11 @@ def write_result(layout: RunLayout, cell_id: str, metrics: dict, suites: dict) -
 
 @pytest.fixture
 def run(tmp_path):
+    return write_run(tmp_path)
+
+
+def write_run(tmp_path: Path):
+    """The fixture experiment with the MATH and TITLES cells finished (and one still running)."""
     exp = load_experiment(tmp_path)
     layout = RunLayout(exp.run_dir)
     for cell_id, (gsm, arc) in MATH.items():
@@ -296,7 +301,7 @@ def test_csv_has_one_row_per_cell_and_metric(run, no_plots):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(MATH) * 3 + len(TITLES) * 5  # items counts are not metrics
     assert list(rows[0]) == ["cell_id", "task", "method", "init", "n", "seed", "suite", "role", "metric", "value",
-                             "arm"]
+                             "arm", "n_trained", "prompt_version", "scorer_version", "code"]
     row = next(r for r in rows if r["cell_id"] == "math-sft-d2lora-n100-s1" and r["metric"] == "accuracy"
                and r["suite"] == "gsm8k")
     assert (row["task"], row["method"], row["init"], row["n"], row["seed"], row["role"], float(row["value"])) == (

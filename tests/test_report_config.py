@@ -33,7 +33,7 @@ def load(path: Path, report: dict, tmp_path: Path):
     ({"task": "math", "method": "sft", "n": 16, "metric": "rougeL"},
      "report.primary[0].task: unknown task 'math' (defined: ['titles'])"),
     ({"task": "titles", "method": "sft", "n": 16, "metric": "bleu"},
-     "report.primary[0].metric: suite 'titles' reports no 'bleu' (valid: rouge1, rouge2, rougeL)"),
+     "report.primary[0].metric: suite 'titles' reports no 'bleu' (valid: rouge1, rouge2, rougeL, bare_title)"),
     ({"task": "titles", "method": "sft", "n": 16, "metric": "accuracy", "suite": "gsm8k"},
      "report.primary[0].suite: 'gsm8k' is not a suite of task 'titles' (['titles', 'arc_easy'])"),
     ({"task": "titles", "method": "sft", "n": 16, "metric": "rougeL", "warmup": "m64"},

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from d2lora_dist import adapters
 from d2lora_dist.config import experiment_from_dict
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.provenance import code_version
 from d2lora_dist.sweep.cell import run_cell
 from d2lora_dist.sweep.grid import Cell
 from d2lora_dist.warmup import run_warmup
@@ -46,6 +47,8 @@ def test_cell_writes_result_last_and_a_second_run_does_nothing(run) -> None:
     assert result["adapter"]["parent_sha256"] == adapters.read_manifest(layout.warmup_adapter)["adapter_sha256"]
     assert 0.0 <= result["metrics"]["gsm8k"]["accuracy"] <= 1.0 and result["metrics"]["gsm8k"]["items"] == 4
     assert result["suites"] == {"gsm8k": "task", "arc_easy": "forgetting"}
+    assert result["n_trained"] == 4  # no prompt fills max_length
+    assert result["code"] == code_version() and result["code"]["version"].startswith(("git:", "d2lora-dist=="))
     subset = json.loads(layout.cell_subset(cell.id).read_text())
     assert subset["n"] == 4 and len(subset["indices"]) == 4
     stamp = layout.cell_result(cell.id).stat().st_mtime_ns
@@ -59,6 +62,7 @@ def test_n0_cells_train_nothing(run) -> None:
     warm = run_cell(exp, layout, Cell("math", "none", "d2lora", 0, 0))
     assert base["train"] is None and base["adapter"] is None
     assert warm["train"] is None
+    assert base["n_trained"] == warm["n_trained"] == 0
     assert warm["adapter"]["sha256"] == adapters.read_manifest(layout.warmup_adapter)["adapter_sha256"]
     assert not layout.cell_adapter("math-none-d2lora-n0-s0").exists()
 
@@ -72,6 +76,24 @@ def test_titles_evaluate_the_holdout_never_trained_on(run) -> None:
     assert len(rows) == 4 and set(result["metrics"]["titles"]) >= {"rouge1", "rouge2", "rougeL"}
     trained_titles = {f"Adapters {i} for small models" for i in subset["indices"]}
     assert not trained_titles & {r["reference"] for r in rows}
+
+
+def test_result_records_the_rows_trained_after_the_length_filter(tiny_experiment: dict) -> None:
+    from transformers import AutoTokenizer
+
+    from d2lora_dist.data.lengths import record_lengths
+    from d2lora_dist.data.selection import task_records
+
+    exp = experiment_from_dict(tiny_experiment)
+    tokenizer = AutoTokenizer.from_pretrained(exp.model.name_or_path)
+    records, _ = task_records(exp, "math", "sft", 8, 0)
+    prompts = sorted(record_lengths(r, tokenizer)[0] for r in records)
+    limit = prompts[len(prompts) // 2]  # rows whose prompt reaches it are dropped: some, not all
+    assert prompts[0] < limit, "the fixture's prompts must differ in length"
+    tiny_experiment["methods"]["sft"]["max_length"] = limit
+    exp = experiment_from_dict(tiny_experiment)
+    result = run_cell(exp, RunLayout(exp.run_dir), Cell("math", "sft", "lora", 8, 0))
+    assert result["n_trained"] == sum(p < limit for p in prompts) < 8
 
 
 def test_a_crashed_cell_resumes_from_its_last_checkpoint(run) -> None:

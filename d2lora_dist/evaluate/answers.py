@@ -156,21 +156,71 @@ def is_correct(completion: str, reference: str, answer_filter: AnswerFilter = "f
 
 # --- titles ---------------------------------------------------------------------------
 
-_TITLE_PREFIX = re.compile(r"^\s*(?:\*\*)?\s*title\s*(?:\*\*)?\s*:\s*(?:\*\*)?", re.IGNORECASE)
+# Bump TITLE_RULES_VERSION whenever what extract_title returns changes: ROUGE from different
+# rules is not comparable, and the titles suite reports it as its scorer version.
+# v1 (results that record no scorer version): the first non-empty line, its "Title:" label
+# removed, so a preamble ("Here is a title for the paper:") was scored as the title.
+TITLE_RULES_VERSION = "titles-extract-v2"
+
+# A lead-in that announces the title instead of giving it: "Sure! Here is a concise title for the
+# paper:", "Here's a possible title:", "A suitable title would be:". Only a line that starts so AND
+# names a title counts, so a title such as "Here Is Why Banks Fail" is kept.
+_LEAD_IN = re.compile(
+    r"^(?:(?:sure|certainly|of course|okay|ok|absolutely|great)\b[\s!,.]*)?"
+    r"(?:here\s+is|here's|here\s+are|below\s+is|i\s+(?:would\s+)?(?:suggest|propose)|"
+    r"(?:a|one|my|the)\s+(?:possible|suitable|good|concise|short|proposed|suggested|fitting)\s+titles?)\b",
+    re.IGNORECASE)
+_INTERJECTION = re.compile(r"^(?:sure|certainly|of course|okay|ok|absolutely|great)\W*$", re.IGNORECASE)
+_TITLE_WORD = re.compile(r"\btitles?\b", re.IGNORECASE)
+_TITLE_LABEL = re.compile(r"^\s*(?:\*\*)?\s*(?:suggested\s+|proposed\s+|paper\s+)?title\s*(?:\*\*)?\s*:\s*(?:\*\*)?",
+                          re.IGNORECASE)
 _TITLE_QUOTES = "\"'“”‘’*` "
 
 
-def extract_title(completion: str) -> str:
-    """The title a completion proposes: its first non-empty line, without a "Title:"
-    label or wrapping quotes/markdown.
+def _unwrap(text: str) -> str:
+    """Without surrounding whitespace, quotes, markdown emphasis or a heading mark."""
+    return re.sub(r"^\s*#+\s+", "", text).strip().strip(_TITLE_QUOTES).strip()
 
-    Models often add a label or an explanation after the title; both would count as
-    wrong words for ROUGE although the title itself is right.
+
+def _is_lead_in(line: str) -> bool:
+    bare = line.lstrip(_TITLE_QUOTES + "#")
+    return bool(_LEAD_IN.match(bare)) and bool(_TITLE_WORD.search(bare))
+
+
+def extract_title(completion: str) -> str:
+    """The title a completion proposes (docs/evaluation.md, rules TITLE_RULES_VERSION).
+
+    Lines before the title that only announce it ("Sure!", "Here is a concise title for the
+    paper:") are skipped; text after the announcement's colon on the same line is the title.
+    From the first remaining line, a "Title:" label (plain or markdown bold) is removed, and
+    when the label stands alone the next line is the title; wrapping quotes, markdown emphasis
+    and a heading mark go. Everything after that line (an explanation) is ignored. "" when the
+    completion holds no title.
     """
-    lines = [line for line in completion.strip().splitlines() if line.strip()]
-    if not lines:
+    lines = [line.strip() for line in completion.splitlines() if line.strip()]
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if _INTERJECTION.match(_unwrap(line)):
+            i += 1
+            continue
+        if _is_lead_in(line):
+            _, colon, rest = line.partition(":")
+            if colon and _unwrap(_TITLE_LABEL.sub("", rest)):
+                return _unwrap(_TITLE_LABEL.sub("", rest))
+            i += 1
+            continue
+        break
+    if i >= len(lines):
         return ""
-    title = _TITLE_PREFIX.sub("", lines[0])
-    if not title.strip(_TITLE_QUOTES) and len(lines) > 1:
-        title = lines[1]  # "Title:" alone on its line, the title on the next one
-    return title.strip().strip(_TITLE_QUOTES).strip()
+    title = _unwrap(_TITLE_LABEL.sub("", lines[i]))
+    if not title and i + 1 < len(lines):
+        title = _unwrap(lines[i + 1])  # "Title:" alone on its line, the title on the next one
+    return title
+
+
+def is_bare_title(completion: str) -> bool:
+    """Whether the completion is its title and nothing else: one line, no lead-in, no label, no
+    quotes or markdown around it, no explanation after it (surrounding whitespace aside)."""
+    title = extract_title(completion)
+    return bool(title) and completion.strip() == title

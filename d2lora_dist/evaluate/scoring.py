@@ -19,6 +19,7 @@ from d2lora_dist.evaluate.answers import (
     AnswerFilter,
     answer_extractor,
     extract_title,
+    is_bare_title,
     reference_answer,
 )
 
@@ -64,12 +65,13 @@ def gsm8k_row_scores(completion: str, reference: str, answer_filter: AnswerFilte
 def score_row(kind: ScoreKind, completion: str, reference: str,
               answer_filter: AnswerFilter = "flexible") -> dict[str, Any]:
     """The scored fields of one prediction row: gsm8k_row_scores for gsm8k (answer_filter
-    picks the headline); {"extracted": title, "score": ROUGE F1s} for titles."""
+    picks the headline); {"extracted": title, "score": ROUGE F1s, "bare_title": whether the completion
+    is the title alone} for titles."""
     if kind == "gsm8k":
         return gsm8k_row_scores(completion, reference, answer_filter)
     if kind == "titles":
         title = extract_title(completion)
-        return {"extracted": title, "score": rouge_f1(title, reference)}
+        return {"extracted": title, "score": rouge_f1(title, reference), "bare_title": is_bare_title(completion)}
     raise ValueError(f"score_row: kind must be 'gsm8k' or 'titles', got {kind!r}")
 
 
@@ -96,15 +98,19 @@ def score_gsm8k(rows: Iterable[dict[str, Any]], answer_filter: AnswerFilter = "f
 
 
 def score_titles(rows: Iterable[dict[str, Any]]) -> dict[str, float | int]:
-    """Mean ROUGE-1/2/L F1 of extracted titles vs reference titles."""
+    """Mean ROUGE-1/2/L F1 of extracted titles vs reference titles, and `bare_title`: the share
+    of completions that are the title alone (what the prompt asks for; docs/evaluation.md)."""
     rows = list(rows)
     _require_rows(rows, "score_titles")
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    bare = 0
     for row in rows:
         scores = rouge_f1(extract_title(row["completion"]), row["reference"])
         for name in ROUGE_TYPES:
             totals[name] += scores[name]
-    return {**{name: total / len(rows) for name, total in totals.items()}, "items": len(rows)}
+        bare += is_bare_title(row["completion"])
+    return {**{name: total / len(rows) for name, total in totals.items()}, "bare_title": bare / len(rows),
+            "items": len(rows)}
 
 
 def arc_predictions(logliks: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
@@ -141,7 +147,8 @@ ITEM_SCORES: dict[str, dict[str, Any]] = {
     "gsm8k": {"accuracy": lambda row: float(row["correct"]),
               "strict_accuracy": lambda row: float(row["correct_strict"]),
               "flexible_accuracy": lambda row: float(row["correct_flexible"])},
-    "titles": {name: (lambda row, name=name: float(row["score"][name])) for name in ROUGE_TYPES},
+    "titles": {**{name: (lambda row, name=name: float(row["score"][name])) for name in ROUGE_TYPES},
+               "bare_title": lambda row: float(row["bare_title"])},
     "arc": {"accuracy": lambda row: float(row["correct"]), "accuracy_norm": lambda row: float(row["correct_norm"])},
 }
 

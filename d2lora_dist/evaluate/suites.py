@@ -6,10 +6,12 @@ The metrics come from the same `scoring` functions that rescore a predictions fi
 `score_file(kind, out_path)` reproduces what `run_suite` returned (a gsm8k suite whose
 headline is the strict filter: `score_file("gsm8k", out_path, answer_filter="strict")`).
 
-Bump a PROMPT_VERSION whenever its prompt text or construction changes: numbers from
-different versions are not comparable, and the version is recorded with every result
-(gsm8k also records its answer-extraction rules, `answers.ANSWER_RULES_VERSION`, and
-which answer filter is the headline accuracy).
+Bump a PROMPT_VERSION whenever its prompt text or construction changes, and a scorer version
+(`answers.ANSWER_RULES_VERSION`, `answers.TITLE_RULES_VERSION`, ARC_SCORER_VERSION) whenever
+what a completion or log-likelihood scores changes: numbers from different versions are not
+comparable. Every result records both (`prompt_version`, `scorer_version`; gsm8k also its
+`answer_rules` and which answer filter is the headline accuracy), and the report refuses to
+pool cells whose versions differ.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from d2lora_dist import distributed, prompts
 from d2lora_dist.errors import InputError
-from d2lora_dist.evaluate.answers import ANSWER_RULES_VERSION, answer_extractor
+from d2lora_dist.evaluate.answers import ANSWER_RULES_VERSION, TITLE_RULES_VERSION, answer_extractor
 from d2lora_dist.evaluate.generation import generate
 from d2lora_dist.evaluate.loglik import choice_logliks
 from d2lora_dist.evaluate.scoring import arc_predictions, score_arc, score_gsm8k, score_row, score_titles
@@ -40,6 +42,8 @@ Row = dict[str, Any]
 GSM8K_PROMPT_VERSION = prompts.GSM8K_PROMPT_VERSION
 TITLES_PROMPT_VERSION = prompts.TITLE_PROMPT_VERSION
 ARC_PROMPT_VERSION = "arc-loglik-v1"
+ARC_SCORER_VERSION = "arc-acc-v1"  # argmax log-likelihood, and per character (acc_norm)
+UNRECORDED = "unrecorded"  # a version a result does not say
 ARC_PROMPT = "Question: {question}\nAnswer:"  # scored continuations: " " + choice (lm-eval style)
 
 
@@ -112,13 +116,26 @@ def score_gsm8k_suite(rows: Sequence[Row], settings: SuiteConfig) -> dict[str, f
 
 
 def gsm8k_labels(settings: SuiteConfig) -> dict[str, str]:
-    # Which filter the headline `accuracy` is, and which extraction rules produced it.
+    # Which filter the headline `accuracy` is, and which extraction rules produced it: together
+    # they are the scorer (the same rules with the other headline give another `accuracy`).
     answer_extractor(settings.answer_filter)  # a bad name is an error before anything is generated
-    return {"answer_filter": settings.answer_filter, "answer_rules": ANSWER_RULES_VERSION}
+    return {"answer_filter": settings.answer_filter, "answer_rules": ANSWER_RULES_VERSION,
+            "scorer_version": f"{ANSWER_RULES_VERSION}/{settings.answer_filter}"}
 
 
-def _no_labels(settings: SuiteConfig) -> dict[str, str]:
-    return {}
+def gsm8k_scorer_before_labels(labels: dict[str, str]) -> str:
+    # Results from before `scorer_version` recorded the rules and the filter (or nothing).
+    if "answer_rules" in labels and "answer_filter" in labels:
+        return f"{labels['answer_rules']}/{labels['answer_filter']}"
+    return UNRECORDED
+
+
+def _labels(scorer_version: str) -> Callable[[SuiteConfig], dict[str, str]]:
+    return lambda settings: {"scorer_version": scorer_version}
+
+
+def _constant(version: str) -> Callable[[dict[str, str]], str]:
+    return lambda labels: version
 
 
 @dataclass(frozen=True)
@@ -128,8 +145,10 @@ class Suite:
     `metrics` are the numeric keys run_suite reports: fractions in [0, 1] plus the item
     count (what result.json and the report read); `score` may compute more (gsm8k's count
     of correct answers, shown by `d2lora score`). `labels` are strings reported next to
-    `prompt_version` that say how the numbers were made. `table` is what the report shows,
-    (metric, label), the plotted one first; adding a suite kind is one entry here.
+    `prompt_version` that say how the numbers were made, `scorer_version` among them.
+    `scorer_before_labels` names the scorer of a result written before results recorded
+    `scorer_version`, from the labels it has. `table` is what the report shows, (metric,
+    label), the plotted one first; adding a suite kind is one entry here.
     """
 
     prompt_version: str
@@ -138,21 +157,33 @@ class Suite:
     score: Callable[[Sequence[Row], SuiteConfig], dict[str, float | int]]
     metrics: tuple[str, ...]
     table: tuple[tuple[str, str], ...]
-    labels: Callable[[SuiteConfig], dict[str, str]] = _no_labels
+    labels: Callable[[SuiteConfig], dict[str, str]]
+    scorer_before_labels: Callable[[dict[str, str]], str]
 
 
 SUITES: dict[str, Suite] = {
     "gsm8k": Suite(GSM8K_PROMPT_VERSION, ("id", "question", "answer"), predict_gsm8k, score_gsm8k_suite,
                    ("accuracy", "strict_accuracy", "flexible_accuracy", "items"),
                    (("accuracy", "accuracy"), ("strict_accuracy", "strict accuracy"),
-                    ("flexible_accuracy", "flexible accuracy")), gsm8k_labels),
+                    ("flexible_accuracy", "flexible accuracy")), gsm8k_labels, gsm8k_scorer_before_labels),
     "titles": Suite(TITLES_PROMPT_VERSION, ("id", "abstract", "title"), predict_titles,
-                    lambda rows, settings: score_titles(rows), ("rouge1", "rouge2", "rougeL", "items"),
-                    (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"))),
+                    lambda rows, settings: score_titles(rows), ("rouge1", "rouge2", "rougeL", "bare_title", "items"),
+                    (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
+                     ("bare_title", "bare titles")),
+                    _labels(TITLE_RULES_VERSION), _constant("titles-extract-v1")),
     "arc": Suite(ARC_PROMPT_VERSION, ("id", "question", "choices", "answer_index"), predict_arc,
                  lambda rows, settings: score_arc(rows), ("accuracy", "accuracy_norm", "items"),
-                 (("accuracy", "accuracy"),)),
+                 (("accuracy", "accuracy"),), _labels(ARC_SCORER_VERSION), _constant(ARC_SCORER_VERSION)),
 }
+
+
+def recorded_versions(kind: str | None, labels: dict[str, str]) -> dict[str, str]:
+    """The prompt and scorer version a result's labels say (its suite `kind`, None when unknown);
+    a result from before `scorer_version` was recorded gets the scorer it was scored with."""
+    scorer = labels.get("scorer_version")
+    if scorer is None:
+        scorer = SUITES[kind].scorer_before_labels(labels) if kind in SUITES else UNRECORDED
+    return {"prompt_version": labels.get("prompt_version") or UNRECORDED, "scorer_version": scorer}
 
 
 def _check_items(kind: str, items: Sequence[Item], keys: tuple[str, ...]) -> None:

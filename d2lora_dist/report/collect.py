@@ -15,6 +15,7 @@ from typing import Any
 
 from d2lora_dist.config import Experiment
 from d2lora_dist.errors import InputError
+from d2lora_dist.evaluate.suites import UNRECORDED, recorded_versions
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.sweep.grid import NO_TRAINING, Cell, plan_cells
 
@@ -37,11 +38,16 @@ class Row:
     metric: str
     value: float
     arm: str = ""  # the init with its axes (sweep/grid.Cell.arm); the init itself without them
+    n_trained: int | None = None  # rows trained after the length filter; None = not recorded
+    prompt_version: str = UNRECORDED  # how the number was made (evaluate.suites.recorded_versions)
+    scorer_version: str = UNRECORDED
+    code: str = UNRECORDED  # the code that made the cell (provenance.code_version()["version"])
 
-    CSV_COLUMNS = ("cell_id", "task", "method", "init", "n", "seed", "suite", "role", "metric", "value", "arm")
+    CSV_COLUMNS = ("cell_id", "task", "method", "init", "n", "seed", "suite", "role", "metric", "value", "arm",
+                   "n_trained", "prompt_version", "scorer_version", "code")
 
     def as_csv(self) -> list[Any]:
-        return [getattr(self, c) for c in self.CSV_COLUMNS]
+        return ["" if getattr(self, c) is None else getattr(self, c) for c in self.CSV_COLUMNS]
 
 
 @dataclass
@@ -94,6 +100,21 @@ class Collection:
         """Metrics some finished cell of the task reports for the suite, sorted."""
         return sorted({r.metric for r in self.rows if r.task == task and r.suite == suite})
 
+    def n_label(self, task: str, method: str, n: int) -> str:
+        """n as a table column shows it: "16", or "16 (15 trained)" when the finished cells at n trained
+        on fewer rows (prompts that fill max_length are dropped); a range when they differ."""
+        trained = self.n_trained(task, method, n)
+        return str(n) if trained in ("", str(n)) else f"{n} ({trained} trained)"
+
+    def n_trained(self, task: str, method: str, n: int, arms: tuple[str, ...] = (),
+                  seeds: tuple[int, ...] = ()) -> str:
+        """The rows the finished cells at n trained on ("15", or "14–16" when they differ; "" when no
+        cell recorded it), over the given arms and seeds (all when empty)."""
+        at = {arm_at(a, n) for a in arms}
+        trained = sorted({r.n_trained for r in self.rows if (r.task, r.method, r.n) == (task, cell_method(method, n), n)
+                          and r.n_trained is not None and (not at or r.arm in at) and (not seeds or r.seed in seeds)})
+        return "" if not trained else str(trained[0]) if len(trained) == 1 else f"{trained[0]}–{trained[-1]}"
+
     def seeds(self, task: str, method: str, init: str, n: int) -> tuple[int, int]:
         """(finished, planned) seeds of one table cell."""
         key_method = cell_method(method, n)
@@ -128,6 +149,11 @@ def collect(exp: Experiment, layout: RunLayout) -> Collection:
         cell, cell_rows = read_result(path, exp)
         finished[cell.id] = cell
         rows.extend(cell_rows)
+    return collection(planned, finished, rows)
+
+
+def collection(planned: list[Cell], finished: dict[str, Cell], rows: list[Row]) -> Collection:
+    """The Collection of these cells and rows (from result.json files or from an items.csv)."""
     values: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in rows:
         values[(r.task, r.method, r.arm, r.n, r.suite, r.metric)][r.seed] = r.value
@@ -145,17 +171,39 @@ def read_result(path: Path, exp: Experiment) -> tuple[Cell, list[Row]]:
     if cell.id != path.parent.name:
         raise InputError(f"{path}: cell.id {cell.id!r} does not match its directory {path.parent.name!r}")
     suites_roles = data.get("suites") or {}
+    code = (data.get("code") or {}).get("version") or UNRECORDED
+    trained = _n_trained(data, cell)
     rows = []
     for suite, values in metrics.items():
         role = suites_roles.get(suite) or _role(exp, cell.task, suite)
+        versions = recorded_versions(exp.suites[suite].kind if suite in exp.suites else None, _labels(data, suite))
         for metric, value in values.items():
             if metric in NOT_METRICS:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
                 raise InputError(f"{path}: metrics.{suite}.{metric} = {value!r}; expected a fraction in [0, 1]")
             rows.append(Row(cell.id, cell.task, cell.method, cell.init, cell.n, cell.seed, suite, role,
-                            metric, float(value), cell.arm))
+                            metric, float(value), cell.arm, trained, code=code, **versions))
     return cell, rows
+
+
+def _labels(data: dict[str, Any], suite: str) -> dict[str, str]:
+    """A suite's labels in a result.json; results from before `labels` recorded the prompt version alone."""
+    labels = dict((data.get("labels") or {}).get(suite) or {})
+    prompt = (data.get("prompt_versions") or {}).get(suite)
+    if prompt and "prompt_version" not in labels:
+        labels["prompt_version"] = prompt
+    return labels
+
+
+def _n_trained(data: dict[str, Any], cell: Cell) -> int | None:
+    """Rows the cell trained on: recorded since `n_trained`, before that its training schedule's examples."""
+    if data.get("n_trained") is not None:
+        return int(data["n_trained"])
+    if not cell.trains:
+        return 0
+    schedule = (data.get("train") or {}).get("schedule") or {}
+    return int(schedule["examples"]) if "examples" in schedule else None
 
 
 def _role(exp: Experiment, task: str, suite: str) -> Role:

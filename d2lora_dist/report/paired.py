@@ -36,7 +36,7 @@ ITEMS, SEEDS, NONE = "items", "seeds", "none"  # what a Δ rests on
 MATCH_TOLERANCE = 1e-6  # item-score mean vs result.json value
 DELTAS_CSV_COLUMNS = ("task", "method", "n", "suite", "metric", "delta", "ci_low", "ci_high", "seeds", "items",
                       "differing_items", "resolved", "basis", "note", "treatment", "baseline", "state", "role",
-                      "p_value", "p_holm", "family_size", "se", "df", "mde", "seed_sd", "item_sd", "resid_sd")
+                      "p_value", "p_holm", "family_size", "se", "df", "mde", "seed_sd", "item_sd", "resid_sd", "n_trained")
 
 Scores = dict[str, dict[str, float]]  # metric -> {item id -> score}
 
@@ -317,7 +317,8 @@ class Deltas:
         return list(dict.fromkeys(lines))
 
 
-def render_deltas_csv(deltas: list[Delta]) -> str:
+def render_deltas_csv(deltas: list[Delta], coll: Collection | None = None) -> str:
+    """deltas.csv; n_trained (from `coll`): the rows the paired cells trained on, "" when not recorded."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(DELTAS_CSV_COLUMNS)
@@ -325,6 +326,8 @@ def render_deltas_csv(deltas: list[Delta]) -> str:
         if d.basis == NONE and not any(d.finished):
             continue  # nothing finished: no line
         ci = d.ci or ("", "")
+        trained = "" if coll is None else coll.n_trained(d.task, d.method, d.n, (d.pair.baseline, d.pair.treatment),
+                                                         d.seeds)
         verdict, comp = d.verdict, d.components
         sds = ("", "", "") if comp is None else tuple(np.sqrt([comp.seed, comp.item, comp.resid]))
         writer.writerow([d.task, d.method, d.n, d.suite, d.metric, _num(d.value), _num(ci[0]), _num(ci[1]),
@@ -332,7 +335,7 @@ def render_deltas_csv(deltas: list[Delta]) -> str:
                          str(d.resolved).lower(), d.basis, d.note, d.pair.treatment, d.pair.baseline,
                          verdict.state if verdict else "", verdict.role if verdict else "", _num(d.p),
                          _num(verdict.p_holm if verdict else None), verdict.family if verdict and verdict.family else "",
-                         _num(d.se), "" if d.df is None else f"{d.df:.2f}", _num(d.mde), *map(_num, sds)])
+                         _num(d.se), "" if d.df is None else f"{d.df:.2f}", _num(d.mde), *map(_num, sds), trained])
     return buf.getvalue()
 
 

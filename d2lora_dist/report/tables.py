@@ -132,7 +132,7 @@ def table_arms(coll: Collection, task: str) -> list[tuple[str, str]]:
 
 
 def render_table(spec: TableSpec, coll: Collection, deltas: Deltas) -> str:
-    lines = ["| n | " + " | ".join(str(n) for n in spec.ns) + " |",
+    lines = ["| n | " + " | ".join(coll.n_label(spec.task, spec.method, n) for n in spec.ns) + " |",
              "|---|" + "---:|" * len(spec.ns)]
     arms = table_arms(coll, spec.task)
     for key, label in spec.metrics:
@@ -220,19 +220,23 @@ def _power_row(exp: Experiment, spec: TableSpec, d: Delta, label: str) -> str:
             f"{'—' if target is None else f'{target:g}'} | {'—' if target is None else (need or '> 1000')} |")
 
 
-def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec], deltas: Deltas) -> str:
+def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec], deltas: Deltas,
+                    versions: list[str] | None = None, mixed: frozenset[str] = frozenset()) -> str:
+    """`versions`: lines about the versions behind the cells (report.versions), shown before the tables;
+    `mixed`: suites whose cells come from different prompt or scorer versions (their titles say so)."""
     planned, done, missing = len(coll.planned), len(coll.done), coll.missing
     out = [f"# D2LoRA results: {exp.name}", "",
            f"**{done} of {planned} planned cells done** ({len(missing)} missing"
            + (f"; {len(coll.unplanned)} finished cells are not in the current plan" if coll.unplanned else "")
-           + ").", "", HEADER, ""]
+           + ").", "", HEADER, "", *(versions or [])]
     task = None
     for spec in specs:
         if spec.task != task:
             task = spec.task
             out += [f"## Task: {task}", ""]
         metrics = ", ".join(label for _, label in spec.metrics)
-        out += [f"### {spec.title}: {metrics}", "", render_table(spec, coll, deltas), ""]
+        flag = " · MIXED VERSIONS" if spec.suite in mixed else ""
+        out += [f"### {spec.title}: {metrics}{flag}", "", render_table(spec, coll, deltas), ""]
     out += render_power(exp, specs, deltas)
     if notes := deltas.notes():
         out += ["## Notes on Δ", "", "Missing or unreadable predictions make every Δ that uses the cell "

@@ -84,3 +84,27 @@ def primary_keys(exp: Experiment) -> frozenset[tuple]:
         keys.add((p.task, method, p.n, suite, p.metric, arm_name(TREATMENT, named, p.lora_init),
                   arm_name(BASELINE, "", p.lora_init)))
     return frozenset(keys)
+
+
+@dataclass(frozen=True)
+class Judging:
+    """What the report needs to judge Δs, from an experiment's `report` section or from the settings row
+    of an items.csv: report.min_seeds, the primary comparisons as Δ keys, report.target_effect."""
+
+    min_seeds: int
+    primary: frozenset[tuple]
+    target_effect: dict[str, float]
+
+    def to_json(self) -> dict:
+        return {"min_seeds": self.min_seeds, "primary": sorted(list(k) for k in self.primary),
+                "target_effect": dict(self.target_effect)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Judging:
+        """The inverse of to_json; KeyError/TypeError/ValueError on a malformed record (the caller names the line)."""
+        keys = frozenset((t, m, int(n), s, metric, treat, base) for t, m, n, s, metric, treat, base in data["primary"])
+        return cls(int(data["min_seeds"]), keys, {str(k): float(v) for k, v in data["target_effect"].items()})
+
+
+def judging_of(exp: Experiment) -> Judging:
+    return Judging(exp.report.min_seeds, primary_keys(exp), dict(exp.report.target_effect))

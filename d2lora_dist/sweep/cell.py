@@ -27,6 +27,7 @@ from d2lora_dist.fileio import read_json, write_json_atomic
 from d2lora_dist.inits import INITS
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
+from d2lora_dist.provenance import code_version
 from d2lora_dist.sweep.grid import Cell, cell_suites
 from d2lora_dist.sweep.slots import slot_record
 from d2lora_dist.train import Phase, TrainOutcome, train_phase
@@ -130,7 +131,7 @@ def _save_subset(layout: RunLayout, cell: Cell, subset: dict[str, Any]) -> None:
 
 def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, Any],
             outcome: TrainOutcome | None, eval_adapter: Path | None) -> dict[str, Any]:
-    adapter = None
+    adapter, manifest = None, None
     if eval_adapter is not None:
         manifest = adapters.read_manifest(eval_adapter)
         adapter = {"sha256": manifest["adapter_sha256"], "path": str(eval_adapter),
@@ -140,7 +141,16 @@ def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, A
     # what the numbers mean: prompt and answer-rule versions, the headline answer filter
     labels = {suite: {k: v for k, v in m.items() if isinstance(v, str)} for suite, m in metrics.items()}
     return {"cell": cell.to_dict(), "experiment": exp.name, "metrics": numbers, "prompt_versions": versions,
-            "labels": labels,
+            "labels": labels, "code": code_version(), "n_trained": n_trained(cell, outcome, manifest),
             "suites": {s: exp.tasks[cell.task].role(s) for s in cell_suites(exp, cell)},
             "train": outcome.summary() if outcome else None, "adapter": adapter,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def n_trained(cell: Cell, outcome: TrainOutcome | None, manifest: dict[str, Any] | None) -> int | None:
+    """The rows the cell really trained on: n minus the rows whose prompt fills max_length (dropped
+    before or by the trainer); from the adapter's manifest when training finished in an earlier run."""
+    if not cell.trains:
+        return 0
+    schedule = outcome.schedule.to_dict() if outcome is not None else (manifest or {}).get("schedule")
+    return int(schedule["examples"]) if schedule else None

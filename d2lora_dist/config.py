@@ -391,7 +391,8 @@ def validate(exp: Experiment, well_typed: bool = True) -> list[str]:
     the other units still run. On a well-typed config nothing is caught, so a bug here is loud.
     """
     units: list[Callable[[], list[str]]] = [lambda: _suite_problems(exp), lambda: _task_problems(exp),
-                                            lambda: _global_problems(exp), lambda: _lora_problems(exp.lora)]
+                                            lambda: _global_problems(exp), lambda: _lora_problems(exp.lora),
+                                            lambda: _dataset_problems(exp)]
     units += [partial(_method_problems, name, settings) for name, settings in (exp.methods or {}).items()]
     units += [partial(_train_problems, f"{exp.warmup_settings_key(name)}.train", w.train)
               for name, w in exp.warmup_configs().items()]
@@ -515,6 +516,17 @@ def _warmup_problems(exp: Experiment) -> list[str]:
                 "directory names)" for name in exp.warmups or {} if not _WARMUP_NAME.match(name)]
     return problems + [f"warmups.{name}: the name is taken (Slurm's array of vanilla cells is `{name}`); "
                        "choose another" for name in exp.warmups or {} if name == VANILLA_GROUP]
+
+
+def _dataset_problems(exp: Experiment) -> list[str]:
+    """Every dataset reference names a registered dataset."""
+    from d2lora_dist.data.registry import REGISTRY  # late: data imports config types
+
+    refs = [(f"tasks.{name}.dataset", t.dataset) for name, t in exp.tasks.items()]
+    refs += [(f"suites.{name}.dataset", s.dataset) for name, s in exp.suites.items() if s.dataset is not None]
+    refs += [(f"{exp.warmup_settings_key(name)}.dataset", w.dataset) for name, w in exp.warmup_configs().items()]
+    return [f"{key}.name: unknown dataset {ref.name!r} (registered: {', '.join(sorted(REGISTRY))})"
+            for key, ref in refs if ref.name not in REGISTRY]
 
 
 def _lora_problems(lora: LoraConfig) -> list[str]:

@@ -76,7 +76,7 @@ def module_names(name: str) -> list[str] | None:
 
 def missing_targets(targets: list[str], modules: list[str]) -> list[str]:
     """The target names no module matches, by PEFT's rule: a module's full name or a dotted suffix of it."""
-    return [t for t in targets if t != "all-linear" and not any(m == t or m.endswith("." + t) for m in modules)]
+    return [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
 
 
 def short_names(modules: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from d2lora_dist.config import Experiment, TrainSettings
 from d2lora_dist.config_source import ConfigSource, held_problems
-from d2lora_dist.errors import InputError
+from d2lora_dist.errors import InputError, UnknownName
 from d2lora_dist.schedule import batch_problem
 from d2lora_dist.schema import ConfigError
 from d2lora_dist.sweep.grid import Cell
@@ -132,6 +132,8 @@ def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
         if (cell.task, form) not in usable:
             try:
                 usable[cell.task, form] = usable_rows(normalize(task.dataset, form), exp.data_seed, task.holdout)
+            except UnknownName:  # config validation names it
+                usable[cell.task, form] = None
             except DataError as e:
                 problems.append(f"tasks.{cell.task}.dataset: {e}")
                 usable[cell.task, form] = None
@@ -145,6 +147,8 @@ def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
             continue
         try:
             have = usable_rows(normalize(cfg.dataset, "sft"), exp.data_seed, 0)
+        except UnknownName:  # config validation names it
+            continue
         except DataError as e:
             problems.append(f"{key}.dataset: {e}")
             continue
@@ -165,6 +169,8 @@ def _suite_problems(exp: Experiment, checks: Checks) -> list[str]:
             continue  # config validation names it
         try:
             items = len(suite_items(exp, name, task))
+        except UnknownName:  # config validation names it
+            continue
         except DataError as e:
             problems.append(f"{key}: {e}")
             continue

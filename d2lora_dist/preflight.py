@@ -1,9 +1,11 @@
 """One preflight before any model loads: every check that needs data, the launch or Slurm.
 
-The experiment schema already refused unknown keys, wrong types and cross-field mistakes
-(config.validate). What is left needs more than the file: how many usable rows each dataset
-really has against n + holdout, how many items each suite has against its limit, whether the
-world size can produce each phase's global batch, and whether the Slurm request can hold the
+The experiment schema finds unknown keys, wrong types and cross-field mistakes (config.validate);
+an entry's source carries them here so that they come in one round with these. What is left needs
+more than the file: how many usable rows each dataset really has against n + holdout, how many
+items each suite has against its limit, whether the world size can produce each phase's global
+batch, whether the base model is on this machine and has the LoRA target modules, whether the
+finished warm-ups a cell starts from are intact, and whether the Slurm request can hold the
 launch. Every entry (warmup, adapt, eval, sweep plan/run/cell/submit) calls `preflight`, which
 reports all problems at once, naming the key and the file, before anything expensive starts.
 """
@@ -200,9 +202,9 @@ def model_problems(exp: Experiment) -> list[str]:
 
 
 def _adapter_problems(exp: Experiment, checks: Checks) -> list[str]:
-    """A finished warm-up that an unfinished cell starts from must be intact and of this LoRA shape: a run
-    directory reused after its adapter was damaged, or trained with another rank, stops here, not in
-    every cell."""
+    """A finished warm-up that an unfinished cell starts from must be intact, of this LoRA shape and for this
+    base model: a run directory reused after its adapter was damaged, or trained with another rank, stops
+    here, not in every cell."""
     from d2lora_dist.inits import INITS
     from d2lora_dist.layout import RunLayout
 
@@ -213,12 +215,17 @@ def _adapter_problems(exp: Experiment, checks: Checks) -> list[str]:
     if not done:
         return []
     from d2lora_dist.adapters import AdapterError, verify_adapter
+    from d2lora_dist.modeling import ModelError, base_fingerprint
     from d2lora_dist.train import lora_summary
 
+    try:
+        base = base_fingerprint(exp.model)
+    except ModelError:  # a hub model not downloaded yet: the cell compares it once loaded
+        base = None
     problems = []
     for run in done:
         try:
-            verify_adapter(layout.warmup_adapter_of(run.key), expected_lora=lora_summary(exp))
+            verify_adapter(layout.warmup_adapter_of(run.key), expected_base=base, expected_lora=lora_summary(exp))
         except AdapterError as e:
             problems.append(f"warm-up {run.key}: {e}; restore it, or move {layout.warmup_home(run.key)} away "
                             "so that the warm-up trains again")

@@ -19,7 +19,11 @@ from tests.conftest import write_experiment
 
 @pytest.fixture
 def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any base model built in this process fails the test: the refusal must come first."""
+    _refuse_model_loads(monkeypatch)
+
+
+def _refuse_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any base model built in this process from now on fails the test: the refusal must come first."""
     import transformers
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -149,15 +153,25 @@ def _warmup_adapter(exp_dict: dict, rank: int) -> RunLayout:
     return layout
 
 
-def test_a_damaged_or_wrong_rank_warmup_adapter_stops_sweep_run_in_one_line(
+def test_a_damaged_wrong_rank_or_other_base_warmup_adapter_stops_sweep_run_in_one_line(
         tiny_experiment: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     layout = _warmup_adapter(tiny_experiment, rank=8)  # the experiment says r: 4
+    _refuse_model_loads(monkeypatch)
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
     before = _tree(layout.root)
     err = _refused(["sweep", "run", "-c", str(path)], capsys)
     assert (f"warm-up warmup: {layout.warmup_adapter}: adapter was made for a different LoRA config; "
             "r: adapter has 8, this run has 4") in err
     assert f"move {layout.warmup_dir} away" in err and "rerun" not in err and "Traceback" not in err
+    assert _tree(layout.root) == before
+    manifest = layout.warmup_adapter / adapters.MANIFEST  # an adapter of another base model
+    manifest.write_text(manifest.read_text().replace(base_fingerprint(experiment_from_dict(tiny_experiment).model)
+                                                     ["config_sha256"], "0" * 64))
+    before = _tree(layout.root)
+    err = _refused(["sweep", "run", "-c", str(path), "--set", "lora.r=8"], capsys)
+    assert (f"warm-up warmup: {layout.warmup_adapter}: adapter was made for a different base model; "
+            f"config_sha256: adapter has '{'0' * 64}'") in err
+    assert _tree(layout.root) == before
     weights = layout.warmup_adapter / adapters.WEIGHTS
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF

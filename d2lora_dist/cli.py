@@ -35,6 +35,19 @@ def _load(args: argparse.Namespace):
     return exp, RunLayout(exp.run_dir)
 
 
+def _read(args: argparse.Namespace):
+    """For commands whose entry runs the preflight: the experiment as far as it builds, and its source,
+    which holds its field problems until the preflight reports them with its own in one round."""
+    from d2lora_dist.config import read_experiment
+    from d2lora_dist.entries import partly_built
+    from d2lora_dist.layout import RunLayout
+
+    exp, source = read_experiment(args.config, args.overrides)
+    with partly_built(source):  # a broken name or output_dir
+        layout = RunLayout(exp.run_dir)
+    return exp, layout, source
+
+
 # ---- handlers -------------------------------------------------------------------------------
 def cmd_assets(args: argparse.Namespace) -> int:
     from d2lora_dist import assets
@@ -58,25 +71,25 @@ def cmd_assets(args: argparse.Namespace) -> int:
 def cmd_warmup(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
 
-    exp, layout = _load(args)
-    return entries.warmup(exp, layout, str(args.config), args.warmup)
+    exp, layout, source = _read(args)
+    return entries.warmup(exp, layout, source, args.warmup)
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
     from d2lora_dist.sweep.grid import Cell
 
-    exp, layout = _load(args)
+    exp, layout, source = _read(args)
     warmup = args.warmup or next(iter(exp.warmup_configs()), "")
     cell = Cell.requested(args.task, args.method, args.init, args.n, args.seed, warmup, args.lora_init)
-    return entries.cell(exp, layout, cell, str(args.config))
+    return entries.cell(exp, layout, cell, source)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
 
-    exp, layout = _load(args)
-    metrics = entries.evaluate(exp, layout, str(args.config), args.adapter, args.task, args.suites, args.out)
+    exp, layout, source = _read(args)
+    metrics = entries.evaluate(exp, layout, source, args.adapter, args.task, args.suites, args.out)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -110,9 +123,9 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     from d2lora_dist.sweep.local import describe_here
     from d2lora_dist.sweep.plan import Throughput, warmup_rows
 
-    exp, layout = _load(args)
+    exp, layout, source = _read(args)
     speed = Throughput(args.train_tokens_per_s, args.eval_tokens_per_s)
-    rows = entries.plan(exp, layout, str(args.config), speed)
+    rows = entries.plan(exp, layout, source, speed)
     power = None
     if args.power_from is not None:
         from d2lora_dist.report.power import plan_power
@@ -156,8 +169,8 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
 def cmd_sweep_run(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
 
-    exp, layout = _load(args)
-    return entries.run_sweep(exp, layout, str(args.config), cell_worker=args.cell_worker, slots=args.slots)
+    exp, layout, source = _read(args)
+    return entries.run_sweep(exp, layout, source, cell_worker=args.cell_worker, slots=args.slots)
 
 
 def cmd_sweep_cell(args: argparse.Namespace) -> int:
@@ -182,8 +195,8 @@ def cmd_sweep_worker(args: argparse.Namespace) -> int:
 def cmd_sweep_submit(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
 
-    exp, layout = _load(args)
-    result = entries.submit(exp, layout, str(args.config), args.dry_run, args.only_failed)
+    exp, layout, source = _read(args)
+    result = entries.submit(exp, layout, source, args.dry_run, args.only_failed)
     if not args.dry_run:
         print(result.describe())
     return 0

@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from d2lora_dist.config_source import ConfigSource, dotted_key, key_lines, key_parts
 from d2lora_dist.inits import INITS
 from d2lora_dist.lora_inits import DEFAULT_LORA_INIT, is_lora_init, lora_init_spec
 from d2lora_dist.methods import METHODS
@@ -301,22 +302,58 @@ class Experiment:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=c` overrides (values parsed as YAML) to a copy of the raw config."""
+    """Apply `a.b=c` overrides (values parsed as YAML) to a copy of the raw config; `grid[0].n=[4]` (or
+    `grid.0.n=[4]`) sets a key of one list item."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError([f"--set {item!r}: expected KEY=VALUE, e.g. methods.dpo.beta=0.2"], "--set")
         dotted, raw = item.split("=", 1)
-        node = data
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {} if node.get(part) is None else node[part]
-            if not isinstance(node[part], dict):
-                raise ConfigError([f"--set {dotted}: {part!r} is not a mapping"], "--set")
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw)
+        parts = key_parts(dotted)
+        if not parts or isinstance(parts[-1], int):
+            raise ConfigError([f"--set {item}: {dotted!r} does not end in a key name (e.g. grid[0].n=[4])"], "--set")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError([f"--set {item}: the value is not valid YAML ({_yaml_problem(e)})"], "--set") from e
+        _parent_of(data, parts, item)[parts[-1]] = value
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's complaint and its column, without the echo of the text."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(e).split())
+    return f"{problem} at column {mark.column + 1}" if mark is not None else problem
+
+
+def _parent_of(data: dict[str, Any], parts: list[str | int], item: str) -> dict[str, Any]:
+    """The mapping that holds the last key of `parts`; missing mappings on the way are made."""
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        _refuse_step(node, part, parts[:depth], item)
+        if isinstance(part, str) and node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    _refuse_step(node, parts[-1], parts[:-1], item)
+    return node
+
+
+def _refuse_step(node: Any, part: str | int, above: list[str | int], item: str) -> None:
+    """Refuse `part` where `node` (the value at `above`) cannot hold it."""
+    where = dotted_key(above) or "the top level"
+    if isinstance(part, int) and not isinstance(node, list):
+        problem = f"{where} is not a list"
+    elif isinstance(part, int) and not 0 <= part < len(node):
+        problem = f"{where} has {len(node)} entries, no [{part}]"
+    elif isinstance(part, str) and isinstance(node, list):
+        problem = f"{where} is a list: name an entry, e.g. {where}[0].{part}"
+    elif isinstance(part, str) and not isinstance(node, dict):
+        problem = f"{where} is not a mapping"
+    else:
+        return
+    raise ConfigError([f"--set {item}: {problem}"], "--set")
 
 
 # Settings added after run directories were frozen without them: the value those runs used, where it
@@ -327,16 +364,31 @@ RAN_BEFORE_THE_SETTING = {"batching": "padded"}
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
     """Read, override, type-check and cross-validate an experiment file (a run directory's frozen file
     as its runs ran: settings newer than the file read as RAN_BEFORE_THE_SETTING says)."""
+    exp, source = read_experiment(path, overrides)
+    if source.problems:
+        raise ConfigError(list(source.problems), source)
+    return exp
+
+
+def read_experiment(path: str | Path, overrides: list[str] | None = None) -> tuple[Experiment, ConfigSource]:
+    """As load_experiment, but field problems do not raise: they travel in the source (with the line or
+    `--set` argument of every key), so that the preflight reports them in one round with its own.
+    The experiment is built as far as it can be; a file that is missing or not YAML still raises."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"experiment file not found: {path}"], str(path))
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], str(path)) from e
     if path.name == "experiment.yaml" and (path.parent / "plan.json").is_file():
         raw = as_frozen_runs_ran(raw)
-    return experiment_from_dict(apply_overrides(raw, overrides or []), str(path))
+    where = {dotted_key(key_parts(item.split("=", 1)[0])): f"--set {item}" for item in overrides or [] if "=" in item}
+    source = ConfigSource(str(path), key_lines(text), where)
+    exp, problems = build(Experiment, apply_overrides(raw, overrides or []), str(path))
+    problems += validate(exp, well_typed=not problems)
+    return exp, replace(source, problems=tuple(problems))
 
 
 def as_frozen_runs_ran(raw: dict[str, Any]) -> dict[str, Any]:
@@ -368,7 +420,8 @@ def validate(exp: Experiment, well_typed: bool = True) -> list[str]:
     the other units still run. On a well-typed config nothing is caught, so a bug here is loud.
     """
     units: list[Callable[[], list[str]]] = [lambda: _suite_problems(exp), lambda: _task_problems(exp),
-                                            lambda: _global_problems(exp)]
+                                            lambda: _global_problems(exp), lambda: _lora_problems(exp.lora),
+                                            lambda: _dataset_problems(exp)]
     units += [partial(_method_problems, name, settings) for name, settings in (exp.methods or {}).items()]
     units += [partial(_train_problems, f"{exp.warmup_settings_key(name)}.train", w.train)
               for name, w in exp.warmup_configs().items()]
@@ -392,6 +445,13 @@ def _suite_problems(exp: Experiment) -> list[str]:
 
     problems = [f"suites.{name}.kind: {suite.kind!r} is not a suite kind (valid: {', '.join(SUITES)})"
                 for name, suite in exp.suites.items() if suite.kind not in SUITES]
+    for name, suite in exp.suites.items():
+        if suite.batch_size < 1:
+            problems.append(f"suites.{name}.batch_size: must be >= 1, got {suite.batch_size}")
+        if suite.max_new_tokens < 1:
+            problems.append(f"suites.{name}.max_new_tokens: must be >= 1, got {suite.max_new_tokens}")
+        if suite.limit is not None and suite.limit < 1:
+            problems.append(f"suites.{name}.limit: must be >= 1 or null (all items), got {suite.limit}")
     return problems + [
         f"suites.{name}.dataset: null means the task holdout, but no task with holdout > 0 lists suite {name!r}"
         for name, suite in exp.suites.items()
@@ -480,7 +540,9 @@ def _warmup_problems(exp: Experiment) -> list[str]:
         return ["warmups: give either one `warmup` section or named `warmups`, not both"]
     if exp.warmups is not None and not exp.warmups:
         return ["warmups: empty; name at least one warm-up or leave it out"]
-    problems = [f"warmups.{name}: the name must be lower-case letters, digits and _ (it is part of cell ids and "
+    problems = [f"{exp.warmup_settings_key(name)}.n: must be >= 1 or null (all rows), got {w.n}"
+                for name, w in exp.warmup_configs().items() if w.n is not None and w.n < 1]
+    problems += [f"warmups.{name}: the name must be lower-case letters, digits and _ (it is part of cell ids and "
                 "directory names)" for name in exp.warmups or {} if not _WARMUP_NAME.match(name)]
     return problems + [f"warmups.{name}: the name is taken (Slurm's array of vanilla cells is `{name}`); "
                        "choose another" for name in exp.warmups or {} if name == VANILLA_GROUP]
@@ -542,10 +604,32 @@ def primary_warmups(exp: Experiment, p: PrimaryComparison) -> list[str]:
     return sorted({w for b in blocks for w in (b.warmups or exp.warmup_configs())})
 
 
+def _dataset_problems(exp: Experiment) -> list[str]:
+    """Every dataset reference names a registered dataset."""
+    from d2lora_dist.data.registry import REGISTRY  # late: data imports config types
+
+    refs = [(f"tasks.{name}.dataset", t.dataset) for name, t in exp.tasks.items()]
+    refs += [(f"suites.{name}.dataset", s.dataset) for name, s in exp.suites.items() if s.dataset is not None]
+    refs += [(f"{exp.warmup_settings_key(name)}.dataset", w.dataset) for name, w in exp.warmup_configs().items()]
+    return [f"{key}.name: unknown dataset {ref.name!r} (registered: {', '.join(sorted(REGISTRY))})"
+            for key, ref in refs if ref.name not in REGISTRY]
+
+
+def _lora_problems(lora: LoraConfig) -> list[str]:
+    problems = []
+    if lora.r < 1:
+        problems.append(f"lora.r: must be >= 1 (the adapter's rank), got {lora.r}")
+    if lora.alpha <= 0:
+        problems.append(f"lora.alpha: must be > 0 (the scale is alpha / r), got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        problems.append(f"lora.dropout: must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        problems.append("lora.target_modules: empty; name the modules that get adapters (e.g. [q_proj, v_proj])")
+    return problems
+
+
 def _global_problems(exp: Experiment) -> list[str]:
     problems = []
-    if not 0.0 <= exp.lora.dropout < 1.0:
-        problems.append(f"lora.dropout: must be in [0, 1), got {exp.lora.dropout}")
     if exp.update_warning_below < 0:
         problems.append(f"update_warning_below: must be >= 0, got {exp.update_warning_below}")
     if exp.launch.num_processes < 1:

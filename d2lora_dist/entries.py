@@ -8,36 +8,44 @@ rank and the process exits PREEMPTED_EXIT_CODE (75) so the job requeues itself.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.config_source import ConfigSource, held_problems
+from d2lora_dist.errors import InputError
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.preflight import Checks, PreflightError, for_cells, for_sweep, preflight
+from d2lora_dist.schema import ConfigError
 from d2lora_dist.sweep.grid import Cell, plan_cells
 
 EXIT_OK, EXIT_FAILED_CELLS = 0, 1
 
 
-def warmup(exp: Experiment, layout: RunLayout, source: str, key: str | None = None) -> int:
+def warmup(exp: Experiment, layout: RunLayout, source: str | ConfigSource, key: str | None = None) -> int:
     """One warm-up run (`--warmup KEY`), or every one the plan needs, in turn."""
     from d2lora_dist.distributed import world_size
     from d2lora_dist.warmup import resolve_warmup, run_warmup
 
-    runs = resolve_warmup(exp, key)
-    preflight(exp, Checks(warmup=True, warmup_world_size=world_size(), warmups=tuple(r.name for r in runs)), source)
+    with partly_built(source):
+        runs = resolve_warmup(exp, key)
+        checks = Checks(warmup=True, warmup_world_size=world_size(), warmups=tuple(r.name for r in runs))
+    preflight(exp, checks, source)
     for run in runs:
         run_preemptible(lambda callbacks, run=run: run_warmup(exp, layout, callbacks=callbacks, run=run))
     return EXIT_OK
 
 
-def cell(exp: Experiment, layout: RunLayout, cell: Cell, source: str) -> int:
+def cell(exp: Experiment, layout: RunLayout, cell: Cell, source: str | ConfigSource) -> int:
     """One cell (`adapt`, or an array task's `sweep cell`): train if it trains, evaluate, result.json."""
     from d2lora_dist.distributed import world_size
     from d2lora_dist.sweep.cell import run_cell
 
-    preflight(exp, for_cells(exp, [cell], world_size(), None), source)
+    with partly_built(source):
+        checks = for_cells(exp, [cell], world_size(), None)
+    preflight(exp, checks, source)
     return run_preemptible(lambda callbacks: run_cell(exp, layout, cell, callbacks=callbacks))
 
 
@@ -55,27 +63,31 @@ def worker(exp: Experiment, layout: RunLayout, cells: list[Cell] | None, source:
     return EXIT_OK
 
 
-def evaluate(exp: Experiment, layout: RunLayout, source: str, adapter: Path | None, task: str | None,
+def evaluate(exp: Experiment, layout: RunLayout, source: str | ConfigSource, adapter: Path | None, task: str | None,
              suites: list[str] | None, out: Path | None) -> dict[str, dict[str, Any]]:
     from d2lora_dist.evaluate.adapter_eval import evaluate_suites
 
-    if task is not None and task not in exp.tasks:
-        raise PreflightError([f"--task {task!r}: not a task of the experiment ({sorted(exp.tasks)})"], source)
-    suites = suites or (exp.tasks[task].suites if task is not None else sorted(exp.suites))
-    preflight(exp, Checks(suites=tuple((s, task) for s in suites)), source)
+    with partly_built(source):
+        if task is not None and task not in exp.tasks:
+            raise PreflightError([f"--task {task!r}: not a task of the experiment ({sorted(exp.tasks)})"], source)
+        suites = suites or (exp.tasks[task].suites if task is not None else sorted(exp.suites))
+        checks = Checks(suites=tuple((s, task) for s in suites))
+    preflight(exp, checks, source)
     out = out or layout.eval_dir(adapter.name if adapter else "base")
     return evaluate_suites(exp, task, suites, adapter, lambda s: out / f"{s}.jsonl")
 
 
-def plan(exp: Experiment, layout: RunLayout, source: str, speed: Any) -> list[Any]:
+def plan(exp: Experiment, layout: RunLayout, source: str | ConfigSource, speed: Any) -> list[Any]:
     """The cells with the work, launch and cost each needs (sweep.plan.CellEstimate), checked first."""
     from d2lora_dist.sweep.plan import estimate, measure_workload
 
-    preflight(exp, for_sweep(exp, plan_cells(exp), slurm=False), source)
+    with partly_built(source):
+        checks = for_sweep(exp, plan_cells(exp), slurm=False)
+    preflight(exp, checks, source)
     return estimate(exp, layout, measure_workload(exp), speed)
 
 
-def run_sweep(exp: Experiment, layout: RunLayout, source: str, cell_worker: bool = True,
+def run_sweep(exp: Experiment, layout: RunLayout, source: str | ConfigSource, cell_worker: bool = True,
               slots: int | None = None) -> int:
     """Warm-up, every unfinished cell and the report on this machine; 1 when some cell failed.
     `cell_worker`: cells launched as one plain process share a worker process per slot; `slots`: cells
@@ -84,7 +96,9 @@ def run_sweep(exp: Experiment, layout: RunLayout, source: str, cell_worker: bool
     from d2lora_dist.sweep.local import run_sweep as run_local
     from d2lora_dist.sweep.plan import freeze_plan
 
-    preflight(exp, for_sweep(exp, plan_cells(exp), slurm=False), source)
+    with partly_built(source):
+        checks = for_sweep(exp, plan_cells(exp), slurm=False)
+    preflight(exp, checks, source)
     failed = run_local(exp, layout, freeze_plan(exp, layout), layout.experiment_file, cell_worker, slots)
     report(exp, layout)
     if failed:
@@ -94,11 +108,27 @@ def run_sweep(exp: Experiment, layout: RunLayout, source: str, cell_worker: bool
     return EXIT_OK
 
 
-def submit(exp: Experiment, layout: RunLayout, source: str, dry_run: bool, only_failed: bool) -> Any:
+def submit(exp: Experiment, layout: RunLayout, source: str | ConfigSource, dry_run: bool, only_failed: bool) -> Any:
     from d2lora_dist.sweep.slurm import submit as submit_jobs
 
-    preflight(exp, for_sweep(exp, plan_cells(exp), slurm=True), source)
+    with partly_built(source):
+        checks = for_sweep(exp, plan_cells(exp), slurm=True)
+    preflight(exp, checks, source)
     return submit_jobs(exp, layout, dry_run=dry_run, only_failed=only_failed)
+
+
+@contextmanager
+def partly_built(source: str | ConfigSource) -> Iterator[None]:
+    """Work an entry does before its preflight (which cells, which warm-ups). On an experiment with field
+    problems it may trip over a broken field: then those problems are the answer, with what it raised."""
+    try:
+        yield
+    except (TypeError, AttributeError, KeyError, InputError) as e:
+        pending = held_problems(source)
+        if not pending:
+            raise
+        extra = e.problems if isinstance(e, ConfigError) else [str(e)] if isinstance(e, InputError) else []
+        raise PreflightError(pending + extra, source) from e
 
 
 def run_preemptible(phase: Callable[[list[Any]], Any]) -> int:

@@ -1,9 +1,11 @@
 """One preflight before any model loads: every check that needs data, the launch or Slurm.
 
-The experiment schema already refused unknown keys, wrong types and cross-field mistakes
-(config.validate). What is left needs more than the file: how many usable rows each dataset
-really has against n + holdout, how many items each suite has against its limit, whether the
-world size can produce each phase's global batch, and whether the Slurm request can hold the
+The experiment schema finds unknown keys, wrong types and cross-field mistakes (config.validate);
+an entry's source carries them here so that they come in one round with these. What is left needs
+more than the file: how many usable rows each dataset really has against n + holdout, how many
+items each suite has against its limit, whether the world size can produce each phase's global
+batch, whether the base model is on this machine and has the LoRA target modules, whether the
+finished warm-ups a cell starts from are intact, and whether the Slurm request can hold the
 launch. Every entry (warmup, adapt, eval, sweep plan/run/cell/submit) calls `preflight`, which
 reports all problems at once, naming the key and the file, before anything expensive starts.
 """
@@ -11,10 +13,12 @@ reports all problems at once, naming the key and the file, before anything expen
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from d2lora_dist.config import Experiment, TrainSettings
+from d2lora_dist.config_source import ConfigSource, held_problems
+from d2lora_dist.errors import InputError, UnknownName
 from d2lora_dist.schedule import batch_problem
 from d2lora_dist.schema import ConfigError
 from d2lora_dist.sweep.grid import Cell
@@ -60,15 +64,39 @@ def for_sweep(exp: Experiment, cells: Iterable[Cell], slurm: bool) -> Checks:
     return for_cells(exp, cells, per_node, per_node * (exp.slurm.nodes if slurm else 1), slurm)
 
 
-def preflight(exp: Experiment, checks: Checks, source: str) -> None:
-    problems = _request_problems(exp, checks)
-    if problems:  # the checks below look the requested task and method up
+def preflight(exp: Experiment, checks: Checks, source: str | ConfigSource) -> None:
+    """Every problem at once: the field problems `source` still holds (config.read_experiment) and those
+    of the data, the model's files, existing adapters, the launch and Slurm. With field problems the
+    experiment is only partly built: a check that trips over a broken field adds nothing (that field's
+    own problem names it) and the others still run."""
+    pending = held_problems(source)
+    guarded = bool(pending)
+    problems = pending + _collect([lambda: _request_problems(exp, checks)], guarded)
+    if len(problems) > len(pending):  # the checks below look the requested task and method up
         raise PreflightError(problems, source)
-    problems = [*_row_problems(exp, checks), *_suite_problems(exp, checks), *_batch_problems(exp, checks)]
+    units: list[Callable[[], list[str]]] = [
+        lambda: _row_problems(exp, checks), lambda: _suite_problems(exp, checks), lambda: _batch_problems(exp, checks),
+        lambda: model_problems(exp), lambda: _adapter_problems(exp, checks)]
     if checks.slurm:
-        problems += slurm_problems(exp)
+        units.append(lambda: slurm_problems(exp))
+    problems += _collect(units, guarded)
     if problems:
         raise PreflightError(problems, source)
+
+
+def _collect(units: list[Callable[[], list[str]]], guarded: bool) -> list[str]:
+    problems: list[str] = []
+    for unit in units:
+        if not guarded:  # a well-built experiment: any exception is a bug and stays loud
+            problems += unit()
+            continue
+        try:
+            problems += unit()
+        except InputError as e:
+            problems.append(str(e))
+        except (TypeError, AttributeError, KeyError, ValueError):
+            pass  # a broken field, already named by its own problem
+    return problems
 
 
 # ---- the request -----------------------------------------------------------------------------
@@ -106,6 +134,8 @@ def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
         if (cell.task, form) not in usable:
             try:
                 usable[cell.task, form] = usable_rows(normalize(task.dataset, form), exp.data_seed, task.holdout)
+            except UnknownName:  # config validation names it
+                usable[cell.task, form] = None
             except DataError as e:
                 problems.append(f"tasks.{cell.task}.dataset: {e}")
                 usable[cell.task, form] = None
@@ -115,10 +145,12 @@ def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
                             f"({task.dataset.name}, {task.holdout} held out); lower n in the grid or add data")
     for name in dict.fromkeys(checks.warmup_names(exp)):
         cfg, key = exp.warmup_configs()[name], exp.warmup_settings_key(name)
-        if cfg.n is None:
+        if cfg.n is None or cfg.n < 1:  # all rows; below 1 config validation names it
             continue
         try:
             have = usable_rows(normalize(cfg.dataset, "sft"), exp.data_seed, 0)
+        except UnknownName:  # config validation names it
+            continue
         except DataError as e:
             problems.append(f"{key}.dataset: {e}")
             continue
@@ -135,15 +167,12 @@ def _suite_problems(exp: Experiment, checks: Checks) -> list[str]:
     for name, task in dict.fromkeys(checks.suites):
         cfg = exp.suites[name]
         key = f"suites.{name}"
-        if cfg.batch_size < 1:
-            problems.append(f"{key}.batch_size: must be >= 1, got {cfg.batch_size}")
-        if cfg.max_new_tokens < 1:
-            problems.append(f"{key}.max_new_tokens: must be >= 1, got {cfg.max_new_tokens}")
         if cfg.limit is not None and cfg.limit < 1:
-            problems.append(f"{key}.limit: must be >= 1 or null (all items), got {cfg.limit}")
-            continue
+            continue  # config validation names it
         try:
             items = len(suite_items(exp, name, task))
+        except UnknownName:  # config validation names it
+            continue
         except DataError as e:
             problems.append(f"{key}: {e}")
             continue
@@ -152,6 +181,54 @@ def _suite_problems(exp: Experiment, checks: Checks) -> list[str]:
         elif cfg.limit is not None and cfg.limit > items:
             problems.append(f"{key}.limit: {cfg.limit} but the suite has only {items} items; lower it or use "
                             "null (all items)")
+    return problems
+
+
+# ---- the model and existing adapters ---------------------------------------------------------
+def model_problems(exp: Experiment) -> list[str]:
+    """The base model is on this machine (or can be downloaded) and has every `lora.target_modules` entry."""
+    from d2lora_dist.model_files import missing_targets, model_dir_problem, module_names, short_names
+
+    problem = model_dir_problem(exp.model.name_or_path)
+    if problem is not None:
+        return [problem]
+    modules = module_names(exp.model.name_or_path)  # None: not here yet (a hub id to download) or not safetensors
+    if modules is None:
+        return []
+    missing = set(missing_targets(list(exp.lora.target_modules), modules))
+    return [f"lora.target_modules[{i}]: {target!r} is not a module of {exp.model.name_or_path} (its modules with "
+            f"weight matrices: {', '.join(short_names(modules))})"
+            for i, target in enumerate(exp.lora.target_modules) if target in missing]
+
+
+def _adapter_problems(exp: Experiment, checks: Checks) -> list[str]:
+    """A finished warm-up that an unfinished cell starts from must be intact, of this LoRA shape and for this
+    base model: a run directory reused after its adapter was damaged, or trained with another rank, stops
+    here, not in every cell."""
+    from d2lora_dist.inits import INITS
+    from d2lora_dist.layout import RunLayout
+
+    layout = RunLayout(exp.run_dir)
+    runs = {c.warmup_run for c in checks.cells if INITS[c.init].from_warmup and c.warmup_run is not None
+            and not layout.cell_result(c.id).is_file()}
+    done = sorted((r for r in runs if layout.warmup_result_of(r.key).is_file()), key=lambda r: r.key)
+    if not done:
+        return []
+    from d2lora_dist.adapters import AdapterError, verify_adapter
+    from d2lora_dist.modeling import ModelError, base_fingerprint
+    from d2lora_dist.train import lora_summary
+
+    try:
+        base = base_fingerprint(exp.model)
+    except ModelError:  # a hub model not downloaded yet: the cell compares it once loaded
+        base = None
+    problems = []
+    for run in done:
+        try:
+            verify_adapter(layout.warmup_adapter_of(run.key), expected_base=base, expected_lora=lora_summary(exp))
+        except AdapterError as e:
+            problems.append(f"warm-up {run.key}: {e}; restore it, or move {layout.warmup_home(run.key)} away "
+                            "so that the warm-up trains again")
     return problems
 
 

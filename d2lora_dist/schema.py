@@ -11,17 +11,24 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from d2lora_dist.config_source import ConfigSource
 from d2lora_dist.errors import InputError
 
 
 class ConfigError(InputError):
     """A configuration problem; the message lists every problem found, one per line."""
 
-    def __init__(self, problems: list[str], source: str = "<config>"):
+    def __init__(self, problems: list[str], source: str | ConfigSource = "<config>"):
         self.problems = problems
-        self.source = source
-        lines = "\n".join(f"  - {p}" for p in problems)
+        self.source = str(source)
+        lines = "\n".join(f"  - {_located(p, source)}" for p in problems)
         super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+def _located(problem: str, source: str | ConfigSource) -> str:
+    """The problem with where its key was written (a YAML line, a `--set` argument) in front, when known."""
+    where = source.where(problem) if isinstance(source, ConfigSource) else None
+    return f"{where}: {problem}" if where else problem
 
 
 def _describe(tp: Any) -> str:

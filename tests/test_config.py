@@ -140,3 +140,13 @@ def test_warmup_names_that_would_break_ids_or_clash_with_the_vanilla_array_are_r
     assert "warmups.M8: the name must be lower-case letters" in str(err.value)
     assert "warmups.vanilla: the name is taken (Slurm's array of vanilla cells is `vanilla`)" in str(err.value)
     assert "m32" not in str(err.value)
+
+
+def test_an_unregistered_dataset_name_is_named_by_its_key(tiny_experiment: dict) -> None:
+    tiny_experiment["tasks"]["math"]["dataset"]["name"] = "math_stepdpo"
+    tiny_experiment["suites"]["gsm8k"]["dataset"]["name"] = "gsm"
+    with pytest.raises(ConfigError) as err:
+        experiment_from_dict(tiny_experiment)
+    registered = "alpaca, arc_easy, econ_abstracts, gsm8k, math_step_dpo, orpo_dpo_mix"
+    assert f"tasks.math.dataset.name: unknown dataset 'math_stepdpo' (registered: {registered})" in err.value.problems
+    assert f"suites.gsm8k.dataset.name: unknown dataset 'gsm' (registered: {registered})" in err.value.problems

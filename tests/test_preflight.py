@@ -88,7 +88,9 @@ def _table(path: Path, rows: int, kind: str) -> str:
     return str(path)
 
 
-def test_paper_title_preset_fits_the_6362_row_table_and_7000_would_not(tmp_path: Path, tiny_data: dict) -> None:
+def test_paper_title_preset_fits_the_6362_row_table_and_7000_would_not(tmp_path: Path, tiny_data: dict,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # its hub model may still be downloaded by the jobs
     local = [f"tasks.titles.dataset.data_files=[{_table(tmp_path / 'econ.jsonl', 6362, 'titles')}]",
              f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]"]
     exp = load_experiment(REPO / "launch/experiments/paper_title.yaml", local)

@@ -93,8 +93,8 @@ def _source_copy(dest: Path) -> Path:
     return dest
 
 
-def _wheel_experiment(tiny_data: dict[str, str], root: Path) -> Path:
-    exp = tiny_experiment_dict(Path("no-such/model"), tiny_data, root)  # submit loads no model
+def _wheel_experiment(model_dir: Path, tiny_data: dict[str, str], root: Path) -> Path:
+    exp = tiny_experiment_dict(model_dir, tiny_data, root)  # submit loads no model, but its preflight reads its files
     exp["launch"] = {"accelerate_config": ACCELERATE, "num_processes": 8, "deepspeed_config": DEEPSPEED}
     exp["slurm"] = {"gpus_per_node": 8, "partition": "gpu"}
     for settings in (exp["warmup"]["train"], *exp["methods"].values()):
@@ -114,7 +114,8 @@ print(json.dumps({"package": d2lora_dist.__file__,
 """
 
 
-def test_a_wheel_installed_elsewhere_submits_a_sweep_from_an_empty_directory(tiny_data, tmp_path: Path) -> None:
+def test_a_wheel_installed_elsewhere_submits_a_sweep_from_an_empty_directory(tiny_model_dir: Path, tiny_data,
+                                                                            tmp_path: Path) -> None:
     wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
     work.mkdir()
     source = _source_copy(tmp_path / "src")
@@ -141,7 +142,7 @@ def test_a_wheel_installed_elsewhere_submits_a_sweep_from_an_empty_directory(tin
     ds_in_accelerate = yaml.safe_load(Path(found["accelerate"]).read_text())["deepspeed_config"]
     assert ds_in_accelerate["deepspeed_config_file"] == DEEPSPEED
 
-    experiment = _wheel_experiment(tiny_data, work)
+    experiment = _wheel_experiment(tiny_model_dir, tiny_data, work)
     proc = run("-m", "d2lora_dist.cli", "sweep", "submit", "--dry-run", "-c", str(experiment))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout

@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from d2lora_dist import adapters
 
 # float32 (eps 1.2e-7) sums of up to ~1e4 terms in another order: ~1e-6 relative; measured 1e-7 to
-# 1e-6 (padding-free vs padded, micro-batches vs accumulation, ZeRO-3 vs one process; under
+# 2e-6 (padding-free vs padded, micro-batches vs accumulation, ZeRO-3 vs one process; under
 # ATEN_CPU_CAPABILITY default and avx2, 1 and 2 threads). A genuine difference (one row dropped, one
 # token's loss left out, positions not restarting) moves a gradient by 2e-2 or more.
 SUMMATION_ORDER = 1e-4

@@ -9,8 +9,8 @@ component close to zero) can differ by all of itself. So a comparison scales by 
 Training along two paths is compared under SGD (`train_with_sgd`): its step is linear in the
 gradient, so a path difference stays a rounding-sized fraction of the update. Adam's first steps
 are about lr * sign(g): a near-zero gradient component whose sign flips under another summation
-order moves by a full step, and the trained tensors then differ by more than any bound that a
-genuinely different update (a row dropped, a loss averaged otherwise) would exceed.
+order moves by a full step, and the trained tensors then differ by more than a bound tight enough
+to catch a genuinely different update (a row dropped, a loss averaged otherwise).
 
 Bit-for-bit comparisons of one path run twice (a cell run again, a cell in a worker or its own
 process, one slot or two) do not belong here: there the same operations run in the same order.
@@ -26,8 +26,8 @@ from transformers import TrainerCallback
 from d2lora_dist import adapters
 
 # float32 (eps 1.2e-7) sums of up to ~1e4 terms in another order: ~1e-6 relative; measured 1e-7 to
-# 2e-6 (padding-free vs padded, micro-batches vs accumulation, ZeRO-3 vs one process; under
-# ATEN_CPU_CAPABILITY default and avx2, 1 and 2 threads). A genuine difference (one row dropped, one
+# 2e-6 (padding-free vs padded, micro-batches vs accumulation, ZeRO-3 vs one process; the first also
+# under ATEN_CPU_CAPABILITY default and avx2, 1 and 2 threads). A genuine difference (one row dropped, one
 # token's loss left out, positions not restarting) moves a gradient by 2e-2 or more.
 SUMMATION_ORDER = 1e-4
 

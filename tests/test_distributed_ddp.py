@@ -52,7 +52,8 @@ def test_ddp_warmup_and_phase2_keep_the_ranks_in_sync(ddp) -> None:
     assert sorted(by_phase[0]) == ["dpo-init", "orpo-default", "sft-default"]
     for name, phase in by_phase[0].items():
         # Each rank trained on its own half of the batch: equal weights afterwards prove the
-        # gradients were all-reduced (a world of unsynchronised copies would differ).
+        # gradients were all-reduced (a world of unsynchronised copies would differ). Bit for bit:
+        # every rank applies the same optimizer step to the same all-reduced gradient.
         assert phase["trained_checksum"] == by_phase[1][name]["trained_checksum"], name
         assert phase["model_in_training"][0] == phase["model_in_training"][1]  # DDP: a full replica
         assert phase["steps"] == phase["max_steps"] == 1

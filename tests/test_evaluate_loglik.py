@@ -63,6 +63,8 @@ def assert_same_scores(result, reference, continuations) -> None:
     for item, (scored, expected, choices) in enumerate(zip(result, reference, continuations, strict=True)):
         for j, ((loglik, n_chars), want, choice) in enumerate(zip(scored, expected, choices, strict=True)):
             assert n_chars == len(choice)
+            # padded batches vs one unpadded pass per choice: another summation order; measured at most 3.7e-5 on
+            # |loglik| up to 300 and 2.9e-6 below 30, under 2% of this bound, on avx2 and ATEN_CPU_CAPABILITY=default
             assert math.isclose(loglik, want, rel_tol=1e-5, abs_tol=1e-4), (item, j, loglik, want)
         # the predictions (argmax and length-normalised argmax) agree as well
         got = [ll for ll, _ in scored]

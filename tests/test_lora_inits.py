@@ -28,6 +28,7 @@ from d2lora_dist.modeling import (
 )
 from d2lora_dist.schema import ConfigError
 from d2lora_dist.train import Phase, train_phase
+from tests.closeness import relative_difference
 from tests.conftest import tiny_experiment_dict
 
 TEXTS = ["Sam has 3 apples and buys 4 more. How many now?", "Name a number bigger than 5."]
@@ -144,13 +145,19 @@ def test_residual_model_equals_peft_own_init_and_the_base_at_step_zero(
     theirs = dict(peft_own.named_parameters())
     compared = [n for n, _ in ours.named_parameters() if "lora_" in n or "base_layer" in n]
     assert len(compared) == 12  # 4 modules: residual weight, A, B
+    # bit for bit on any CPU: the cached factors come from PEFT's own layer init (the same SVD of the same
+    # weight) and apply_residual uses PEFT's expression, so both sides run the same operations on the same inputs
     for name, p in ours.named_parameters():
         assert p.dtype == theirs[name].dtype and torch.equal(p, theirs[name]), name
     torch.testing.assert_close(_logits(ours, tokenizer), _logits(peft_own, tokenizer), rtol=0, atol=0)
-    tol = 1e-5 if dtype == "float32" else 0.3  # bf16: the residual and the factors are rounded
-    torch.testing.assert_close(_logits(ours, tokenizer), plain, rtol=0, atol=tol)
-    with ours.disable_adapter():
-        assert (_logits(ours, tokenizer) - plain).abs().max() > 10 * tol
+    # (W - sBA) + sBA vs W: rounded at the weights' precision, so the logits move by a fraction of their own
+    # scale (|logit| up to ~15): compared norm-relative (tests/closeness.py), measured 3e-7 in float32 and
+    # 6e-3 in bf16 (its eps 7.8e-3), on avx2 and ATEN_CPU_CAPABILITY=default alike; elementwise, an absolute
+    # 1e-5 was within 2x of the 5e-6 measured
+    tol = 1e-5 if dtype == "float32" else 5e-2
+    assert relative_difference(_logits(ours, tokenizer).float(), plain.float()) < tol
+    with ours.disable_adapter():  # measured 0.6 (pissa) and 0.74 (olora) of the base logits' norm
+        assert relative_difference(_logits(ours, tokenizer).float(), plain.float()) > 0.2
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +180,7 @@ def test_a_pissa_adapter_names_its_residual_and_reloads_to_the_trained_logits(pi
     assert manifest["reference"] is None and pissa.outcome.steps == 2
     with loaded_for_eval(pissa.exp, pissa.adapter) as (model, _):
         reloaded = _logits(model, pissa.tokenizer)
+    # the same residual (the cached factors, PEFT's expression) and adapter, the same forward: measured 0 apart
     torch.testing.assert_close(reloaded, pissa.logits, rtol=0, atol=1e-6)
     state, _ = adapters.load_adapter_state(pissa.adapter)
     on_plain_base = attach_lora(load_base_model(pissa.exp.model, training=False), pissa.exp.lora, state)

@@ -174,6 +174,7 @@ def test_an_interrupted_cell_resumes_only_its_remaining_steps_to_the_same_adapte
     assert resumed.steps == 2 and result["train"]["steps"] == 4  # steps 3 and 4 only
     other = RunLayout(exp.run_dir.parent / "uninterrupted")
     run_cell(exp, other, cell)
+    # bit for bit: one code path, here twice; the checkpoint restores weights, optimizer and RNG exactly
     assert (adapters.read_manifest(layout.cell_adapter(cell.id))["adapter_sha256"]
             == adapters.read_manifest(other.cell_adapter(cell.id))["adapter_sha256"])
 

@@ -77,6 +77,8 @@ def test_a_cell_in_the_worker_after_others_equals_the_cell_in_its_own_process(wa
     own_s = (time.time() - start) / len(COMPARED)
     print(f"per cell: worker {worker_s:.1f}s, own process {own_s:.1f}s (tiny model, machine under load)")
 
+    # bit for bit: the same code path at the same thread count (this process and `sweep cell` both use torch's
+    # default), in a worker after other cells or in a process of its own; a difference is state that leaked
     for cell_id in (FRESH, WARM):
         shared, alone = _adapter(layout, cell_id), _adapter(own, cell_id)
         assert shared.keys() == alone.keys() and all(torch.equal(shared[k], alone[k]) for k in shared), cell_id

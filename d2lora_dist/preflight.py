@@ -64,11 +64,22 @@ def preflight(exp: Experiment, checks: Checks, source: str) -> None:
     problems = _request_problems(exp, checks)
     if problems:  # the checks below look the requested task and method up
         raise PreflightError(problems, source)
-    problems = [*_row_problems(exp, checks), *_suite_problems(exp, checks), *_batch_problems(exp, checks)]
+    dropped: dict[str, str] = {}
+    problems = [*_row_problems(exp, checks, dropped), *_suite_problems(exp, checks), *_batch_problems(exp, checks)]
     if checks.slurm:
         problems += slurm_problems(exp)
     if problems:
         raise PreflightError(problems, source)
+    _say_dropped(dropped)
+
+
+def _say_dropped(dropped: dict[str, str]) -> None:
+    """Rows the normalisers refused are not an error, but the run says which (and records them: subsets.Subset)."""
+    from d2lora_dist.distributed import is_main_process
+
+    if is_main_process():
+        for key, line in dropped.items():
+            print(f"data: {key}: {line}", flush=True)
 
 
 # ---- the request -----------------------------------------------------------------------------
@@ -93,7 +104,8 @@ def _request_problems(exp: Experiment, checks: Checks) -> list[str]:
 
 
 # ---- data ----------------------------------------------------------------------------------
-def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
+def _row_problems(exp: Experiment, checks: Checks, dropped: dict[str, str]) -> list[str]:
+    """Too few usable rows for n; `dropped` gains a line per dataset and form whose normaliser refused rows."""
     from d2lora_dist.data.loading import DataError, normalize
     from d2lora_dist.data.subsets import usable_rows
     from d2lora_dist.methods import get_method
@@ -105,7 +117,10 @@ def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
         form = get_method(cell.method).form
         if (cell.task, form) not in usable:
             try:
-                usable[cell.task, form] = usable_rows(normalize(task.dataset, form), exp.data_seed, task.holdout)
+                data = normalize(task.dataset, form)
+                usable[cell.task, form] = usable_rows(data, exp.data_seed, task.holdout)
+                if data.bad:
+                    dropped[f"tasks.{cell.task}.dataset ({form})"] = data.describe_dropped()
             except DataError as e:
                 problems.append(f"tasks.{cell.task}.dataset: {e}")
                 usable[cell.task, form] = None
@@ -115,13 +130,16 @@ def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
                             f"({task.dataset.name}, {task.holdout} held out); lower n in the grid or add data")
     for name in dict.fromkeys(checks.warmup_names(exp)):
         cfg, key = exp.warmup_configs()[name], exp.warmup_settings_key(name)
-        if cfg.n is None:
+        if cfg.n is None:  # all rows, whatever their number (the dataset loads when the warm-up starts)
             continue
         try:
-            have = usable_rows(normalize(cfg.dataset, "sft"), exp.data_seed, 0)
+            data = normalize(cfg.dataset, "sft")
         except DataError as e:
             problems.append(f"{key}.dataset: {e}")
             continue
+        have = usable_rows(data, exp.data_seed, 0)
+        if data.bad:
+            dropped[f"{key}.dataset"] = data.describe_dropped()
         if cfg.n > have:
             problems.append(f"{key}.n: {cfg.n} but {cfg.dataset.name} has only {have} usable SFT rows")
     return problems

@@ -112,3 +112,41 @@ def test_sweep_run_refuses_bad_files_before_any_model_loads(tiny_experiment: dic
     assert f"tasks.titles.dataset: cannot read the data file(s): {titles}: line 5: not UTF-8 at byte" in done.stderr
     assert f"warmup.dataset: cannot read the data file(s): {warmup}: empty file" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+def test_rows_the_normaliser_drops_are_named_in_the_output_logs_results_and_manifests(
+        tiny_experiment: dict, tiny_data: dict, tmp_path: Path) -> None:
+    """A missing, null or numeric title is no error, but `sweep run` says which rows it dropped and why, and
+    the cell's log, result.json and adapter manifest record them; so do the warm-up's."""
+    rows = [json.loads(line) for line in Path(tiny_data["titles"]).read_text().splitlines()]
+    del rows[3]["title"]
+    rows[5]["title"], rows[8]["title"] = None, 42
+    titles = tmp_path / "titles.jsonl"
+    titles.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = [json.loads(line) for line in Path(tiny_data["warmup"]).read_text().splitlines()]
+    del pairs[2]["chosen"]
+    warmup = tmp_path / "warmup.jsonl"
+    warmup.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    tiny_experiment["tasks"]["titles"]["dataset"]["data_files"] = [str(titles)]
+    tiny_experiment["warmup"]["dataset"]["data_files"] = [str(warmup)]
+    tiny_experiment["grid"] = [{"task": "titles", "methods": ["sft"], "inits": ["lora", "d2lora"], "n": [4]}]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    done = _cli("sweep", "run", "-c", str(path), "--slots", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = ("3 of 24 rows dropped, not usable as sft records: 2 x missing title (paper-3, paper-5); "
+            "1 x title is not text (paper-8)")
+    assert f"data: tasks.titles.dataset (sft): econ_abstracts (['{titles}']): {said}" in done.stdout
+    assert "data: warmup.dataset: orpo_dpo_mix" in done.stdout and "1 x missing chosen (row-2)" in done.stdout
+    run = tmp_path / "runs" / "tiny"
+    logs = "".join(p.read_text() for p in (run / "logs").glob("slot*.log"))
+    assert logs.count(said) >= 2  # each cell's worker says it again in the cell's log
+    expected = {"count": 3, "rows": [{"row": "paper-3", "reason": "missing title"},
+                                     {"row": "paper-5", "reason": "missing title"},
+                                     {"row": "paper-8", "reason": "title is not text"}]}
+    for cell in ("titles-sft-lora-n4-s0", "titles-sft-d2lora-n4-s0"):
+        assert json.loads((run / "cells" / cell / "result.json").read_text())["data"]["dropped"] == expected
+        assert json.loads((run / "cells" / cell / "adapter" / "manifest.json").read_text())["data"]["dropped"] \
+            == expected
+    warm = {"count": 1, "rows": [{"row": "row-2", "reason": "missing chosen"}]}
+    assert json.loads((run / "warmup" / "result.json").read_text())["data"]["dropped"] == warm
+    assert json.loads((run / "warmup" / "adapter" / "manifest.json").read_text())["data"]["dropped"] == warm

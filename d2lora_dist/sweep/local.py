@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.fileio import DiskFull, full_disk
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.memory_estimate import GIB
 from d2lora_dist.shipped import for_command
@@ -92,6 +93,9 @@ def run_warmups(exp: Experiment, layout: RunLayout, cells: list[Cell], config: l
             run_launch(exp, warmup_launch(exp, name=run.name), ["warmup", *config, "--warmup", run.key],
                        f"warm-up {run.key}")
         except LaunchFailed as e:
+            full = full_disk(layout.root)
+            if full:  # every launch after it would fail the same way
+                raise DiskFull(f"the sweep stopped: warm-up {run.key} failed: {full}") from e
             print(f"!!! {e}; its cells are held back", flush=True)
             failed.add(run)
     return failed

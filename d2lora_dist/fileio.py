@@ -102,7 +102,8 @@ def no_space_message(path: Path | str | None, error: OSError, needs: int | None 
     space = [f"needs ~{human_size(needs)}" if needs else "", _free_space(Path(named)) if named else ""]
     detail = ", ".join(s for s in space if s)
     where = f" writing {named}" if named else " (the error names no file)"
-    return f"{what}{where}{f' ({detail})' if detail else ''}; free space and rerun the same command (what is done is kept)"
+    return (f"{what}{where}{f' ({detail})' if detail else ''}; free space and rerun the same command "
+            "(what is done is kept)")
 
 
 def full_disk(path: Path) -> str | None:

@@ -11,8 +11,8 @@ Cells run on the machine's slots (sweep/slots.py): several at once when the mach
 cell worker per slot: one process that loads the base model once and runs cell after cell
 (sweep/worker.py), so each pays for neither the imports nor the model load again. Every other cell
 (`accelerate launch`, DeepSpeed, several ranks) runs as its own launch, so memory is returned between
-cells. A failing cell is named and the sweep goes on; `cell_worker=False` gives every cell its own
-process.
+cells. A failing cell is named and the sweep goes on, except on a full disk, where no new job starts
+(sweep/pool.py); `cell_worker=False` gives every cell its own process.
 """
 
 from __future__ import annotations

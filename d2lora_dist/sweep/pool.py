@@ -9,7 +9,10 @@ the cells that start from a warm-up wait for it, the others run beside it, and t
 that failed are held back. With one slot the launches write to this terminal as they always did; with
 several, each slot appends to its own log file and the terminal shows which job starts and ends where.
 Ctrl-C (or an error in a slot) stops every slot: no new job starts, and the running launches are
-terminated before the sweep exits.
+terminated before the sweep exits. A job that failed on a full disk (the worker says so, or the run
+directory's file system is found full) halts the queue instead: the running jobs end as they do, no new
+one starts (each would fail the same way), and the sweep ends with one line (DiskFull) naming the path,
+the failed cells and those not started; a rerun after freeing space finishes them.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Multi-rank launches and Slurm array tasks run one cell per process (sweep cell).
 A worker is given its cells either all at once (`--cells`) or one at a time on stdin (`--cells-from
 -stdin`, what the executor's slots use, so that whichever slot is free takes the next cell); it then
 reports on the file descriptor named by REPORT_FD_ENV that it took each cell (`<id> started`) and how
-the cell ended (`<id> ok`, or `<id> failed|full <why, one line>`), so that the executor can tell a worker that died during a cell from
-one that had exited before it took one.
+the cell ended (`<id> ok`, or `<id> failed|full <why, one line>`; `full`: the disk was full), so that the
+executor can tell a worker that died during a cell from one that had exited before it took one.
 """
 
 from __future__ import annotations

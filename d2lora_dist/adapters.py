@@ -25,7 +25,7 @@ import torch
 
 from d2lora_dist import distributed
 from d2lora_dist.errors import InputError
-from d2lora_dist.fileio import sha256_file
+from d2lora_dist.fileio import DiskFull, sha256_file, writing
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -88,11 +88,12 @@ def save_adapter(model: Any, out_dir: Path, manifest: dict[str, Any]) -> dict[st
     if distributed.is_main_process():
         try:
             written = _write_artifact(model, state, Path(out_dir), {**manifest, "precision": precision})
-        except AdapterError as e:
-            error = str(e)
+        except (AdapterError, DiskFull) as e:
+            error = (isinstance(e, DiskFull), str(e))
     error = distributed.broadcast_object(error)  # doubles as the barrier; every rank fails together
     if error is not None:
-        raise AdapterError(error)
+        disk_full, message = error
+        raise DiskFull(message) if disk_full else AdapterError(message)
     return written
 
 
@@ -115,16 +116,18 @@ def _write_artifact(model: Any, state: dict[str, torch.Tensor], out_dir: Path,
                            "saves float32 (a bf16 copy loses updates below its resolution)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    needs = sum(v.numel() * v.element_size() for v in state.values())
     try:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        model.peft_config["default"].save_pretrained(str(tmp))
-        files = {name: sha256_file(tmp / name) for name in (WEIGHTS, CONFIG)}
-        full = {**manifest, "format": FORMAT, "adapter_sha256": files[WEIGHTS], "files": files,
-                "tensors": {k: list(v.shape) for k, v in sorted(state.items())},
-                "versions": library_versions(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
-        verify_adapter(tmp)
-        os.replace(tmp, out_dir)
+        with writing(out_dir, needs):  # a full disk names the adapter; the temporary copy goes below
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            model.peft_config["default"].save_pretrained(str(tmp))
+            files = {name: sha256_file(tmp / name) for name in (WEIGHTS, CONFIG)}
+            full = {**manifest, "format": FORMAT, "adapter_sha256": files[WEIGHTS], "files": files,
+                    "tensors": {k: list(v.shape) for k, v in sorted(state.items())},
+                    "versions": library_versions(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
+            verify_adapter(tmp)
+            os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return full

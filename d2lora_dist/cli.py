@@ -362,15 +362,22 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     from d2lora_dist.errors import InputError
+    from d2lora_dist.fileio import no_space_error, no_space_message
 
     try:
         return args.func(args)
     except InputError as e:
-        # Bad input (config, data, adapter, plan, predictions file, asset): one clear line, exit 2.
+        # Bad input (config, data, adapter, plan, predictions file, asset, a full disk): one clear line, exit 2.
         # Anything else is a bug and keeps its traceback; D2LORA_DEBUG=1 shows this one's too.
         if os.environ.get("D2LORA_DEBUG"):
             raise
         print(f"d2lora: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:
+        full = no_space_error(e)  # a full disk met outside the writes that name their path
+        if full is None or os.environ.get("D2LORA_DEBUG"):
+            raise
+        print(f"d2lora: error: {no_space_message(full.filename, full)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -74,14 +74,25 @@ def preflight(exp: Experiment, checks: Checks, source: str | ConfigSource) -> No
     problems = pending + _collect([lambda: _request_problems(exp, checks)], guarded)
     if len(problems) > len(pending):  # the checks below look the requested task and method up
         raise PreflightError(problems, source)
+    dropped: dict[str, str] = {}
     units: list[Callable[[], list[str]]] = [
-        lambda: _row_problems(exp, checks), lambda: _suite_problems(exp, checks), lambda: _batch_problems(exp, checks),
-        lambda: model_problems(exp), lambda: _adapter_problems(exp, checks)]
+        lambda: _row_problems(exp, checks, dropped), lambda: _suite_problems(exp, checks),
+        lambda: _batch_problems(exp, checks), lambda: model_problems(exp), lambda: _adapter_problems(exp, checks)]
     if checks.slurm:
         units.append(lambda: slurm_problems(exp))
     problems += _collect(units, guarded)
     if problems:
         raise PreflightError(problems, source)
+    _say_dropped(dropped)
+
+
+def _say_dropped(dropped: dict[str, str]) -> None:
+    """Rows the normalisers refused are not an error, but the run says which (and records them: subsets.Subset)."""
+    from d2lora_dist.distributed import is_main_process
+
+    if is_main_process():
+        for key, line in dropped.items():
+            print(f"data: {key}: {line}", flush=True)
 
 
 def _collect(units: list[Callable[[], list[str]]], guarded: bool) -> list[str]:
@@ -121,7 +132,8 @@ def _request_problems(exp: Experiment, checks: Checks) -> list[str]:
 
 
 # ---- data ----------------------------------------------------------------------------------
-def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
+def _row_problems(exp: Experiment, checks: Checks, dropped: dict[str, str]) -> list[str]:
+    """Too few usable rows for n; `dropped` gains a line per dataset and form whose normaliser refused rows."""
     from d2lora_dist.data.loading import DataError, normalize
     from d2lora_dist.data.subsets import usable_rows
     from d2lora_dist.methods import get_method
@@ -133,7 +145,10 @@ def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
         form = get_method(cell.method).form
         if (cell.task, form) not in usable:
             try:
-                usable[cell.task, form] = usable_rows(normalize(task.dataset, form), exp.data_seed, task.holdout)
+                data = normalize(task.dataset, form)
+                usable[cell.task, form] = usable_rows(data, exp.data_seed, task.holdout)
+                if data.bad:
+                    dropped[f"tasks.{cell.task}.dataset ({form})"] = data.describe_dropped()
             except UnknownName:  # config validation names it
                 usable[cell.task, form] = None
             except DataError as e:
@@ -145,15 +160,18 @@ def _row_problems(exp: Experiment, checks: Checks) -> list[str]:
                             f"({task.dataset.name}, {task.holdout} held out); lower n in the grid or add data")
     for name in dict.fromkeys(checks.warmup_names(exp)):
         cfg, key = exp.warmup_configs()[name], exp.warmup_settings_key(name)
-        if cfg.n is None or cfg.n < 1:  # all rows; below 1 config validation names it
+        if cfg.n is None or cfg.n < 1:  # all rows (the dataset loads when the warm-up starts); below 1 config names it
             continue
         try:
-            have = usable_rows(normalize(cfg.dataset, "sft"), exp.data_seed, 0)
+            data = normalize(cfg.dataset, "sft")
         except UnknownName:  # config validation names it
             continue
         except DataError as e:
             problems.append(f"{key}.dataset: {e}")
             continue
+        have = usable_rows(data, exp.data_seed, 0)
+        if data.bad:
+            dropped[f"{key}.dataset"] = data.describe_dropped()
         if cfg.n > have:
             problems.append(f"{key}.n: {cfg.n} but {cfg.dataset.name} has only {have} usable SFT rows")
     return problems

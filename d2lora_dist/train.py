@@ -18,6 +18,7 @@ from d2lora_dist.config import Experiment, LoraConfig, TrainSettings
 from d2lora_dist.data.lengths import Truncation, truncation, with_response
 from d2lora_dist.data.loading import DataError
 from d2lora_dist.divergence import stop_on_non_finite
+from d2lora_dist.fileio import writing
 from d2lora_dist.lora_inits import DEFAULT_LORA_INIT, lora_init_spec
 from d2lora_dist.methods import get_method, phase_batching
 from d2lora_dist.modeling import attach_lora, base_fingerprint
@@ -146,7 +147,8 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
         if resume and distributed.is_main_process():
             print(f"[{phase.name}] resuming from {resume}", flush=True)
         start = time.time()
-        result = trainer.train(resume_from_checkpoint=resume)
+        with writing(phase.checkpoint_dir, needs=_checkpoint_bytes(start_state)):  # a full disk names it
+            result = trainer.train(resume_from_checkpoint=resume)
         if result.global_step < trainer.state.max_steps:  # a callback (preemption) stopped it
             raise Preempted(f"[{phase.name}] stopped at step {result.global_step} of {trainer.state.max_steps}; "
                             f"the checkpoint in {phase.checkpoint_dir} resumes it")
@@ -298,6 +300,11 @@ def _replan_for_kept_rows(phase: Phase, trainer: Any, cut: Truncation, schedule:
     replanned = plan_schedule(phase.settings, kept, schedule.world_size)
     trainer.args.max_steps = replanned.optimizer_steps
     return replanned
+
+
+def _checkpoint_bytes(adapter: dict[str, Any]) -> int:
+    """About what one checkpoint takes: the adapter's float32 weights and Adam's two moments of them."""
+    return 3 * sum(v.numel() * 4 for v in adapter.values())
 
 
 def lora_summary(exp: Experiment) -> dict[str, Any]:

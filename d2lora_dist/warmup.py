@@ -13,7 +13,7 @@ from d2lora_dist import distributed, tracking
 from d2lora_dist.config import SINGLE_WARMUP, Experiment
 from d2lora_dist.data.selection import warmup_records
 from d2lora_dist.errors import UnknownName
-from d2lora_dist.fileio import read_json, write_json_atomic
+from d2lora_dist.fileio import read_json, write_json_atomic, writing
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.provenance import code_version
 from d2lora_dist.schema import ConfigError
@@ -58,13 +58,18 @@ def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None =
     if run.name not in configs:
         raise ConfigError([f"experiment {exp.name!r} has no warm-up {run.name!r} (defined: {sorted(configs)})"],
                           exp.name)
-    cfg, settings_key = configs[run.name], exp.warmup_settings_key(run.name)
+    if layout.warmup_result_of(run.key).is_file():
+        if distributed.is_main_process():
+            print(f"warm-up {run.key} already done: {layout.warmup_adapter_of(run.key)}", flush=True)
+        return read_json(layout.warmup_result_of(run.key))
+    with writing(layout.warmup_home(run.key)):  # a full disk stops the warm-up naming what it wrote, no traceback
+        return _train_warmup(exp, layout, callbacks, run)
+
+
+def _train_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None, run: WarmupRun) -> dict[str, Any]:
+    cfg, settings_key = exp.warmup_configs()[run.name], exp.warmup_settings_key(run.name)
     home, adapter, result_file = layout.warmup_home(run.key), layout.warmup_adapter_of(run.key), \
         layout.warmup_result_of(run.key)
-    if result_file.is_file():
-        if distributed.is_main_process():
-            print(f"warm-up {run.key} already done: {adapter}", flush=True)
-        return read_json(result_file)
     started = time.time()
     records, subset = warmup_records(exp, run.name)
     name = "warmup" if run == SINGLE else f"warmup-{run.key}"
@@ -78,7 +83,9 @@ def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None =
                   callbacks=callbacks or [])
     outcome = train_phase(exp, phase)
     result = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, "train": outcome.summary(),
-              "data": {"dataset": subset.dataset, "n": subset.n, "subset_sha256": subset.sha256}, "adapter": None,
+              "data": {"dataset": subset.dataset, "n": subset.n, "subset_sha256": subset.sha256,
+                       "dropped": subset.dropped},
+              "adapter": None,
               # wall seconds from its data to its result, where it ran (benchmarks/demo_wallclock.py)
               "timing": {"warmup_s": round(time.time() - started, 2), "ended": round(time.time(), 3)},
               "runtime": slot_record(), "code": code_version(),

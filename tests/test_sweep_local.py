@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tests import disk_fixtures
 from tests.conftest import write_experiment
 from tests.test_cli import _cli
 
@@ -63,3 +64,45 @@ def test_axes_locally_a_failed_warmup_holds_back_its_cells_and_pissa_cells_keep_
     assert vanilla["lora_init"]["residual"]["key"]["lora_init"] == "pissa"
     assert manifest(run_dir / "cells" / "math-sft-lora-n4-s0" / "adapter")["lora_init"] == {"name": "default",
                                                                                              "residual": None}
+
+
+small_disk = disk_fixtures.small_disk
+
+
+def test_a_full_disk_fails_the_cells_cleanly_keeps_what_is_done_and_a_rerun_completes(
+        tiny_experiment: dict, small_disk: Path, tmp_path: Path) -> None:
+    """A real 2 MiB tmpfs holds the run directory: with one cell done, the disk is filled; `sweep run --slots 2`
+    fails the two cells it starts with one line naming what each was writing, stops without a traceback and
+    exits 2; the done cell is untouched and no temporary file is left; freed, the same command completes."""
+    import hashlib
+    import re
+
+    tiny_experiment["output_dir"] = str(small_disk / "runs")
+    tiny_experiment["grid"] = [{"task": "titles", "methods": ["sft"], "inits": ["lora"], "n": [4],
+                                "seeds": [0, 1, 2]}]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    first = _cli("sweep", "cell", "-c", str(path), "--cell", "titles-sft-lora-n4-s0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = small_disk / "runs" / "tiny"
+    done = run / "cells" / "titles-sft-lora-n4-s0" / "result.json"
+    before = hashlib.sha256(done.read_bytes()).hexdigest()
+    filler = disk_fixtures.fill(small_disk, leave=24 << 10)  # room for the frozen plan, not for a cell
+
+    full = _cli("sweep", "run", "-c", str(path), "--slots", "2")
+    assert full.returncode == 2, full.stdout[-3000:] + full.stderr[-3000:]
+    assert "Traceback" not in full.stdout + full.stderr
+    for seed in (1, 2):
+        cell = f"titles-sft-lora-n4-s{seed}"
+        line = next(x for x in full.stdout.splitlines() if f"] {cell} FAILED" in x)
+        assert re.search(rf"ended: no space left on device writing {run}/cells/{cell}/\S* \(.*free on {small_disk} "
+                         r"\(tmpfs\)\)", line), line
+    assert full.stderr.strip().startswith("d2lora: error: the sweep stopped, 2 cell(s) failed")
+    assert len(full.stderr.strip().splitlines()) == 1
+    assert hashlib.sha256(done.read_bytes()).hexdigest() == before
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+
+    filler.unlink()
+    again = _cli("sweep", "run", "-c", str(path), "--slots", "2")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert all((run / "cells" / f"titles-sft-lora-n4-s{s}" / "result.json").is_file() for s in (0, 1, 2))
+    assert hashlib.sha256(done.read_bytes()).hexdigest() == before

@@ -336,3 +336,52 @@ def test_a_split_submission_is_recorded_so_that_status_finds_each_cells_own_arra
     rows = cell_status(exp, layout, lambda job_id: None)  # Slurm has forgotten them: each row names its job
     assert [r.job for r in rows] == [f"{12 if c.method == 'dpo' else 11}_{i}" for i, c in enumerate(cells)]
     assert {r.state for r in rows} == {"unknown"}
+
+
+FAKE_SBATCH = """#!/bin/sh
+# sbatch as a cluster that refuses the cell array (what an unknown partition on that job looks like)
+case "$*" in *cell_array*) echo "sbatch: error: invalid partition name specified" >&2; exit 1;; esac
+n=$(cat "$0.count" 2>/dev/null || echo 100); n=$((n + 1)); echo "$n" > "$0.count"; echo "$n"
+"""
+
+
+def test_a_refused_sbatch_names_the_job_its_error_and_what_was_already_submitted(
+        tiny_experiment: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from d2lora_dist.cli import main
+    from tests.conftest import write_experiment
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "sbatch").write_text(FAKE_SBATCH)
+    (tools / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    layout = RunLayout(tmp_path / "runs" / "tiny")
+    assert main(["sweep", "submit", "-c", str(path)]) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert err.startswith("d2lora: error: sweep submit: the cell array job was not submitted: `sbatch --parsable "
+                          f"--dependency=afterok:101 {layout.slurm_dir}/cell_array.sbatch` exited 1: sbatch: error: "
+                          "invalid partition name specified; already submitted: warmup 101 (recorded in "
+                          f"{layout.slurm_dir}/jobs.json; `scancel 101` cancels them")
+    records = json.loads((layout.slurm_dir / "jobs.json").read_text())
+    assert len(records) == 1 and records[0]["jobs"] == {"warmup": "101", "array": None, "report": None}
+    assert records[0]["failed"]["step"] == "array" and len(records[0]["commands"]) == 2
+    written = (layout.slurm_dir / "jobs.json").read_bytes()
+
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))  # no sbatch at all
+    assert main(["sweep", "submit", "-c", str(path)]) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert err == ("d2lora: error: sweep submit: the warm-up job was not submitted: `sbatch` not found on PATH: "
+                   "sweep submit runs on a Slurm login node (`sweep run` runs the sweep on this machine); nothing "
+                   "was submitted")
+    assert (layout.slurm_dir / "jobs.json").read_bytes() == written  # the earlier record is kept as it was
+
+
+def _error_line(stderr: str) -> str:
+    """The one error line (the data loader's progress bars share stderr), and no traceback."""
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("d2lora: error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]

@@ -205,3 +205,16 @@ def test_multi_rank_warmup_under_accelerate_is_preempted_and_resumes(cluster: Lo
         assert ranks == ["rank=0"] * runs + ["rank=1"] * runs, (what, events)
     assert all("node_id=0" in e for e in events if e.startswith("warmup"))  # expanded in the task
     assert [row.state for row in cell_status(exp, layout)] == ["done"]
+
+
+def test_a_partition_slurm_does_not_have_is_refused_naming_the_job_and_nothing_is_recorded(cluster: LocalSlurm,
+                                                                                           tmp_path):
+    exp, layout = make_run(tmp_path, partition="no-such-partition")
+    with pytest.raises(sweep_slurm.SbatchFailed) as caught:
+        sweep_slurm.submit(exp, layout, commands=fake_commands(layout))
+    message = str(caught.value)
+    assert message.startswith(f"sweep submit: the warm-up job was not submitted: `sbatch --parsable "
+                              f"{layout.slurm_dir}/warmup.sbatch` exited 1: sbatch: error:")
+    assert "invalid partition" in message.lower() and message.endswith("nothing was submitted")
+    assert not sweep_slurm.jobs_file(layout).exists()  # no job, no record
+    assert cluster.run("squeue", "-h").stdout.strip() == ""

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from d2lora_dist.config import DatasetRef
+from d2lora_dist.data.files import file_problems
 from d2lora_dist.data.normalize import BadRow
 from d2lora_dist.data.registry import DatasetSpec, get_spec
 from d2lora_dist.errors import InputError
 
+DROPPED_NAMED = 100  # dropped rows named in a result or manifest; the count covers all
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -36,6 +38,19 @@ class Normalized:
     @property
     def bad_count(self) -> int:
         return sum(len(ids) for ids in self.bad.values())
+
+    def dropped(self, limit: int = DROPPED_NAMED) -> dict[str, Any]:
+        """The rows the normaliser refused: their count, and the first `limit` as {row, reason} (for a
+        phase's subset, result and manifest; `d2lora data check` reports the same rows by reason)."""
+        rows = [(row, reason) for reason, ids in sorted(self.bad.items()) for row in ids]
+        return {"count": len(rows), "rows": [{"row": row, "reason": reason} for row, reason in rows[:limit]]}
+
+    def describe_dropped(self, examples: int = 5) -> str:
+        """One line: how many rows of which form were dropped, per reason with example row ids."""
+        reasons = "; ".join(f"{len(ids)} x {reason} ({', '.join(ids[:examples])}{', ...' * (len(ids) > examples)})"
+                            for reason, ids in sorted(self.bad.items()))
+        return (f"{self.name} ({self.source}): {self.bad_count} of {self.total_rows} rows dropped, not usable as "
+                f"{self.form} records: {reasons}")
 
 
 def data_files(ref: DatasetRef) -> list[str]:
@@ -64,8 +79,14 @@ def _load_local(files: list[str], split: str | None) -> Any:
     missing = [f for f in files if not Path(f).exists()]
     if missing:
         raise DataError(f"data file not found: {', '.join(missing)}")
+    problems = file_problems(files)  # each bad file and line, before datasets hides them in one generic error
+    if problems:
+        raise DataError("cannot read the data file(s): " + "; ".join(problems))
     if len(files) == 1 and Path(files[0]).is_dir():
-        loaded = datasets.load_from_disk(files[0])
+        try:
+            loaded = datasets.load_from_disk(files[0])
+        except FileNotFoundError as e:  # a folder that is not a saved dataset
+            raise DataError(f"{files[0]}: not a dataset saved with save_to_disk ({e})") from e
         if isinstance(loaded, datasets.DatasetDict):
             key = split or next(iter(loaded))
             if key not in loaded:

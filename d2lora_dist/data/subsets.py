@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,8 @@ class Subset:
     holdout: int
     n: int
     indices: list[int]
+    # rows of the dataset the normaliser refused ({count, rows: [{row, reason}]}): not drawn, and said so
+    dropped: dict[str, Any] = field(default_factory=lambda: {"count": 0, "rows": []})
 
     @property
     def sha256(self) -> str:
@@ -70,7 +73,7 @@ def take_subset(data: Normalized, n: int | None, data_seed: int, seed: int, hold
         raise DataError(f"{data.name} ({data.source}): asked for n={n} {data.form} examples but only "
                         f"{len(pool)} usable rows exist ({data.total_rows} rows, {holdout} held out, "
                         f"{data.bad_count} bad)")
-    return Subset(data.name, data.form, data.source, data_seed, seed, holdout, n, pool[:n])
+    return Subset(data.name, data.form, data.source, data_seed, seed, holdout, n, pool[:n], data.dropped())
 
 
 def records_of(data: Normalized, indices: list[int]) -> list[dict]:

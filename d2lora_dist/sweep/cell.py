@@ -23,7 +23,7 @@ from d2lora_dist.data.loading import DataError
 from d2lora_dist.data.selection import task_records
 from d2lora_dist.errors import MissingInput
 from d2lora_dist.evaluate.adapter_eval import evaluate_suites
-from d2lora_dist.fileio import read_json, write_json_atomic
+from d2lora_dist.fileio import read_json, write_json_atomic, writing
 from d2lora_dist.inits import INITS
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
@@ -36,6 +36,12 @@ from d2lora_dist.warmup import warmup_artifact
 
 def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any] | None = None,
              models: FreshBase | None = None) -> dict[str, Any]:
+    with writing(layout.cell_dir(cell.id)):  # a full disk stops the cell naming what it wrote, no traceback
+        return _run_cell(exp, layout, cell, callbacks, models)
+
+
+def _run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any] | None,
+              models: FreshBase | None) -> dict[str, Any]:
     models = models or FreshBase()
     if layout.cell_result(cell.id).is_file():
         if distributed.is_main_process():
@@ -123,10 +129,12 @@ def _save_subset(layout: RunLayout, cell: Cell, subset: dict[str, Any]) -> None:
     """Saved once; a rerun must select exactly the same rows (else the data changed)."""
     path = layout.cell_subset(cell.id)
     if distributed.is_main_process():
-        if path.is_file() and read_json(path)["sha256"] != subset["sha256"]:
+        saved = read_json(path) if path.is_file() else None
+        if saved is not None and saved["sha256"] != subset["sha256"]:
             raise DataError(f"[{cell.id}] the task data changed since this cell started: {path} records "
                              f"other rows; move the cell directory away to start it again")
-        write_json_atomic(path, subset)
+        if saved != subset:
+            write_json_atomic(path, subset)
 
 
 def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, Any],
@@ -143,7 +151,7 @@ def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, A
     return {"cell": cell.to_dict(), "experiment": exp.name, "metrics": numbers, "prompt_versions": versions,
             "labels": labels, "code": code_version(), "n_trained": n_trained(cell, outcome, manifest),
             "suites": {s: exp.tasks[cell.task].role(s) for s in cell_suites(exp, cell)},
-            "train": outcome.summary() if outcome else None, "adapter": adapter,
+            "train": outcome.summary() if outcome else None, "adapter": adapter, "data": _data_record(layout, cell),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -154,3 +162,14 @@ def n_trained(cell: Cell, outcome: TrainOutcome | None, manifest: dict[str, Any]
         return 0
     schedule = outcome.schedule.to_dict() if outcome is not None else (manifest or {}).get("schedule")
     return int(schedule["examples"]) if schedule else None
+
+
+def _data_record(layout: RunLayout, cell: Cell) -> dict[str, Any] | None:
+    """What the cell trained on, from its saved subset: dataset, n, checksum and the rows the normaliser
+    dropped (None for a cell that trains nothing)."""
+    path = layout.cell_subset(cell.id)
+    if not cell.trains or not path.is_file():
+        return None
+    subset = read_json(path)
+    return {"dataset": subset["dataset"], "n": subset["n"], "subset_sha256": subset["sha256"],
+            "dropped": subset.get("dropped", {"count": 0, "rows": []})}  # subsets saved before it was recorded

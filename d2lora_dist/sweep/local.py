@@ -11,8 +11,8 @@ Cells run on the machine's slots (sweep/slots.py): several at once when the mach
 cell worker per slot: one process that loads the base model once and runs cell after cell
 (sweep/worker.py), so each pays for neither the imports nor the model load again. Every other cell
 (`accelerate launch`, DeepSpeed, several ranks) runs as its own launch, so memory is returned between
-cells. A failing cell is named and the sweep goes on; `cell_worker=False` gives every cell its own
-process.
+cells. A failing cell is named and the sweep goes on, except on a full disk, where no new job starts
+(sweep/pool.py); `cell_worker=False` gives every cell its own process.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.fileio import DiskFull, full_disk
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.memory_estimate import GIB
 from d2lora_dist.shipped import for_command
@@ -92,6 +93,9 @@ def run_warmups(exp: Experiment, layout: RunLayout, cells: list[Cell], config: l
             run_launch(exp, warmup_launch(exp, name=run.name), ["warmup", *config, "--warmup", run.key],
                        f"warm-up {run.key}")
         except LaunchFailed as e:
+            full = full_disk(layout.root)
+            if full:  # every launch after it would fail the same way
+                raise DiskFull(f"the sweep stopped: warm-up {run.key} failed: {full}") from e
             print(f"!!! {e}; its cells are held back", flush=True)
             failed.add(run)
     return failed

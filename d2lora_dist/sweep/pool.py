@@ -9,7 +9,10 @@ the cells that start from a warm-up wait for it, the others run beside it, and t
 that failed are held back. With one slot the launches write to this terminal as they always did; with
 several, each slot appends to its own log file and the terminal shows which job starts and ends where.
 Ctrl-C (or an error in a slot) stops every slot: no new job starts, and the running launches are
-terminated before the sweep exits.
+terminated before the sweep exits. A job that failed on a full disk (the worker says so, or the run
+directory's file system is found full) halts the queue instead: the running jobs end as they do, no new
+one starts (each would fail the same way), and the sweep ends with one line (DiskFull) naming the path,
+the failed cells and those not started; a rerun after freeing space finishes them.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from pathlib import Path
 from typing import IO
 
 from d2lora_dist.config import Experiment
+from d2lora_dist.fileio import DiskFull, full_disk, suppress_no_space
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
 from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
 from d2lora_dist.sweep.grid import Cell, WarmupRun
 from d2lora_dist.sweep.slots import Slot, SlotPlan
-from d2lora_dist.sweep.worker import REPORT_FD_ENV
+from d2lora_dist.sweep.worker import FULL, REPORT_FD_ENV
 
 
 class Stopping(RuntimeError):
@@ -102,12 +106,12 @@ class Progress:
             where = f" on {slot.describe()}" if slot.count > 1 else ""
             print(f"=== cell {self.started}/{self.total}: {cell.id}{where}", flush=True)
 
-    def end(self, cell: Cell, slot: Slot, ok: bool, seconds: float, log: Path | None) -> None:
+    def end(self, cell: Cell, slot: Slot, ok: bool, seconds: float, log: Path | None, why: str | None = None) -> None:
         with self.lock:
             self.ended += 1
             where = f" (log: {log})" if log is not None and not ok else ""
             print(f"[{slot.describe()}] {cell.id} {'done' if ok else 'FAILED'} in {seconds:.0f}s; "
-                  f"{self.ended}/{self.total} ended{where}", flush=True)
+                  f"{self.ended}/{self.total} ended{f': {why}' if why else ''}{where}", flush=True)
 
 
 class JobQueue:
@@ -120,11 +124,22 @@ class JobQueue:
         self._changed = threading.Condition()
         self._stop = stop
         self.held_back: list[Cell] = []
+        self.halted: str | None = None  # why no new job starts (a full disk), while running ones finish
+
+    def halt(self, why: str) -> None:
+        """No job starts any more; the running ones end as they do. The first reason is kept."""
+        with self._changed:
+            self.halted = self.halted or why
+            self._changed.notify_all()
+
+    def left(self) -> list[WarmupRun | Cell]:
+        with self._changed:
+            return list(self._jobs)
 
     def take(self) -> WarmupRun | Cell | None:
         """The next job that can start, waiting while only cells of running warm-ups are left; None at the end."""
         with self._changed:
-            while self._jobs and not self._stop.is_set():
+            while self._jobs and not self._stop.is_set() and self.halted is None:
                 for i, job in enumerate(self._jobs):
                     if isinstance(job, WarmupRun) or job.warmup_run not in self._unfinished:
                         return self._jobs.pop(i)
@@ -161,10 +176,13 @@ class WorkerProcess:
         finally:
             os.close(write)  # the worker holds the only write end: its exit ends our reads
         self.reports = os.fdopen(read)
+        self.why: str | None = None  # the last failed cell's reason, as the worker reported it
 
     def run(self, cell: Cell) -> str:
-        """How the cell went: "ok" or "failed" as the worker reports it, "died" when the worker died during
-        it, "not taken" when the worker had exited before it took the cell (the cell never started)."""
+        """How the cell went: "ok", "failed" or "full" as the worker reports it (`why` says why), "died" when
+        the worker died during it, "not taken" when the worker had exited before it took the cell (the cell
+        never started)."""
+        self.why = None
         assert self.process.stdin is not None
         try:
             self.process.stdin.write(cell.id + "\n")
@@ -176,11 +194,12 @@ class WorkerProcess:
         return self._report(cell) or "died"
 
     def _report(self, cell: Cell) -> str | None:
-        line = self.reports.readline().split()
-        if not line:
+        line = self.reports.readline().rstrip("\n").split(" ", 2)
+        if not line[0]:
             return None
         if line[0] != cell.id:
             raise RuntimeError(f"cell worker reported {line[0]!r} while running {cell.id!r}")
+        self.why = line[2] if len(line) > 2 else None
         return line[1]
 
     def close(self) -> int:
@@ -264,16 +283,55 @@ def run_on_slots(exp: Experiment, layout: RunLayout, cells: list[Cell], plan: Sl
         raise
     if errors:
         raise errors[0]
+    if queue.halted:
+        raise DiskFull(_halted_message(layout, queue, cells))
     return queue.held_back
+
+
+def _halted_message(layout: RunLayout, queue: JobQueue, cells: list[Cell]) -> str:
+    """The one line a sweep stopped by a full disk ends with: why, what failed, what did not start."""
+    left = [c for c in queue.left() if isinstance(c, Cell)]
+    failed = [c.id for c in cells if c not in left and c not in queue.held_back
+              and not layout.cell_result(c.id).is_file()]
+    return (f"the sweep stopped, {len(failed)} cell(s) failed ({', '.join(failed) or 'none'}) and "
+            f"{len(left) + len(queue.held_back)} did not start: {queue.halted}")
 
 
 def slot_log(layout: RunLayout, slot: Slot) -> Path:
     return layout.local_logs_dir / f"slot{slot.index}.log"
 
 
+class SlotLog:
+    """A slot's log file that a full disk cannot break: a line it has no room for is lost, not raised (the
+    launches write to the same file through its descriptor; the terminal still says how each job ended)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("a", buffering=1)
+
+    def write(self, text: str) -> int:
+        with suppress_no_space():
+            return self._file.write(text)
+        return 0
+
+    def flush(self) -> None:
+        with suppress_no_space():
+            self._file.flush()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def __enter__(self) -> SlotLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with suppress_no_space():
+            self._file.close()
+
+
 def _slot_loop(run: SlotRun, slot: Slot) -> None:
     log = slot_log(run.layout, slot) if slot.count > 1 else None
-    with log.open("a") if log is not None else nullcontext() as out:
+    with SlotLog(log) if log is not None else nullcontext() as out:
         worker: WorkerProcess | None = None
         try:
             while (job := run.queue.take()) is not None:
@@ -287,22 +345,28 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
                     continue
                 run.progress.start(job, slot)
                 start = time.time()
+                why = None
                 if runs_in_worker(launch, run.cell_worker):
-                    worker = _run_in_worker(run, slot, job, launch, worker, out)
+                    worker, why = _run_in_worker(run, slot, job, launch, worker, out)
                 else:
                     run.runner(launch, ["sweep", "cell", *run.config, "--cell", job.id], f"cell {job.id}",
                                slot, out, run.children)
                     if run.children.stop.is_set() and not run.layout.cell_result(job.id).is_file():
                         raise Stopping("the sweep is stopping")  # terminated, not failed
-                run.progress.end(job, slot, run.layout.cell_result(job.id).is_file(), time.time() - start, log)
+                ok = run.layout.cell_result(job.id).is_file()
+                full = None if ok else _disk_full(run, why)
+                run.progress.end(job, slot, ok, time.time() - start, log, full or why)
+                if full:
+                    run.queue.halt(full)
         finally:
             if worker is not None:
                 worker.close()
 
 
 def _run_in_worker(run: SlotRun, slot: Slot, cell: Cell, launch: Launch, worker: WorkerProcess | None,
-                   out: IO[str] | None) -> WorkerProcess | None:
-    """The cell in the slot's worker (started if need be); returns the worker to keep, None after it died."""
+                   out: IO[str] | None) -> tuple[WorkerProcess | None, str | None]:
+    """The cell in the slot's worker (started if need be); returns the worker to keep (None after it died)
+    and, for a cell that failed on a full disk, the worker's line that says so."""
     worker = worker or _start_worker(run, slot, launch, out)
     outcome = worker.run(cell)
     if outcome == NOT_TAKEN:  # it had exited between cells: the cell goes to a new worker
@@ -312,13 +376,19 @@ def _run_in_worker(run: SlotRun, slot: Slot, cell: Cell, launch: Launch, worker:
         worker = _start_worker(run, slot, launch, out)
         outcome = worker.run(cell)
     if outcome not in ("died", NOT_TAKEN):
-        return worker
+        return worker, worker.why if outcome == FULL else None
     code = worker.close()  # this cell failed; a new worker takes the next
     if run.children.stop.is_set():
         raise Stopping("the sweep is stopping")
     when = "during" if outcome == "died" else "before it took"
     run.progress.say(f"!!! the cell worker of {slot.describe()} exited with code {code} {when} {cell.id}")
-    return None
+    return None, None
+
+
+def _disk_full(run: SlotRun, why: str | None) -> str | None:
+    """Why a job failed when it was the disk: the worker's own line, else (a launch of its own, a worker that
+    died writing its log) the run directory's file system found (almost) full. None: some other failure."""
+    return why or full_disk(run.layout.root)
 
 
 def _run_warmup(run: SlotRun, slot: Slot, warmup: WarmupRun, out: IO[str] | None, log: Path | None) -> None:
@@ -334,9 +404,12 @@ def _run_warmup(run: SlotRun, slot: Slot, warmup: WarmupRun, out: IO[str] | None
     run.progress.drop(len(held))
     if ok:
         run.progress.say(f"[{slot.describe()}] warm-up {warmup.key} done in {time.time() - start:.0f}s")
-    else:
-        run.progress.say(f"!!! warm-up {warmup.key} failed{f' (log: {log})' if log else ''}; its {len(held)} "
-                         f"cell(s) are held back")
+        return
+    full = _disk_full(run, None)
+    run.progress.say(f"!!! warm-up {warmup.key} failed{f': {full}' if full else ''}{f' (log: {log})' if log else ''}; "
+                     f"its {len(held)} cell(s) are held back")
+    if full:
+        run.queue.halt(full)
 
 
 def _start_worker(run: SlotRun, slot: Slot, launch: Launch, out: IO[str] | None) -> WorkerProcess:

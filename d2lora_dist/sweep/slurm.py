@@ -367,6 +367,7 @@ class SubmitResult:
     jobs: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
+    failed: dict[str, str] | None = None  # {step, error} of an sbatch that refused its job
 
     def describe(self, scripts: bool = False) -> str:
         out = []
@@ -519,11 +520,32 @@ def submit(exp: Experiment, layout: RunLayout, dry_run: bool = False, only_faile
             write_text_atomic(step.script, step.text)
             argv = sbatch_argv(step, result.jobs)
             result.commands.append(argv)
-            result.jobs[step.name] = _sbatch(argv)
+            try:
+                result.jobs[step.name] = _sbatch(argv)
+            except SbatchFailed as e:
+                result.failed = {"step": step.name, "error": str(e)}
+                raise SbatchFailed(_failure_line(layout, step, e, result)) from e
     finally:  # record what was submitted even when a later sbatch fails
         if result.jobs:
             _append_record(layout, result, only_failed)
     return result
+
+
+class SbatchFailed(InputError):
+    """`sbatch` refused a job (a partition, account or limit Slurm does not accept) or is not there."""
+
+
+def _failure_line(layout: RunLayout, step: Step, error: SbatchFailed, result: SubmitResult) -> str:
+    """One line: which job sbatch refused and why, and the jobs already submitted, to cancel or keep."""
+    kind = {"warmup": "warm-up", "array": "cell array", "report": "report"}[step.name.split(":")[0]]
+    label = f" {step.name.split(':', 1)[1]}" if ":" in step.name else ""
+    if result.jobs:
+        done = ", ".join(f"{name} {job}" for name, job in result.jobs.items())
+        already = (f"already submitted: {done} (recorded in {jobs_file(layout)}; `scancel "
+                   f"{' '.join(result.jobs.values())}` cancels them, or fix the cause and submit again)")
+    else:
+        already = "nothing was submitted"
+    return f"sweep submit: the {kind} job{label} was not submitted: {error}; {already}"
 
 
 def _plan_for(exp: Experiment, layout: RunLayout, dry_run: bool) -> list[Cell]:
@@ -533,10 +555,16 @@ def _plan_for(exp: Experiment, layout: RunLayout, dry_run: bool) -> list[Cell]:
 
 
 def _sbatch(argv: list[str]) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} failed (exit {proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout.strip().split(";")[0]  # --parsable prints "ID" or "ID;CLUSTER"
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise SbatchFailed(f"`{argv[0]}` not found on PATH: sweep submit runs on a Slurm login node "
+                           "(`sweep run` runs the sweep on this machine)") from e
+    job = proc.stdout.strip().split(";")[0]  # --parsable prints "ID" or "ID;CLUSTER"
+    if proc.returncode != 0 or not job:
+        said = " ".join(proc.stderr.split()) or "(nothing on stderr)"
+        raise SbatchFailed(f"`{shlex.join(argv)}` exited {proc.returncode}: {said}")
+    return job
 
 
 def _append_record(layout: RunLayout, result: SubmitResult, only_failed: bool) -> None:
@@ -554,6 +582,8 @@ def _append_record(layout: RunLayout, result: SubmitResult, only_failed: bool) -
         "skipped": result.skipped,
         "commands": result.commands,
     }
+    if result.failed:  # the last command is the one sbatch refused: its job has no id
+        record["failed"] = result.failed
     if "array" not in names:  # one array per warm-up: which cells each array (and its warm-up) holds
         record["groups"] = [{"indices": list(s.indices), "array": result.jobs.get(s.name),
                              "warmup": result.jobs.get(s.after[1][0]) if s.after else None}

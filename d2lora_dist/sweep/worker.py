@@ -10,8 +10,8 @@ Multi-rank launches and Slurm array tasks run one cell per process (sweep cell).
 A worker is given its cells either all at once (`--cells`) or one at a time on stdin (`--cells-from
 -stdin`, what the executor's slots use, so that whichever slot is free takes the next cell); it then
 reports on the file descriptor named by REPORT_FD_ENV that it took each cell (`<id> started`) and how
-the cell ended (`<id> ok|failed`), so that the executor can tell a worker that died during a cell from
-one that had exited before it took one.
+the cell ended (`<id> ok`, or `<id> failed|full <why, one line>`; `full`: the disk was full), so that the
+executor can tell a worker that died during a cell from one that had exited before it took one.
 """
 
 from __future__ import annotations
@@ -24,30 +24,44 @@ from collections.abc import Iterable
 from d2lora_dist import distributed, tracking
 from d2lora_dist.base_cache import SharedBase
 from d2lora_dist.config import Experiment
+from d2lora_dist.fileio import DiskFull, suppress_no_space
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.preflight import for_cells, preflight
 from d2lora_dist.sweep.cell import run_cell
 from d2lora_dist.sweep.grid import Cell, find_cell
 
 REPORT_FD_ENV = "D2LORA_WORKER_REPORT_FD"
+OK, FAILED, FULL = "ok", "failed", "full"  # how a cell ended, as reported (FULL: no space left on the disk)
 
 
-def run_one(exp: Experiment, layout: RunLayout, cell: Cell, source: str, models: SharedBase, count: int) -> bool:
-    """One cell on the shared base, the worker's `count`-th; False (after reporting why) when it failed."""
+def run_one(exp: Experiment, layout: RunLayout, cell: Cell, source: str, models: SharedBase,
+            count: int) -> tuple[str, str | None]:
+    """One cell on the shared base, the worker's `count`-th: ("ok", None), or ("failed" | "full", why in one
+    line) after reporting it. "full": the disk was full (that line alone); any other failure also prints its
+    traceback."""
     start = time.time()
-    ok = True
+    outcome, failure = OK, None
     try:
         preflight(exp, for_cells(exp, [cell], distributed.world_size(), None), source)
         run_cell(exp, layout, cell, models=models)
-    except Exception:  # the cell's own failure: reported, and the worker goes on with the next
-        traceback.print_exc()
-        print(f"!!! cell {cell.id} failed in the worker", flush=True)
-        ok = False
+    except DiskFull as e:
+        outcome, failure = FULL, str(e)
+    except Exception as e:  # the cell's own failure: reported, and the worker goes on with the next
+        outcome, failure = FAILED, (f"{type(e).__name__}: {e}".splitlines() or [""])[0]
+        _say(traceback.format_exc().rstrip())
+    if failure is not None:
+        _say(f"!!! cell {cell.id} failed in the worker: {failure}")
         tracking.finish_open_run(exit_code=1)
         distributed.release_training_state()
-    print(f"[worker] {cell.id}: {time.time() - start:.1f}s; base model loaded {models.loads} time(s) "
-          f"for {count} cell(s)", flush=True)
-    return ok
+    _say(f"[worker] {cell.id}: {time.time() - start:.1f}s; base model loaded {models.loads} time(s) "
+         f"for {count} cell(s)")
+    return outcome, failure
+
+
+def _say(text: str) -> None:
+    """Print to the log; on a full disk the line is lost, but the worker lives to report the cell."""
+    with suppress_no_space():
+        print(text, flush=True)
 
 
 def run_cells(exp: Experiment, layout: RunLayout, cells: list[Cell], source: str,
@@ -56,8 +70,8 @@ def run_cells(exp: Experiment, layout: RunLayout, cells: list[Cell], source: str
     models = models or SharedBase()
     failed = []
     for i, cell in enumerate(cells, 1):
-        print(f"=== worker cell {i}/{len(cells)}: {cell.id}", flush=True)
-        if not run_one(exp, layout, cell, source, models, i):
+        _say(f"=== worker cell {i}/{len(cells)}: {cell.id}")
+        if run_one(exp, layout, cell, source, models, i)[0] != OK:
             failed.append(cell.id)
     return failed
 
@@ -79,9 +93,9 @@ def serve_cells(exp: Experiment, layout: RunLayout, cell_ids: Iterable[str], sou
         if report is not None:
             report.write(f"{cell.id} started\n")
         count += 1
-        print(f"=== worker cell {count}: {cell.id}", flush=True)
-        ok = run_one(exp, layout, cell, source, models, count)
-        failed += [] if ok else [cell.id]
+        _say(f"=== worker cell {count}: {cell.id}")
+        outcome, failure = run_one(exp, layout, cell, source, models, count)
+        failed += [] if outcome == OK else [cell.id]
         if report is not None:
-            report.write(f"{cell.id} {'ok' if ok else 'failed'}\n")
+            report.write(f"{cell.id} {outcome}{f' {failure}' if failure else ''}\n")
     return failed

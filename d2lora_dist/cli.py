@@ -146,7 +146,7 @@ def cmd_sweep_cell(args: argparse.Namespace) -> int:
 
     exp, layout = _load(args)
     cell = cell_at(layout, args.index) if args.index is not None else find_cell(exp, args.cell)
-    return entries.cell(exp, layout, cell, str(args.config))
+    return entries.cell(exp, layout, cell, str(args.config), wait=args.if_busy == "wait")
 
 
 def cmd_sweep_worker(args: argparse.Namespace) -> int:
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--cells-from-stdin", action="store_true",
                        help="read cell ids from stdin, one per line, and run each as it arrives (a slot of "
                             "`sweep run`)")
+    p.add_argument("--if-busy", choices=["wait", "skip"], default="wait",
+                   help="when another process runs the cell: wait for it (default), or skip it at once with exit "
+                        "code 3 (what `sweep run` asks, to come back to the cell later)")
     p.set_defaults(func=cmd_sweep_worker)
     p = sweep.add_parser("submit", help="render sbatch scripts and submit warm-up, array and report jobs")
     _experiment_args(p)

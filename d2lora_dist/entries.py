@@ -32,13 +32,20 @@ def warmup(exp: Experiment, layout: RunLayout, source: str, key: str | None = No
     return EXIT_OK
 
 
-def cell(exp: Experiment, layout: RunLayout, cell: Cell, source: str) -> int:
-    """One cell (`adapt`, or an array task's `sweep cell`): train if it trains, evaluate, result.json."""
+def cell(exp: Experiment, layout: RunLayout, cell: Cell, source: str, wait: bool = True) -> int:
+    """One cell (`adapt`, or an array task's `sweep cell`): train if it trains, evaluate, result.json.
+    Another process on the cell is waited for (`wait`), else this exits EXIT_BUSY at once (sweep run's
+    launches: it comes back to the cell later)."""
     from d2lora_dist.distributed import world_size
     from d2lora_dist.sweep.cell import run_cell
+    from d2lora_dist.sweep.claims import EXIT_BUSY, Busy
 
     preflight(exp, for_cells(exp, [cell], world_size(), None), source)
-    return run_preemptible(lambda callbacks: run_cell(exp, layout, cell, callbacks=callbacks))
+    try:
+        return run_preemptible(lambda callbacks: run_cell(exp, layout, cell, callbacks=callbacks, wait=wait))
+    except Busy as e:
+        print(f"{e}; skipped", flush=True)
+        return EXIT_BUSY
 
 
 def worker(exp: Experiment, layout: RunLayout, cells: list[Cell] | None, source: str) -> int:

@@ -103,6 +103,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# errno values of a file system that has no flock (some Lustre and NFS mounts)
+NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def try_flock(fd: int | IO[Any]) -> bool | None:
+    """Take an exclusive flock on an open file without waiting: True when taken, False when another open
+    file holds it (this process's included), None when the file system has no flock. The kernel releases
+    the lock when the file is closed or its process dies, however it dies."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno not in NO_FLOCK:
+            raise
+        return None
+
+
 @contextlib.contextmanager
 def exclusive(lock_file: Path, what: str) -> Iterator[None]:
     """Hold an exclusive flock on `lock_file` (created with its folder): another process doing the same `what`
@@ -118,7 +137,7 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
                 print(f"{what}: another process is on it; waiting for {lock_file}", flush=True)
                 fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            if e.errno not in NO_FLOCK:
                 raise
             print(f"{what}: {lock_file.parent} does not support flock ({e.strerror}); going on without the lock",
                   flush=True)

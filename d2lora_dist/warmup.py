@@ -16,6 +16,7 @@ from d2lora_dist.errors import UnknownName
 from d2lora_dist.fileio import read_json, write_json_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.schema import ConfigError
+from d2lora_dist.sweep.claims import claimed
 from d2lora_dist.sweep.grid import WarmupRun, plan_cells, warmup_runs
 from d2lora_dist.sweep.slots import slot_record
 from d2lora_dist.train import Phase, train_phase
@@ -57,13 +58,26 @@ def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None =
     if run.name not in configs:
         raise ConfigError([f"experiment {exp.name!r} has no warm-up {run.name!r} (defined: {sorted(configs)})"],
                           exp.name)
-    cfg, settings_key = configs[run.name], exp.warmup_settings_key(run.name)
+    result_file = layout.warmup_result_of(run.key)
+    if _done(layout, run):
+        return read_json(result_file)
+    with claimed(layout.warmup_lock(run.key), f"warm-up {run.key}", wait=True):
+        if distributed.broadcast_object(_done(layout, run)):  # by the process this one waited for (main's view)
+            return read_json(result_file)
+        return _train_claimed(exp, layout, run, callbacks)
+
+
+def _done(layout: RunLayout, run: WarmupRun) -> bool:
+    done = layout.warmup_result_of(run.key).is_file()
+    if done and distributed.is_main_process():
+        print(f"warm-up {run.key} already done: {layout.warmup_adapter_of(run.key)}", flush=True)
+    return done
+
+
+def _train_claimed(exp: Experiment, layout: RunLayout, run: WarmupRun, callbacks: list[Any] | None) -> dict[str, Any]:
+    cfg, settings_key = exp.warmup_configs()[run.name], exp.warmup_settings_key(run.name)
     home, adapter, result_file = layout.warmup_home(run.key), layout.warmup_adapter_of(run.key), \
         layout.warmup_result_of(run.key)
-    if result_file.is_file():
-        if distributed.is_main_process():
-            print(f"warm-up {run.key} already done: {adapter}", flush=True)
-        return read_json(result_file)
     started = time.time()
     records, subset = warmup_records(exp, run.name)
     name = "warmup" if run == SINGLE else f"warmup-{run.key}"

@@ -30,13 +30,16 @@ from d2lora_dist.layout import RunLayout
 from d2lora_dist.memory_estimate import GIB
 from d2lora_dist.shipped import for_command
 from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
+from d2lora_dist.sweep.claims import EXIT_BUSY
 from d2lora_dist.sweep.grid import Cell, WarmupRun, warmup_runs
 from d2lora_dist.sweep.pool import Children, run_on_slots
 from d2lora_dist.sweep.slots import Machine, Slot, SlotPlan, plan_slots
 
 
 class LaunchFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 _HANDED_OUT: set[int] = set()
@@ -79,7 +82,7 @@ def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str, 
                "stderr": subprocess.STDOUT if out is not None else None}
     code = children.wait(children.start(command, **options)) if children else subprocess.call(command, **options)
     if code != 0:
-        raise LaunchFailed(f"{what} failed with exit code {code} (command: {' '.join(command)})")
+        raise LaunchFailed(f"{what} failed with exit code {code} (command: {' '.join(command)})", code)
 
 
 def run_warmups(exp: Experiment, layout: RunLayout, cells: list[Cell], config: list[str]) -> set[WarmupRun]:
@@ -165,8 +168,9 @@ def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_
         try:
             run_launch(exp, launch, cli_args, what, slot, out, children)
         except LaunchFailed as e:
-            print(f"!!! {e}", file=out, flush=True)
-            return 1
+            if e.code != EXIT_BUSY:  # busy: another run is on the cell, said by the cell and the slots
+                print(f"!!! {e}", file=out, flush=True)
+            return e.code
         return 0
 
     def worker_command(launch: Launch) -> list[str]:

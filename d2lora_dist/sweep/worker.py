@@ -10,8 +10,8 @@ Multi-rank launches and Slurm array tasks run one cell per process (sweep cell).
 A worker is given its cells either all at once (`--cells`) or one at a time on stdin (`--cells-from
 -stdin`, what the executor's slots use, so that whichever slot is free takes the next cell); it then
 reports on the file descriptor named by REPORT_FD_ENV that it took each cell (`<id> started`) and how
-the cell ended (`<id> ok|failed`), so that the executor can tell a worker that died during a cell from
-one that had exited before it took one.
+the cell ended (`<id> ok|failed|busy`; busy: another process runs it, sweep/claims.py), so that the
+executor can tell a worker that died during a cell from one that had exited before it took one.
 """
 
 from __future__ import annotations
@@ -27,27 +27,32 @@ from d2lora_dist.config import Experiment
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.preflight import for_cells, preflight
 from d2lora_dist.sweep.cell import run_cell
+from d2lora_dist.sweep.claims import Busy
 from d2lora_dist.sweep.grid import Cell, find_cell
 
 REPORT_FD_ENV = "D2LORA_WORKER_REPORT_FD"
 
 
-def run_one(exp: Experiment, layout: RunLayout, cell: Cell, source: str, models: SharedBase, count: int) -> bool:
-    """One cell on the shared base, the worker's `count`-th; False (after reporting why) when it failed."""
+def run_one(exp: Experiment, layout: RunLayout, cell: Cell, source: str, models: SharedBase, count: int) -> str:
+    """One cell on the shared base, the worker's `count`-th: "ok", "failed" (after reporting why), or "busy"
+    when another process runs it (skipped at once: the executor comes back to it later)."""
     start = time.time()
-    ok = True
+    outcome = "ok"
     try:
         preflight(exp, for_cells(exp, [cell], distributed.world_size(), None), source)
-        run_cell(exp, layout, cell, models=models)
+        run_cell(exp, layout, cell, models=models, wait=False)
+    except Busy as e:
+        print(f"{e}; skipped", flush=True)
+        return "busy"
     except Exception:  # the cell's own failure: reported, and the worker goes on with the next
         traceback.print_exc()
         print(f"!!! cell {cell.id} failed in the worker", flush=True)
-        ok = False
+        outcome = "failed"
         tracking.finish_open_run(exit_code=1)
         distributed.release_training_state()
     print(f"[worker] {cell.id}: {time.time() - start:.1f}s; base model loaded {models.loads} time(s) "
           f"for {count} cell(s)", flush=True)
-    return ok
+    return outcome
 
 
 def run_cells(exp: Experiment, layout: RunLayout, cells: list[Cell], source: str,
@@ -57,13 +62,13 @@ def run_cells(exp: Experiment, layout: RunLayout, cells: list[Cell], source: str
     failed = []
     for i, cell in enumerate(cells, 1):
         print(f"=== worker cell {i}/{len(cells)}: {cell.id}", flush=True)
-        if not run_one(exp, layout, cell, source, models, i):
+        if run_one(exp, layout, cell, source, models, i) == "failed":
             failed.append(cell.id)
     return failed
 
 
 def serve_cells(exp: Experiment, layout: RunLayout, cell_ids: Iterable[str], source: str) -> list[str]:
-    """Run each cell id as it arrives (one per line), reporting `<id> ok|failed` after each."""
+    """Run each cell id as it arrives (one per line), reporting `<id> ok|failed|busy` after each."""
     models = SharedBase()
     report = None
     if REPORT_FD_ENV in os.environ:  # ours alone: no process this worker starts may hold it open
@@ -80,8 +85,8 @@ def serve_cells(exp: Experiment, layout: RunLayout, cell_ids: Iterable[str], sou
             report.write(f"{cell.id} started\n")
         count += 1
         print(f"=== worker cell {count}: {cell.id}", flush=True)
-        ok = run_one(exp, layout, cell, source, models, count)
-        failed += [] if ok else [cell.id]
+        outcome = run_one(exp, layout, cell, source, models, count)
+        failed += [cell.id] if outcome == "failed" else []
         if report is not None:
-            report.write(f"{cell.id} {'ok' if ok else 'failed'}\n")
+            report.write(f"{cell.id} {outcome}\n")
     return failed

@@ -22,9 +22,12 @@ def _slots(value: str) -> int | None:
     if value == "auto":
         return None
     try:
-        return int(value)
+        slots = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is neither a number of slots nor auto") from None
+    if slots < 1:  # said here: a sweep with nothing left to run plans no slots
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of slots is 1 or more")
+    return slots
 
 
 def _load(args: argparse.Namespace):

@@ -24,6 +24,12 @@ def test_sweep_run_executes_the_grid_and_reports(tiny_experiment: dict, tmp_path
     assert (run_dir / "report" / "results.md").is_file()
     again = _cli("sweep", "run", "-c", str(path))
     assert again.returncode == 0 and "4 of 4 cells done; running 0" in again.stdout
+    # rerunning the same command with slots asked for, nothing left to run: said, the report rebuilt, exit 0
+    for slots in ("2", "1"):
+        (run_dir / "report" / "results.md").unlink()
+        rerun = _cli("sweep", "run", "-c", str(path), "--slots", slots)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "running 0: nothing left to run" in rerun.stdout and (run_dir / "report" / "results.md").is_file()
     # the frozen experiment protects finished results from an edited config
     changed = _cli("sweep", "run", "-c", str(path), "--set", "methods.sft.learning_rate=0.5")
     assert changed.returncode == 2 and "was frozen with other settings" in changed.stderr

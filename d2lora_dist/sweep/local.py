@@ -148,6 +148,9 @@ def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_
     `slots`: how many jobs run at once (None: as many as the machine holds)."""
     config = ["-c", str(experiment_file)]
     todo = [c for c in cells if not layout.cell_result(c.id).is_file()]
+    if not todo:  # a rerun of a finished sweep: the report is rebuilt by the caller
+        print(f"{len(cells)} of {len(cells)} cells done; running 0: nothing left to run", flush=True)
+        return []
     pending = pending_warmups(layout, todo)
     plan = slot_plan(exp, todo, slots, warmups=pending)
     beside = warmups_in_slots(exp, plan, pending)

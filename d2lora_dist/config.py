@@ -306,7 +306,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], str(path)) from e
     if path.name == "experiment.yaml" and (path.parent / "plan.json").is_file():
-        raw = as_frozen_runs_ran(raw)
+        raw = in_its_place(as_frozen_runs_ran(raw), path)
     return experiment_from_dict(apply_overrides(raw, overrides or []), str(path))
 
 
@@ -328,6 +328,16 @@ def experiment_from_dict(data: dict[str, Any], source: str = "<dict>") -> Experi
     problems += validate(exp, well_typed=not problems)
     if problems:
         raise ConfigError(problems, source)
+def in_its_place(raw: Any, frozen_file: Path) -> Any:
+    """A run directory is where it is: the output_dir its frozen file records (where it was frozen) gives way
+    to the folder that holds it, so that a run directory copied or moved elsewhere runs, continues and reports
+    there, and never writes into the place it came from. (A run directory renamed away from its experiment's
+    name keeps the recorded output_dir.)"""
+    if not isinstance(raw, dict) or raw.get("name") != frozen_file.parent.name:
+        return raw
+    return {**raw, "output_dir": str(frozen_file.parent.parent.resolve())}
+
+
     return exp
 
 

@@ -69,3 +69,32 @@ def test_axes_locally_a_failed_warmup_holds_back_its_cells_and_pissa_cells_keep_
     assert vanilla["lora_init"]["residual"]["key"]["lora_init"] == "pissa"
     assert manifest(run_dir / "cells" / "math-sft-lora-n4-s0" / "adapter")["lora_init"] == {"name": "default",
                                                                                              "residual": None}
+
+
+def test_a_moved_run_directory_continues_in_its_new_place_without_retraining(tiny_experiment: dict,
+                                                                             tmp_path: Path) -> None:
+    import shutil
+
+    from d2lora_dist.config import load_experiment
+
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora"], "n": [0, 4]}]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    first = _cli("sweep", "run", "-c", str(path), "--slots", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    old, new = tmp_path / "runs" / "tiny", tmp_path / "elsewhere" / "tiny"
+    shutil.rmtree(old / "cells" / "math-none-lora-n0-s0")  # one cell left to do
+    trained = (old / "cells" / "math-sft-lora-n4-s0" / "result.json").read_bytes()
+    new.parent.mkdir()
+    shutil.move(old, new)
+    moved = _cli("sweep", "run", "-c", str(path), "--set", f"output_dir={new.parent}", "--slots", "1")
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "1 of 2 cells done; running 1" in moved.stdout and "[math-sft-lora-n4-s0] launch" not in moved.stdout
+    assert (new / "cells" / "math-sft-lora-n4-s0" / "result.json").read_bytes() == trained  # not retrained
+    assert (new / "cells" / "math-none-lora-n0-s0" / "result.json").is_file()
+    assert not old.exists()  # nothing written where it came from
+    # its frozen file reads as where it is now; every other setting is still compared
+    assert load_experiment(new / "experiment.yaml").run_dir == new
+    changed = _cli("sweep", "run", "-c", str(path), "--set", f"output_dir={new.parent}",
+                   "--set", "methods.sft.learning_rate=0.5")
+    assert changed.returncode == 2 and "methods.sft.learning_rate" in changed.stderr
+    assert "output_dir" not in changed.stderr

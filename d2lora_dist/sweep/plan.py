@@ -26,13 +26,16 @@ class PlanError(InputError):
 
 
 def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
-    """Write experiment.yaml and plan.json, or check that the existing ones match."""
+    """Write experiment.yaml and plan.json, or check that the existing ones match in every setting but
+    output_dir: a run directory copied or moved elsewhere is the same experiment (config.load_experiment
+    reads a frozen file's output_dir as the folder that holds it)."""
     cells = plan_cells(exp)
     resolved = exp.to_dict()
     # Jobs may start in another working directory: freeze where the runs live absolutely.
     resolved["output_dir"] = str(layout.root.resolve().parent)
     if layout.experiment_file.is_file():
-        diffs = _diff(_as_frozen_runs_it(yaml.safe_load(layout.experiment_file.read_text())), resolved)
+        frozen = _as_frozen_runs_it(yaml.safe_load(layout.experiment_file.read_text()))
+        diffs = _diff(_without_location(frozen), _without_location(resolved))
         if diffs:
             raise PlanError(f"{layout.experiment_file} was frozen with other settings ({'; '.join(diffs[:5])}). "
                             "Results of a run directory must come from one experiment: set those keys back to the frozen "
@@ -41,6 +44,10 @@ def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
         write_text_atomic(layout.experiment_file, yaml.safe_dump(resolved, sort_keys=False))
     write_json_atomic(layout.plan_file, {"experiment": exp.name, "cells": [c.to_dict() for c in cells]})
     return cells
+
+
+def _without_location(config: Any) -> Any:
+    return {k: v for k, v in config.items() if k != "output_dir"} if isinstance(config, dict) else config
 
 
 def load_plan(layout: RunLayout) -> list[Cell]:

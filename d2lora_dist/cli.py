@@ -105,15 +105,16 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
 
     exp, layout = _load(args)
     speed = Throughput(args.train_tokens_per_s, args.eval_tokens_per_s)
-    rows = entries.plan(exp, layout, str(args.config), speed)
+    rows, warmups = entries.plan(exp, layout, str(args.config), speed)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
     print(f"{exp.name}: {len(rows)} cells, {sum(r.done for r in rows)} done; run dir {layout.root}")
-    for w in warmup_rows(exp, layout):
+    for w, cost in zip(warmup_rows(exp, layout), warmups, strict=True):
         size = "all rows" if w["m"] is None else f"m = {w['m']}"
         print(f"warm-up {w['key']}: {w['dataset']}, {size}, seed {w['seed']}, LoRA init {w['lora_init']}; "
-              f"{'done' if w['done'] else 'to train'}; {w['cells']} cells start from it")
+              f"{'done' if w['done'] else 'to train'}; {w['cells']} cells start from it; "
+              f"{cost.train_examples} train ex., {cost.train_tokens:,} train tokens, {cost.gpu_hours:.2f} GPU-h")
     print(f"GPU-hours at {speed.train:g} training and {speed.eval:g} evaluation tokens per GPU-second "
           "(--train-tokens-per-s, --eval-tokens-per-s); memory per device from launch.strategy's estimate")
     width = max([34, *(len(r.cell.id) + 1 for r in rows)])
@@ -129,9 +130,14 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     todo = [r for r in rows if not r.done]
     print("the launch column is a Slurm array task's (sweep submit); `sweep run` here: "
           + describe_here(exp, layout, [r.cell for r in todo]))
-    print(f"total ({len(todo)} cells not done): {sum(r.train_tokens for r in todo):,} train tokens, "
+    warm = [w for w in warmups if not w.done]
+    cell_hours, warm_hours = sum(r.gpu_hours for r in todo), sum(w.gpu_hours for w in warm)
+    print(f"warm-ups ({len(warm)} of {len(warmups)} to train): {sum(w.train_tokens for w in warm):,} train tokens, "
+          f"{warm_hours:.1f} GPU-hours")
+    print(f"total ({len(todo)} cells not done, {len(warm)} warm-up(s) to train): "
+          f"{sum(r.train_tokens for r in todo) + sum(w.train_tokens for w in warm):,} train tokens, "
           f"{sum(r.eval_tokens for r in todo):,} eval tokens, {sum(r.eval_items for r in todo):,} eval items, "
-          f"{sum(r.gpu_hours for r in todo):.1f} GPU-hours")
+          f"{cell_hours + warm_hours:.1f} GPU-hours ({cell_hours:.1f} cells + {warm_hours:.1f} warm-ups)")
     return 0
 
 
@@ -273,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--index", type=int, help="index into plan.json (SLURM_ARRAY_TASK_ID)")
     group.add_argument("--cell", help="cell id, e.g. math-dpo-d2lora-n1000-s0")
+    p.add_argument("--if-busy", choices=["wait", "skip"], default="wait",
+                   help="when another process runs the cell: wait for it (default), or skip it at once with exit "
+                        "code 3 (what `sweep run` asks, to come back to the cell later)")
     p.set_defaults(func=cmd_sweep_cell)
     p = sweep.add_parser("worker", help="run several cells in this one process on one loaded base model "
                                         "(what `sweep run` calls for cells launched as one plain process)")
@@ -282,9 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--cells-from-stdin", action="store_true",
                        help="read cell ids from stdin, one per line, and run each as it arrives (a slot of "
                             "`sweep run`)")
-    p.add_argument("--if-busy", choices=["wait", "skip"], default="wait",
-                   help="when another process runs the cell: wait for it (default), or skip it at once with exit "
-                        "code 3 (what `sweep run` asks, to come back to the cell later)")
     p.set_defaults(func=cmd_sweep_worker)
     p = sweep.add_parser("submit", help="render sbatch scripts and submit warm-up, array and report jobs")
     _experiment_args(p)

@@ -74,12 +74,14 @@ def evaluate(exp: Experiment, layout: RunLayout, source: str, adapter: Path | No
     return evaluate_suites(exp, task, suites, adapter, lambda s: out / f"{s}.jsonl")
 
 
-def plan(exp: Experiment, layout: RunLayout, source: str, speed: Any) -> list[Any]:
-    """The cells with the work, launch and cost each needs (sweep.plan.CellEstimate), checked first."""
-    from d2lora_dist.sweep.plan import estimate, measure_workload
+def plan(exp: Experiment, layout: RunLayout, source: str, speed: Any) -> tuple[list[Any], list[Any]]:
+    """The cells with the work, launch and cost each needs (sweep.plan.CellEstimate), and the warm-ups'
+    (sweep.plan.WarmupEstimate), checked first."""
+    from d2lora_dist.sweep.plan import estimate, measure_workload, warmup_estimates
 
     preflight(exp, for_sweep(exp, plan_cells(exp), slurm=False), source)
-    return estimate(exp, layout, measure_workload(exp), speed)
+    work = measure_workload(exp)
+    return estimate(exp, layout, work, speed), warmup_estimates(exp, layout, work, speed)
 
 
 def run_sweep(exp: Experiment, layout: RunLayout, source: str, cell_worker: bool = True,

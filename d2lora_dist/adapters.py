@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +23,7 @@ import torch
 
 from d2lora_dist import distributed
 from d2lora_dist.errors import InputError
-from d2lora_dist.fileio import DiskFull, sha256_file, writing
+from d2lora_dist.fileio import DiskFull, publish_dir, sha256_file, temporary_dir, writing
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -114,8 +112,7 @@ def _write_artifact(model: Any, state: dict[str, torch.Tensor], out_dir: Path,
     if not_fp32:
         raise AdapterError(f"refusing to save non-float32 adapter tensors {not_fp32[:3]}; gathered_adapter "
                            "saves float32 (a bf16 copy loses updates below its resolution)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temporary_dir(out_dir)
     needs = sum(v.numel() * v.element_size() for v in state.values())
     try:
         with writing(out_dir, needs):  # a full disk names the adapter; the temporary copy goes below
@@ -127,7 +124,7 @@ def _write_artifact(model: Any, state: dict[str, torch.Tensor], out_dir: Path,
                     "versions": library_versions(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
             verify_adapter(tmp)
-            os.replace(tmp, out_dir)
+            publish_dir(tmp, out_dir)  # readable as the umask says, like every other file of the run
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return full

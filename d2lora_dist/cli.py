@@ -22,9 +22,12 @@ def _slots(value: str) -> int | None:
     if value == "auto":
         return None
     try:
-        return int(value)
+        slots = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is neither a number of slots nor auto") from None
+    if slots < 1:  # said here: a sweep with nothing left to run plans no slots
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of slots is 1 or more")
+    return slots
 
 
 def _load(args: argparse.Namespace):
@@ -125,7 +128,7 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
 
     exp, layout, source = _read(args)
     speed = Throughput(args.train_tokens_per_s, args.eval_tokens_per_s)
-    rows = entries.plan(exp, layout, source, speed)
+    rows, warmups = entries.plan(exp, layout, source, speed)
     power = None
     if args.power_from is not None:
         from d2lora_dist.report.power import plan_power
@@ -137,10 +140,11 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
                          indent=2))
         return 0
     print(f"{exp.name}: {len(rows)} cells, {sum(r.done for r in rows)} done; run dir {layout.root}")
-    for w in warmup_rows(exp, layout):
+    for w, cost in zip(warmup_rows(exp, layout), warmups, strict=True):
         size = "all rows" if w["m"] is None else f"m = {w['m']}"
         print(f"warm-up {w['key']}: {w['dataset']}, {size}, seed {w['seed']}, LoRA init {w['lora_init']}; "
-              f"{'done' if w['done'] else 'to train'}; {w['cells']} cells start from it")
+              f"{'done' if w['done'] else 'to train'}; {w['cells']} cells start from it; "
+              f"{cost.train_examples} train ex., {cost.train_tokens:,} train tokens, {cost.gpu_hours:.2f} GPU-h")
     print(f"GPU-hours at {speed.train:g} training and {speed.eval:g} evaluation tokens per GPU-second "
           "(--train-tokens-per-s, --eval-tokens-per-s); memory per device from launch.strategy's estimate")
     width = max([34, *(len(r.cell.id) + 1 for r in rows)])
@@ -156,9 +160,14 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     todo = [r for r in rows if not r.done]
     print("the launch column is a Slurm array task's (sweep submit); `sweep run` here: "
           + describe_here(exp, layout, [r.cell for r in todo]))
-    print(f"total ({len(todo)} cells not done): {sum(r.train_tokens for r in todo):,} train tokens, "
+    warm = [w for w in warmups if not w.done]
+    cell_hours, warm_hours = sum(r.gpu_hours for r in todo), sum(w.gpu_hours for w in warm)
+    print(f"warm-ups ({len(warm)} of {len(warmups)} to train): {sum(w.train_tokens for w in warm):,} train tokens, "
+          f"{warm_hours:.1f} GPU-hours")
+    print(f"total ({len(todo)} cells not done, {len(warm)} warm-up(s) to train): "
+          f"{sum(r.train_tokens for r in todo) + sum(w.train_tokens for w in warm):,} train tokens, "
           f"{sum(r.eval_tokens for r in todo):,} eval tokens, {sum(r.eval_items for r in todo):,} eval items, "
-          f"{sum(r.gpu_hours for r in todo):.1f} GPU-hours")
+          f"{cell_hours + warm_hours:.1f} GPU-hours ({cell_hours:.1f} cells + {warm_hours:.1f} warm-ups)")
     if power is not None:
         from d2lora_dist.report.power import format_power
 
@@ -180,7 +189,7 @@ def cmd_sweep_cell(args: argparse.Namespace) -> int:
 
     exp, layout = _load(args)
     cell = cell_at(layout, args.index) if args.index is not None else find_cell(exp, args.cell)
-    return entries.cell(exp, layout, cell, str(args.config))
+    return entries.cell(exp, layout, cell, str(args.config), wait=args.if_busy == "wait")
 
 
 def cmd_sweep_worker(args: argparse.Namespace) -> int:
@@ -320,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--index", type=int, help="index into plan.json (SLURM_ARRAY_TASK_ID)")
     group.add_argument("--cell", help="cell id, e.g. math-dpo-d2lora-n1000-s0")
+    p.add_argument("--if-busy", choices=["wait", "skip"], default="wait",
+                   help="when another process runs the cell: wait for it (default), or skip it at once with exit "
+                        "code 3 (what `sweep run` asks, to come back to the cell later)")
     p.set_defaults(func=cmd_sweep_cell)
     p = sweep.add_parser("worker", help="run several cells in this one process on one loaded base model "
                                         "(what `sweep run` calls for cells launched as one plain process)")

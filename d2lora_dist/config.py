@@ -205,6 +205,21 @@ class TrackingConfig:
 
 
 @dataclass
+class SlurmReportConfig:
+    """The report job: tables and plots on CPUs, so it asks for little and for no GPU (not the cells' node)."""
+
+    partition: str | None = _help("Partition of the report job; null = the cluster's default partition (the "
+                                  "GPU partition of slurm.partition is not asked for a CPU-only step).",
+                                  default=None)
+    cpus_per_task: int = _help("CPUs of the report job.", default=2)
+    mem: str = _help("Memory of the report job (Slurm's --mem: 8G, 16000M).", default="8G")
+    time: str = _help("Time limit of the report job.", default="01:00:00")
+    extra_sbatch: list[str] = _help(
+        "Extra `#SBATCH` lines of the report job, verbatim (slurm.extra_sbatch is not repeated here: its lines "
+        "often ask for GPUs or a whole node).", default_factory=list)
+
+
+@dataclass
 class SlurmConfig:
     partition: str | None = None
     account: str | None = None
@@ -225,6 +240,9 @@ class SlurmConfig:
     extra_sbatch: list[str] = _help("Extra `#SBATCH` lines, verbatim.", default_factory=list)
     setup: list[str] = _help("Shell lines run before the job (module load, venv activate).",
                              default_factory=list)
+    report: SlurmReportConfig = _help("The report job's own, modest resources (the other keys size the warm-up "
+                                      "and the cells; account, qos and setup are shared).",
+                                      default_factory=SlurmReportConfig)
 
 
 @dataclass
@@ -383,12 +401,22 @@ def read_experiment(path: str | Path, overrides: list[str] | None = None) -> tup
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], str(path)) from e
     if path.name == "experiment.yaml" and (path.parent / "plan.json").is_file():
-        raw = as_frozen_runs_ran(raw)
+        raw = in_its_place(as_frozen_runs_ran(raw), path)
     where = {dotted_key(key_parts(item.split("=", 1)[0])): f"--set {item}" for item in overrides or [] if "=" in item}
     source = ConfigSource(str(path), key_lines(text), where)
     exp, problems = build(Experiment, apply_overrides(raw, overrides or []), str(path))
     problems += validate(exp, well_typed=not problems)
     return exp, replace(source, problems=tuple(problems))
+
+
+def in_its_place(raw: Any, frozen_file: Path) -> Any:
+    """A run directory is where it is: the output_dir its frozen file records (where it was frozen) gives way
+    to the folder that holds it, so that a run directory copied or moved elsewhere runs, continues and reports
+    there, and never writes into the place it came from. (A run directory renamed away from its experiment's
+    name keeps the recorded output_dir.)"""
+    if not isinstance(raw, dict) or raw.get("name") != frozen_file.parent.name:
+        return raw
+    return {**raw, "output_dir": str(frozen_file.parent.parent.resolve())}
 
 
 def as_frozen_runs_ran(raw: dict[str, Any]) -> dict[str, Any]:

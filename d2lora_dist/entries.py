@@ -38,15 +38,22 @@ def warmup(exp: Experiment, layout: RunLayout, source: str | ConfigSource, key: 
     return EXIT_OK
 
 
-def cell(exp: Experiment, layout: RunLayout, cell: Cell, source: str | ConfigSource) -> int:
-    """One cell (`adapt`, or an array task's `sweep cell`): train if it trains, evaluate, result.json."""
+def cell(exp: Experiment, layout: RunLayout, cell: Cell, source: str | ConfigSource, wait: bool = True) -> int:
+    """One cell (`adapt`, or an array task's `sweep cell`): train if it trains, evaluate, result.json.
+    Another process on the cell is waited for (`wait`), else this exits EXIT_BUSY at once (sweep run's
+    launches: it comes back to the cell later)."""
     from d2lora_dist.distributed import world_size
     from d2lora_dist.sweep.cell import run_cell
+    from d2lora_dist.sweep.claims import EXIT_BUSY, Busy
 
     with partly_built(source):
         checks = for_cells(exp, [cell], world_size(), None)
     preflight(exp, checks, source)
-    return run_preemptible(lambda callbacks: run_cell(exp, layout, cell, callbacks=callbacks))
+    try:
+        return run_preemptible(lambda callbacks: run_cell(exp, layout, cell, callbacks=callbacks, wait=wait))
+    except Busy as e:
+        print(f"{e}; skipped", flush=True)
+        return EXIT_BUSY
 
 
 def worker(exp: Experiment, layout: RunLayout, cells: list[Cell] | None, source: str) -> int:
@@ -77,14 +84,16 @@ def evaluate(exp: Experiment, layout: RunLayout, source: str | ConfigSource, ada
     return evaluate_suites(exp, task, suites, adapter, lambda s: out / f"{s}.jsonl")
 
 
-def plan(exp: Experiment, layout: RunLayout, source: str | ConfigSource, speed: Any) -> list[Any]:
-    """The cells with the work, launch and cost each needs (sweep.plan.CellEstimate), checked first."""
-    from d2lora_dist.sweep.plan import estimate, measure_workload
+def plan(exp: Experiment, layout: RunLayout, source: str | ConfigSource, speed: Any) -> tuple[list[Any], list[Any]]:
+    """The cells with the work, launch and cost each needs (sweep.plan.CellEstimate), and the warm-ups'
+    (sweep.plan.WarmupEstimate), checked first."""
+    from d2lora_dist.sweep.plan import estimate, measure_workload, warmup_estimates
 
     with partly_built(source):
         checks = for_sweep(exp, plan_cells(exp), slurm=False)
     preflight(exp, checks, source)
-    return estimate(exp, layout, measure_workload(exp), speed)
+    work = measure_workload(exp)
+    return estimate(exp, layout, work, speed), warmup_estimates(exp, layout, work, speed)
 
 
 def run_sweep(exp: Experiment, layout: RunLayout, source: str | ConfigSource, cell_worker: bool = True,

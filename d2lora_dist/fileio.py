@@ -1,4 +1,11 @@
-"""Atomic file writes and checksums: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes, checksums and locks: a reader sees the old file or the new one, never half of one.
+
+Every file and folder written here gets the mode a plain `open()` / `mkdir()` would give it under the
+process umask (files 0666 & ~umask, folders 0777 & ~umask): the temporary-file pattern (`mkstemp`,
+`mkdtemp`) and safetensors create theirs 0600 / 0700, which on a shared project directory would keep
+colleagues from reading adapters and results. `temporary_dir` and `publish_dir` put that right for whole
+artifact folders (adapters, LoRA-init factors), `write_atomic` for single files.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None], needs: int | No
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results live on shared storage
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; results live on shared storage
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -155,6 +162,50 @@ def human_size(size: int) -> str:
     return f"{size} B"
 
 
+def umask() -> int:
+    """The process umask, read without changing it where the kernel says it (/proc, Linux 4.7+): setting it
+    to read it would briefly change it for every thread of the process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def file_mode() -> int:
+    """What `open(path, "w")` gives a new file under the process umask."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """What `mkdir` gives a new folder under the process umask."""
+    return 0o777 & ~umask()
+
+
+def temporary_dir(beside: Path) -> Path:
+    """A new, empty, hidden folder beside `beside` (created with its parent), to fill and then `publish_dir`."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.tmp-", dir=beside.parent))
+    os.chmod(tmp, dir_mode())  # mkdtemp makes 0700
+    return tmp
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Give every file and folder under `tmp` the umask's modes, then rename it to `final` (which must not
+    exist as a non-empty folder: the rename fails then, and nothing is overwritten)."""
+    files, dirs = file_mode(), dir_mode()
+    os.chmod(tmp, dirs)
+    for path in Path(tmp).rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, dirs if path.is_dir() else files)
+    os.replace(tmp, final)
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     data = text.encode("utf-8")
     return write_atomic(path, lambda f: f.write(data), needs=len(data))
@@ -176,6 +227,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# errno values of a file system that has no flock (some Lustre and NFS mounts)
+NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def try_flock(fd: int | IO[Any]) -> bool | None:
+    """Take an exclusive flock on an open file without waiting: True when taken, False when another open
+    file holds it (this process's included), None when the file system has no flock. The kernel releases
+    the lock when the file is closed or its process dies, however it dies."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno not in NO_FLOCK:
+            raise
+        return None
+
+
 @contextlib.contextmanager
 def exclusive(lock_file: Path, what: str) -> Iterator[None]:
     """Hold an exclusive flock on `lock_file` (created with its folder): another process doing the same `what`
@@ -191,7 +261,7 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
                 print(f"{what}: another process is on it; waiting for {lock_file}", flush=True)
                 fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            if e.errno not in NO_FLOCK:
                 raise
             print(f"{what}: {lock_file.parent} does not support flock ({e.strerror}); going on without the lock",
                   flush=True)

@@ -63,6 +63,14 @@ class RunLayout:
     def cell_result(self, cell_id: str) -> Path:
         return self.cell_dir(cell_id) / "result.json"
 
+    def cell_lock(self, cell_id: str) -> Path:
+        """The claim of whoever runs the cell (sweep/claims.py), outside its folder: probing a cell that
+        never ran creates no cell folder."""
+        return self.root / "locks" / "cells" / f"{cell_id}.lock"
+
+    def warmup_lock(self, key: str) -> Path:
+        return self.root / "locks" / "warmups" / f"{key}.lock"
+
     @property
     def cells_dir(self) -> Path:
         return self.root / "cells"

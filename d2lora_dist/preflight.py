@@ -291,6 +291,10 @@ def slurm_problems(exp: Experiment) -> list[str]:
     elif s.signal_seconds >= limit:
         problems.append(f"slurm.signal_seconds: {s.signal_seconds} s is not below slurm.time ({s.time}); the "
                         "checkpoint signal would come before the job starts")
+    if slurm_seconds(s.report.time) is None:
+        problems.append(f"slurm.report.time: {s.report.time!r} is not a Slurm time (e.g. 01:00:00)")
+    if s.report.cpus_per_task < 1:
+        problems.append(f"slurm.report.cpus_per_task: must be >= 1, got {s.report.cpus_per_task}")
     if s.nodes < 1:
         problems.append(f"slurm.nodes: must be >= 1, got {s.nodes}")
     if s.max_parallel < 1:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -35,7 +33,7 @@ from d2lora_dist import distributed
 from d2lora_dist.adapters import lora_init_of
 from d2lora_dist.config import Experiment, LoraConfig
 from d2lora_dist.errors import InputError
-from d2lora_dist.fileio import exclusive, sha256_file
+from d2lora_dist.fileio import exclusive, publish_dir, sha256_file, temporary_dir
 from d2lora_dist.lora_inits import lora_init_spec
 from d2lora_dist.modeling import DTYPES, local_model_dir, peft_lora_config
 
@@ -92,8 +90,7 @@ def _write(out: Path, key: dict[str, Any], factors: dict[str, torch.Tensor]) -> 
     """Temporary sibling, then rename; a concurrent writer of the same key may win (its copy is used)."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temporary_dir(out)
     try:
         save_file(factors, str(tmp / FACTORS), metadata={"format": "pt"})
         manifest = {"format": FORMAT, "key": key, "factors_sha256": sha256_file(tmp / FACTORS),
@@ -101,7 +98,7 @@ def _write(out: Path, key: dict[str, Any], factors: dict[str, torch.Tensor]) -> 
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         try:
-            os.replace(tmp, out)
+            publish_dir(tmp, out)
         except OSError:
             if not out.is_dir():
                 raise

@@ -17,6 +17,7 @@ from d2lora_dist.fileio import read_json, write_json_atomic, writing
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.provenance import code_version
 from d2lora_dist.schema import ConfigError
+from d2lora_dist.sweep.claims import claimed
 from d2lora_dist.sweep.grid import WarmupRun, plan_cells, warmup_runs
 from d2lora_dist.sweep.slots import slot_record
 from d2lora_dist.train import Phase, train_phase
@@ -58,15 +59,24 @@ def run_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None =
     if run.name not in configs:
         raise ConfigError([f"experiment {exp.name!r} has no warm-up {run.name!r} (defined: {sorted(configs)})"],
                           exp.name)
-    if layout.warmup_result_of(run.key).is_file():
-        if distributed.is_main_process():
-            print(f"warm-up {run.key} already done: {layout.warmup_adapter_of(run.key)}", flush=True)
-        return read_json(layout.warmup_result_of(run.key))
-    with writing(layout.warmup_home(run.key)):  # a full disk stops the warm-up naming what it wrote, no traceback
-        return _train_warmup(exp, layout, callbacks, run)
+    result_file = layout.warmup_result_of(run.key)
+    if _done(layout, run):
+        return read_json(result_file)
+    with claimed(layout.warmup_lock(run.key), f"warm-up {run.key}", wait=True):
+        if distributed.broadcast_object(_done(layout, run)):  # by the process this one waited for (main's view)
+            return read_json(result_file)
+        with writing(layout.warmup_home(run.key)):  # a full disk stops the warm-up naming what it wrote, no traceback
+            return _train_claimed(exp, layout, run, callbacks)
 
 
-def _train_warmup(exp: Experiment, layout: RunLayout, callbacks: list[Any] | None, run: WarmupRun) -> dict[str, Any]:
+def _done(layout: RunLayout, run: WarmupRun) -> bool:
+    done = layout.warmup_result_of(run.key).is_file()
+    if done and distributed.is_main_process():
+        print(f"warm-up {run.key} already done: {layout.warmup_adapter_of(run.key)}", flush=True)
+    return done
+
+
+def _train_claimed(exp: Experiment, layout: RunLayout, run: WarmupRun, callbacks: list[Any] | None) -> dict[str, Any]:
     cfg, settings_key = exp.warmup_configs()[run.name], exp.warmup_settings_key(run.name)
     home, adapter, result_file = layout.warmup_home(run.key), layout.warmup_adapter_of(run.key), \
         layout.warmup_result_of(run.key)

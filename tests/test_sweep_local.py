@@ -25,6 +25,12 @@ def test_sweep_run_executes_the_grid_and_reports(tiny_experiment: dict, tmp_path
     assert (run_dir / "report" / "results.md").is_file()
     again = _cli("sweep", "run", "-c", str(path))
     assert again.returncode == 0 and "4 of 4 cells done; running 0" in again.stdout
+    # rerunning the same command with slots asked for, nothing left to run: said, the report rebuilt, exit 0
+    for slots in ("2", "1"):
+        (run_dir / "report" / "results.md").unlink()
+        rerun = _cli("sweep", "run", "-c", str(path), "--slots", slots)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "running 0: nothing left to run" in rerun.stdout and (run_dir / "report" / "results.md").is_file()
     # the frozen experiment protects finished results from an edited config
     changed = _cli("sweep", "run", "-c", str(path), "--set", "methods.sft.learning_rate=0.5")
     assert changed.returncode == 2 and "was frozen with other settings" in changed.stderr
@@ -106,3 +112,32 @@ def test_a_full_disk_fails_the_cells_cleanly_keeps_what_is_done_and_a_rerun_comp
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert all((run / "cells" / f"titles-sft-lora-n4-s{s}" / "result.json").is_file() for s in (0, 1, 2))
     assert hashlib.sha256(done.read_bytes()).hexdigest() == before
+
+
+def test_a_moved_run_directory_continues_in_its_new_place_without_retraining(tiny_experiment: dict,
+                                                                             tmp_path: Path) -> None:
+    import shutil
+
+    from d2lora_dist.config import load_experiment
+
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["lora"], "n": [0, 4]}]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    first = _cli("sweep", "run", "-c", str(path), "--slots", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    old, new = tmp_path / "runs" / "tiny", tmp_path / "elsewhere" / "tiny"
+    shutil.rmtree(old / "cells" / "math-none-lora-n0-s0")  # one cell left to do
+    trained = (old / "cells" / "math-sft-lora-n4-s0" / "result.json").read_bytes()
+    new.parent.mkdir()
+    shutil.move(old, new)
+    moved = _cli("sweep", "run", "-c", str(path), "--set", f"output_dir={new.parent}", "--slots", "1")
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "1 of 2 cells done; running 1" in moved.stdout and "[math-sft-lora-n4-s0] launch" not in moved.stdout
+    assert (new / "cells" / "math-sft-lora-n4-s0" / "result.json").read_bytes() == trained  # not retrained
+    assert (new / "cells" / "math-none-lora-n0-s0" / "result.json").is_file()
+    assert not old.exists()  # nothing written where it came from
+    # its frozen file reads as where it is now; every other setting is still compared
+    assert load_experiment(new / "experiment.yaml").run_dir == new
+    changed = _cli("sweep", "run", "-c", str(path), "--set", f"output_dir={new.parent}",
+                   "--set", "methods.sft.learning_rate=0.5")
+    assert changed.returncode == 2 and "methods.sft.learning_rate" in changed.stderr
+    assert "output_dir" not in changed.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -155,12 +156,13 @@ def test_sweep_plan_prints_launch_memory_tokens_gpu_hours_and_a_total(tiny_exper
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # this machine's slots, as a CPU machine
 
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
-    assert main(["sweep", "plan", "-c", str(path), "--train-tokens-per-s", "10", "--eval-tokens-per-s", "5"]) == 0
+    # slow enough that the tiny model's few tokens make hours the table shows to two decimals
+    assert main(["sweep", "plan", "-c", str(path), "--train-tokens-per-s", "0.1", "--eval-tokens-per-s", "0.05"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("cell "))
     for column in ("launch", "GiB/GPU", "train ex.", "train tokens", "eval tokens", "GPU-h"):
         assert column in header, column
-    assert "GPU-hours at 10 training and 5 evaluation tokens per GPU-second" in out
+    assert "GPU-hours at 0.1 training and 0.05 evaluation tokens per GPU-second" in out
     assert "math-sft-lora-n4-s0" in out and "ddp x1" in out
     assert "launch of sft cells: ddp on 1 GPU(s)" in out
     here = next(line for line in out.splitlines() if "`sweep run` here: " in line)  # the local run differs
@@ -170,7 +172,18 @@ def test_sweep_plan_prints_launch_memory_tokens_gpu_hours_and_a_total(tiny_exper
     else:
         assert "beside" not in here
     total = out.splitlines()[-1]
-    assert total.startswith("total (6 cells not done): ") and "train tokens" in total and "GPU-hours" in total
+    assert total.startswith("total (6 cells not done, 1 warm-up(s) to train): ") and "train tokens" in total
+    # the warm-up counts in the total and has a line of its own: 8 examples, one epoch
+    warm = next(line for line in out.splitlines() if line.startswith("warm-up warmup: "))
+    assert "8 train ex." in warm
+    warm_hours = float(re.search(r"([\d.]+) GPU-h$", warm).group(1))
+    cell_hours = sum(float(line.split()[-1]) for line in out.splitlines() if line.startswith("math-"))
+    assert warm_hours > 0.5 and "warm-ups (1 of 1 to train): " in out
+    hours = re.search(r", ([\d.]+) GPU-hours \(([\d.]+) cells \+ ([\d.]+) warm-ups\)$", total)
+    assert hours is not None, total
+    assert float(hours.group(3)) == pytest.approx(warm_hours, abs=0.06)
+    assert float(hours.group(2)) == pytest.approx(cell_hours, abs=0.06 + 0.005 * 6)
+    assert float(hours.group(1)) == pytest.approx(cell_hours + warm_hours, abs=0.1 + 0.005 * 6)
     assert main(["sweep", "plan", "-c", str(path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     sft = next(r for r in rows if r["id"] == "math-sft-lora-n4-s0")
@@ -195,3 +208,24 @@ def test_the_plan_lists_each_warmup_run_with_its_size_init_and_cells(tiny_experi
     assert (rows["m4"]["m"], rows["m4"]["done"], rows["m4"]["cells"]) == (4, True, 3)  # n0 + 2 seeds at n4
     assert (rows["m8"]["m"], rows["m8"]["done"], rows["m8"]["cells"]) == (8, False, 4)  # + the block at n8
     assert rows["m8+olora"]["lora_init"] == "olora" and rows["m8+olora"]["cells"] == 3
+
+
+def test_each_warmup_run_is_costed_by_its_size_and_a_done_one_leaves_the_total(tiny_experiment: dict) -> None:
+    from d2lora_dist.sweep.plan import Throughput, measure_workload, warmup_estimates
+
+    warmup = tiny_experiment.pop("warmup")
+    tiny_experiment["warmups"] = {"m8": warmup, "m4": {**warmup, "n": 4}, "all": {**warmup, "n": None}}
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "inits": ["d2lora"], "n": [4]}]
+    exp = experiment_from_dict(tiny_experiment)
+    layout = RunLayout(exp.run_dir)
+    work = measure_workload(exp)
+    rows = {w.key: w for w in warmup_estimates(exp, layout, work, Throughput(10.0, 5.0))}
+    assert set(rows) == {"m8", "m4", "all"} and not any(w.done for w in rows.values())
+    assert (rows["m4"].train_examples, rows["m8"].train_examples) == (4, 8)
+    assert rows["all"].train_examples == work.warmup_rows["all"] > 8  # null m: every row of its dataset
+    per_example = work.warmup_tokens_per_example["m8"]
+    assert per_example > 0 and rows["m8"].train_tokens == round(8 * per_example)
+    assert rows["m8"].gpu_hours == pytest.approx(rows["m8"].train_tokens / 10.0 / 3600)
+    layout.warmup_home("m4").mkdir(parents=True)
+    layout.warmup_result_of("m4").write_text("{}")
+    assert [w.key for w in warmup_estimates(exp, layout, work, Throughput(10.0, 5.0)) if w.done] == ["m4"]

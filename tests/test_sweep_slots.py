@@ -86,6 +86,15 @@ def test_more_slots_than_the_machine_holds_are_refused_naming_why() -> None:
         plan_slots(0, Machine(2, (), 20.0), 10, 1, 1.0)
     bad = _cli("sweep", "run", "-c", "x.yaml", "--slots", "many")
     assert bad.returncode == 2 and "'many' is neither a number of slots nor auto" in bad.stderr
+    none = _cli("sweep", "run", "-c", "x.yaml", "--slots", "0")
+    assert none.returncode == 2 and "'0': a number of slots is 1 or more" in none.stderr
+
+
+def test_slots_for_no_cell_left_are_one_slot_not_a_division_by_zero() -> None:
+    for machine in (Machine(2, (), 20.0), Machine(8, tuple("0123"), 500.0)):
+        for requested in (1, 2, None):
+            plan = plan_slots(requested, machine, 0, 1, 1.0)
+            assert len(plan.slots) == 1 and (plan.slots[0].threads or 1) >= 1
 
 
 def test_cells_with_the_most_training_go_first_and_evaluation_only_cells_last() -> None:

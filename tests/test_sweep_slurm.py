@@ -108,6 +108,33 @@ def test_report_matches_recording():
     assert text.splitlines()[-1] == "d2lora report -c /shared/runs/paper_math/experiment.yaml"
 
 
+def test_the_report_job_asks_for_a_few_cpus_not_the_cells_gpu_node():
+    head = sbatch_lines(slurm.render_report(paper_two_nodes(), RUN))
+    # the cells' node is 64 CPUs, 480G, partition gpu, h100, --exclusive: none of it for tables and plots
+    assert [x for x in head if not x.startswith(("#SBATCH --job-name", "#SBATCH --output", "#SBATCH --error"))] == [
+        "#SBATCH --account=proj123", "#SBATCH --qos=normal", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=2", "#SBATCH --mem=8G", "#SBATCH --time=01:00:00"]
+    data = experiment_dict("paper_math", "/shared/runs", partition="gpu", gpus_per_node=8, mem="480G",
+                           extra_sbatch=["--exclusive"],
+                           report={"partition": "cpu", "cpus_per_task": 4, "mem": "16G", "time": "2:00:00",
+                                   "extra_sbatch": ["--mail-type=FAIL"]})
+    head = sbatch_lines(slurm.render_report(experiment_from_dict(data), RUN))
+    for line in ("--partition=cpu", "--cpus-per-task=4", "--mem=16G", "--time=2:00:00", "--mail-type=FAIL"):
+        assert f"#SBATCH {line}" in head, line
+    assert not any("gpu" in x or "exclusive" in x or "480G" in x for x in head)
+
+
+def test_bad_report_resources_are_named_before_anything_is_submitted():
+    from d2lora_dist.preflight import slurm_problems
+
+    data = experiment_dict("demo", "/r", report={"time": "soon", "cpus_per_task": 0})
+    problems = slurm_problems(experiment_from_dict(data))
+    assert any(p.startswith("slurm.report.time: 'soon' is not a Slurm time") for p in problems), problems
+    assert any(p.startswith("slurm.report.cpus_per_task: must be >= 1, got 0") for p in problems), problems
+    with pytest.raises(InputError, match="slurm.report.gpus: unknown key"):
+        experiment_from_dict(experiment_dict("demo", "/r", report={"gpus": 1}))
+
+
 def test_plain_command_without_accelerate_config():
     exp = experiment_from_dict(experiment_dict("demo", "/r", time="1:00:00", signal_seconds=60))
     text = slurm.render_cell_array(exp, RunLayout(Path("/r/demo")), [0, 1])

@@ -28,6 +28,7 @@ from d2lora_dist.inits import INITS
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
 from d2lora_dist.provenance import code_version
+from d2lora_dist.sweep.claims import claimed
 from d2lora_dist.sweep.grid import Cell, cell_suites
 from d2lora_dist.sweep.slots import slot_record
 from d2lora_dist.train import Phase, TrainOutcome, train_phase
@@ -35,18 +36,26 @@ from d2lora_dist.warmup import warmup_artifact
 
 
 def run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any] | None = None,
-             models: FreshBase | None = None) -> dict[str, Any]:
-    with writing(layout.cell_dir(cell.id)):  # a full disk stops the cell naming what it wrote, no traceback
-        return _run_cell(exp, layout, cell, callbacks, models)
-
-
-def _run_cell(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any] | None,
-              models: FreshBase | None) -> dict[str, Any]:
-    models = models or FreshBase()
-    if layout.cell_result(cell.id).is_file():
-        if distributed.is_main_process():
-            print(f"[{cell.id}] already done", flush=True)
+             models: FreshBase | None = None, wait: bool = True) -> dict[str, Any]:
+    """The cell, unless done, under its claim: another process on it is waited for (`wait`), else Busy."""
+    if _done(layout, cell):
         return read_json(layout.cell_result(cell.id))
+    with claimed(layout.cell_lock(cell.id), f"[{cell.id}]", wait):
+        if distributed.broadcast_object(_done(layout, cell)):  # by the process this one waited for (main's view)
+            return read_json(layout.cell_result(cell.id))
+        with writing(layout.cell_dir(cell.id)):  # a full disk stops the cell naming what it wrote, no traceback
+            return _run_claimed(exp, layout, cell, callbacks, models or FreshBase())
+
+
+def _done(layout: RunLayout, cell: Cell) -> bool:
+    done = layout.cell_result(cell.id).is_file()
+    if done and distributed.is_main_process():
+        print(f"[{cell.id}] already done", flush=True)
+    return done
+
+
+def _run_claimed(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list[Any] | None,
+                 models: FreshBase) -> dict[str, Any]:
     start_adapter = _starting_adapter(layout, cell)
     timing = {"started": time.time()}  # wall seconds of the cell's parts (benchmarks/demo_wallclock.py)
     tags = [f"task:{cell.task}", f"method:{cell.method}", f"init:{cell.init}", f"n:{cell.n}", f"seed:{cell.seed}",

@@ -31,13 +31,16 @@ from d2lora_dist.layout import RunLayout
 from d2lora_dist.memory_estimate import GIB
 from d2lora_dist.shipped import for_command
 from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
+from d2lora_dist.sweep.claims import EXIT_BUSY
 from d2lora_dist.sweep.grid import Cell, WarmupRun, warmup_runs
 from d2lora_dist.sweep.pool import Children, run_on_slots
 from d2lora_dist.sweep.slots import Machine, Slot, SlotPlan, plan_slots
 
 
 class LaunchFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 _HANDED_OUT: set[int] = set()
@@ -80,7 +83,7 @@ def run_launch(exp: Experiment, launch: Launch, cli_args: list[str], what: str, 
                "stderr": subprocess.STDOUT if out is not None else None}
     code = children.wait(children.start(command, **options)) if children else subprocess.call(command, **options)
     if code != 0:
-        raise LaunchFailed(f"{what} failed with exit code {code} (command: {' '.join(command)})")
+        raise LaunchFailed(f"{what} failed with exit code {code} (command: {' '.join(command)})", code)
 
 
 def run_warmups(exp: Experiment, layout: RunLayout, cells: list[Cell], config: list[str]) -> set[WarmupRun]:
@@ -149,6 +152,9 @@ def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_
     `slots`: how many jobs run at once (None: as many as the machine holds)."""
     config = ["-c", str(experiment_file)]
     todo = [c for c in cells if not layout.cell_result(c.id).is_file()]
+    if not todo:  # a rerun of a finished sweep: the report is rebuilt by the caller
+        print(f"{len(cells)} of {len(cells)} cells done; running 0: nothing left to run", flush=True)
+        return []
     pending = pending_warmups(layout, todo)
     plan = slot_plan(exp, todo, slots, warmups=pending)
     beside = warmups_in_slots(exp, plan, pending)
@@ -169,8 +175,9 @@ def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_
         try:
             run_launch(exp, launch, cli_args, what, slot, out, children)
         except LaunchFailed as e:
-            print(f"!!! {e}", file=out, flush=True)
-            return 1
+            if e.code != EXIT_BUSY:  # busy: another run is on the cell, said by the cell and the slots
+                print(f"!!! {e}", file=out, flush=True)
+            return e.code
         return 0
 
     def worker_command(launch: Launch) -> list[str]:

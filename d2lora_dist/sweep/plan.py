@@ -6,7 +6,7 @@ shift if someone edits the experiment file while jobs are queued.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,7 +18,7 @@ from d2lora_dist.fileio import read_json, write_json_atomic, write_text_atomic
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.memory_estimate import GIB
 from d2lora_dist.strategy import Launch, cell_launch, requested_strategy
-from d2lora_dist.sweep.grid import Cell, cell_suites, plan_cells
+from d2lora_dist.sweep.grid import Cell, cell_suites, plan_cells, warmup_runs
 
 
 class PlanError(InputError):
@@ -31,13 +31,16 @@ JUDGED_NOT_MADE = ("report",)
 
 
 def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
-    """Write experiment.yaml and plan.json, or check that the existing ones match."""
+    """Write experiment.yaml and plan.json, or check that the existing ones match in every setting but
+    output_dir: a run directory copied or moved elsewhere is the same experiment (config.load_experiment
+    reads a frozen file's output_dir as the folder that holds it)."""
     cells = plan_cells(exp)
     resolved = exp.to_dict()
     # Jobs may start in another working directory: freeze where the runs live absolutely.
     resolved["output_dir"] = str(layout.root.resolve().parent)
     if layout.experiment_file.is_file():
-        diffs = [d for d in _diff(_as_frozen_runs_it(yaml.safe_load(layout.experiment_file.read_text())), resolved)
+        frozen = _as_frozen_runs_it(yaml.safe_load(layout.experiment_file.read_text()))
+        diffs = [d for d in _diff(_without_location(frozen), _without_location(resolved))
                  if d.split(".")[0].split(":")[0] not in JUDGED_NOT_MADE]
         if diffs:
             raise PlanError(f"{layout.experiment_file} was frozen with other settings ({'; '.join(diffs[:5])}). "
@@ -47,6 +50,10 @@ def freeze_plan(exp: Experiment, layout: RunLayout) -> list[Cell]:
         write_text_atomic(layout.experiment_file, yaml.safe_dump(resolved, sort_keys=False))
     write_json_atomic(layout.plan_file, {"experiment": exp.name, "cells": [c.to_dict() for c in cells]})
     return cells
+
+
+def _without_location(config: Any) -> Any:
+    return {k: v for k, v in config.items() if k != "output_dir"} if isinstance(config, dict) else config
 
 
 def load_plan(layout: RunLayout) -> list[Cell]:
@@ -114,11 +121,14 @@ class Throughput:
 
 @dataclass(frozen=True)
 class Workload:
-    """Measured once per plan: trained tokens per example of each (task, method), eval tokens per suite item."""
+    """Measured once per plan: trained tokens per example of each (task, method), eval tokens per suite item;
+    of each warm-up (by name): tokens per example and the rows its dataset holds (its m when m is null)."""
 
     train_tokens_per_example: dict[tuple[str, str], float]
     eval_items: dict[str, int]
     eval_tokens_per_item: dict[str, float]
+    warmup_tokens_per_example: dict[str, float] = field(default_factory=dict)
+    warmup_rows: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,11 +174,34 @@ def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughp
     return rows
 
 
+@dataclass
+class WarmupEstimate:
+    """A warm-up run's work and GPU-hours, counted like a cell's training (no evaluation)."""
+
+    key: str
+    done: bool
+    train_examples: int
+    train_tokens: int
+    gpu_hours: float
+
+
+def warmup_estimates(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughput) -> list[WarmupEstimate]:
+    """Each warm-up run the grid starts from: examples the optimizer sees (m x the epochs the schedule takes),
+    trained tokens and GPU-hours at `speed` (a run per LoRA init: each trains on the same rows)."""
+    rows = []
+    for run in warmup_runs(plan_cells(exp)):
+        cfg = exp.warmup_configs()[run.name]
+        m = cfg.n if cfg.n is not None else work.warmup_rows.get(run.name, 0)
+        examples = trained_examples(cfg.train, m)
+        tokens = round(examples * work.warmup_tokens_per_example.get(run.name, 0.0))
+        rows.append(WarmupEstimate(run.key, layout.warmup_result_of(run.key).is_file(), examples, tokens,
+                                   tokens / speed.train / 3600))
+    return rows
+
+
 def warmup_rows(exp: Experiment, layout: RunLayout) -> list[dict[str, Any]]:
     """Each warm-up run the grid starts from: its data, size, LoRA init, seed, whether it is done and
     how many cells wait on it (printed by `sweep plan`)."""
-    from d2lora_dist.sweep.grid import warmup_runs
-
     cells = plan_cells(exp)
     rows = []
     for run in warmup_runs(cells):
@@ -196,33 +229,41 @@ def measure_workload(exp: Experiment, sample: int = 200) -> Workload:
 
     tokenizer = load_tokenizer(exp.model)
     methods = sorted({(c.task, c.method) for c in plan_cells(exp) if c.trains})
-    per_example = {(task, method): _train_tokens(exp, task, method, tokenizer, sample) for task, method in methods}
+    per_example = {(task, method): _train_tokens(exp.tasks[task].dataset, method, exp.methods[method], tokenizer,
+                                                 sample)[0] for task, method in methods}
+    warmups = {}
+    for name in sorted({run.name for run in warmup_runs(plan_cells(exp))}):
+        cfg = exp.warmup_configs()[name]
+        warmups[name] = _train_tokens(cfg.dataset, "sft", cfg.train, tokenizer, sample)
     items: dict[str, int] = {}
     per_item: dict[str, float] = {}
     for suite, cfg in exp.suites.items():
         all_items = _suite_items(exp, suite)
         items[suite] = min(len(all_items), cfg.limit) if cfg.limit is not None else len(all_items)
         per_item[suite] = _eval_tokens(cfg, all_items[:min(sample, items[suite])], tokenizer)
-    return Workload(per_example, items, per_item)
+    return Workload(per_example, items, per_item, {name: w[0] for name, w in warmups.items()},
+                    {name: w[1] for name, w in warmups.items()})
 
 
-def _train_tokens(exp: Experiment, task: str, method: str, tokenizer: Any, sample: int) -> float:
+def _train_tokens(dataset: Any, method: str, settings: TrainSettings, tokenizer: Any,
+                  sample: int) -> tuple[float, int]:
     """Mean tokens the trainer runs per example: prompt + response after the chat template, each side
-    (chosen and rejected) cut at max_length; a row whose prompt fills max_length is dropped (0 tokens)."""
+    (chosen and rejected) cut at max_length; a row whose prompt fills max_length is dropped (0 tokens).
+    And the rows the dataset holds in the method's form."""
     from d2lora_dist.data.lengths import record_lengths
     from d2lora_dist.data.loading import normalize
     from d2lora_dist.methods import get_method
     from d2lora_dist.train import training_rows
 
-    settings = exp.methods[method]
-    records = list(normalize(exp.tasks[task].dataset, get_method(method).form).records.values())[:sample]
+    every = list(normalize(dataset, get_method(method).form).records.values())
+    records = every[:sample]
     # the rows the trainer gets (train.training_rows owns the step-wise preference format)
     phase = SimpleNamespace(method=method, records=records, settings=settings)
     counts = []
     for row in training_rows(phase, tokenizer):
         prompt, sides = record_lengths(row, tokenizer)
         counts.append(0 if prompt >= settings.max_length else sum(min(t, settings.max_length) for t in sides))
-    return sum(counts) / max(1, len(counts))
+    return sum(counts) / max(1, len(counts)), len(every)
 
 
 def _suite_items(exp: Experiment, suite: str) -> list[dict[str, Any]]:

@@ -32,6 +32,8 @@ from d2lora_dist.fileio import DiskFull, full_disk, suppress_no_space
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.methods import get_method
 from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
+from d2lora_dist.sweep.claims import EXIT_BUSY, held_elsewhere
+from d2lora_dist.sweep.claims import POLL_S as CLAIM_POLL_S
 from d2lora_dist.sweep.grid import Cell, WarmupRun
 from d2lora_dist.sweep.slots import Slot, SlotPlan
 from d2lora_dist.sweep.worker import FULL, REPORT_FD_ENV
@@ -106,6 +108,13 @@ class Progress:
             where = f" on {slot.describe()}" if slot.count > 1 else ""
             print(f"=== cell {self.started}/{self.total}: {cell.id}{where}", flush=True)
 
+    def not_started(self, cell: Cell, slot: Slot, holder: str) -> None:
+        """The cell turned out to be another run's: it did not start here after all."""
+        with self.lock:
+            self.started -= 1
+            print(f"[{slot.describe()}] {cell.id}: another run is on it ({holder}); coming back to it later",
+                  flush=True)
+
     def end(self, cell: Cell, slot: Slot, ok: bool, seconds: float, log: Path | None, why: str | None = None) -> None:
         with self.lock:
             self.ended += 1
@@ -114,16 +123,33 @@ class Progress:
                   f"{self.ended}/{self.total} ended{f': {why}' if why else ''}{where}", flush=True)
 
 
+def _nobody_else(cell: Cell) -> str | None:
+    return None
+
+
+def _not_done(cell: Cell) -> bool:
+    return False
+
+
 class JobQueue:
     """The warm-ups, then the cells, in order. A cell that starts from a warm-up still to end waits for it (a
-    free slot takes the next cell that can run instead); the cells of a warm-up that failed are held back."""
+    free slot takes the next cell that can run instead); the cells of a warm-up that failed are held back.
 
-    def __init__(self, warmups: list[WarmupRun], cells: list[Cell], stop: threading.Event) -> None:
+    Another run on the same run directory (sweep/claims.py): a cell it is on (`elsewhere` names who) is left
+    for later, and a free slot takes the next one; a cell it has finished (`done`) leaves the queue; when only
+    such cells are left, the slots wait for them, and take over any that the other run leaves undone."""
+
+    def __init__(self, warmups: list[WarmupRun], cells: list[Cell], stop: threading.Event,
+                 elsewhere: Callable[[Cell], str | None] = _nobody_else, done: Callable[[Cell], bool] = _not_done,
+                 say: Callable[[str], None] = print) -> None:
         self._jobs: list[WarmupRun | Cell] = [*warmups, *cells]
         self._unfinished = set(warmups)
         self._changed = threading.Condition()
         self._stop = stop
+        self._elsewhere, self._done, self._say = elsewhere, done, say
+        self._said: set[Cell] = set()
         self.held_back: list[Cell] = []
+        self.done_elsewhere: list[Cell] = []
         self.halted: str | None = None  # why no new job starts (a full disk), while running ones finish
 
     def halt(self, why: str) -> None:
@@ -137,14 +163,45 @@ class JobQueue:
             return list(self._jobs)
 
     def take(self) -> WarmupRun | Cell | None:
-        """The next job that can start, waiting while only cells of running warm-ups are left; None at the end."""
+        """The next job that can start, waiting while only cells of running warm-ups, or cells another run is
+        on, are left; None at the end."""
         with self._changed:
             while self._jobs and not self._stop.is_set() and self.halted is None:
-                for i, job in enumerate(self._jobs):
-                    if isinstance(job, WarmupRun) or job.warmup_run not in self._unfinished:
-                        return self._jobs.pop(i)
-                self._changed.wait(timeout=0.5)  # a warm-up is running; the timeout notices a stop
+                job, waits_elsewhere = self._next()
+                if job is not None:
+                    return job
+                # a warm-up is running (its end notifies), or another run is on the rest; the timeout notices
+                # a stop, and how far the other run got
+                self._changed.wait(timeout=CLAIM_POLL_S if waits_elsewhere else 0.5)
             return None
+
+    def _next(self) -> tuple[WarmupRun | Cell | None, bool]:
+        waits_elsewhere = False
+        for job in list(self._jobs):
+            if isinstance(job, WarmupRun):
+                self._jobs.remove(job)
+                return job, False
+            if job.warmup_run in self._unfinished:
+                continue
+            holder = self._elsewhere(job)
+            if holder is not None:
+                waits_elsewhere = True
+                if job not in self._said:
+                    self._said.add(job)
+                    self._say(f"[{job.id}] another run is on it ({holder}); coming back to it later")
+                continue
+            self._jobs.remove(job)
+            if not self._done(job):
+                return job, False
+            self.done_elsewhere.append(job)
+            self._say(f"[{job.id}] done by another run")
+        return None, waits_elsewhere
+
+    def put_back(self, cell: Cell) -> None:
+        """A cell that turned out to be another run's (it took the claim first): back in the queue, for later."""
+        with self._changed:
+            self._jobs.append(cell)
+            self._changed.notify_all()
 
     def warmup_ended(self, run: WarmupRun, ok: bool) -> list[Cell]:
         """Its cells can start, or (failed) are held back: returns those held back."""
@@ -254,9 +311,17 @@ def run_on_slots(exp: Experiment, layout: RunLayout, cells: list[Cell], plan: Sl
     and is raised here."""
     children = Children()
     shared = len(plan.slots) > 1
-    queue = JobQueue(list(warmups or []), expected_work_first(cells) if shared else cells, children.stop)
-    run = SlotRun(exp, layout, plan, config, cell_worker, runner, worker_command, queue, Progress(len(cells)),
-                  children)
+    progress = Progress(len(cells))
+
+    def done(cell: Cell) -> bool:
+        finished = layout.cell_result(cell.id).is_file()
+        if finished:
+            progress.drop(1)
+        return finished
+
+    queue = JobQueue(list(warmups or []), expected_work_first(cells) if shared else cells, children.stop,
+                     lambda cell: held_elsewhere(layout.cell_lock(cell.id)), done, progress.say)
+    run = SlotRun(exp, layout, plan, config, cell_worker, runner, worker_command, queue, progress, children)
     if shared:
         layout.local_logs_dir.mkdir(parents=True, exist_ok=True)
     errors: list[BaseException] = []
@@ -347,12 +412,16 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
                 start = time.time()
                 why = None
                 if runs_in_worker(launch, run.cell_worker):
-                    worker, why = _run_in_worker(run, slot, job, launch, worker, out)
+                    worker, outcome = _run_in_worker(run, slot, job, launch, worker, out)
+                    why = worker.why if worker is not None and outcome == FULL else None
                 else:
-                    run.runner(launch, ["sweep", "cell", *run.config, "--cell", job.id], f"cell {job.id}",
-                               slot, out, run.children)
+                    code = run.runner(launch, ["sweep", "cell", *run.config, "--cell", job.id, "--if-busy", "skip"],
+                                      f"cell {job.id}", slot, out, run.children)
                     if run.children.stop.is_set() and not run.layout.cell_result(job.id).is_file():
                         raise Stopping("the sweep is stopping")  # terminated, not failed
+                    outcome = "busy" if code == EXIT_BUSY else None
+                if _another_runs(run, slot, job, outcome):
+                    continue
                 ok = run.layout.cell_result(job.id).is_file()
                 full = None if ok else _disk_full(run, why)
                 run.progress.end(job, slot, ok, time.time() - start, log, full or why)
@@ -363,10 +432,24 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
                 worker.close()
 
 
+def _another_runs(run: SlotRun, slot: Slot, cell: Cell, outcome: str | None) -> bool:
+    """Whether another run took the cell's claim first (the cell said "busy"; a launch of several ranks cannot
+    say it through its exit code, so a cell left without a result whose claim another process holds is
+    one too): it goes back in the queue, for later."""
+    if run.layout.cell_result(cell.id).is_file():
+        return False
+    holder = held_elsewhere(run.layout.cell_lock(cell.id))
+    if outcome != "busy" and holder is None:
+        return False
+    run.progress.not_started(cell, slot, holder or "it held the claim")
+    run.queue.put_back(cell)
+    return True
+
+
 def _run_in_worker(run: SlotRun, slot: Slot, cell: Cell, launch: Launch, worker: WorkerProcess | None,
-                   out: IO[str] | None) -> tuple[WorkerProcess | None, str | None]:
-    """The cell in the slot's worker (started if need be); returns the worker to keep (None after it died)
-    and, for a cell that failed on a full disk, the worker's line that says so."""
+                   out: IO[str] | None) -> tuple[WorkerProcess | None, str]:
+    """The cell in the slot's worker (started if need be); returns the worker to keep (None after it died) and
+    how the cell went (WorkerProcess.run; for "full", its `why` is the worker's line that says so)."""
     worker = worker or _start_worker(run, slot, launch, out)
     outcome = worker.run(cell)
     if outcome == NOT_TAKEN:  # it had exited between cells: the cell goes to a new worker
@@ -376,13 +459,13 @@ def _run_in_worker(run: SlotRun, slot: Slot, cell: Cell, launch: Launch, worker:
         worker = _start_worker(run, slot, launch, out)
         outcome = worker.run(cell)
     if outcome not in ("died", NOT_TAKEN):
-        return worker, worker.why if outcome == FULL else None
+        return worker, outcome
     code = worker.close()  # this cell failed; a new worker takes the next
     if run.children.stop.is_set():
         raise Stopping("the sweep is stopping")
     when = "during" if outcome == "died" else "before it took"
     run.progress.say(f"!!! the cell worker of {slot.describe()} exited with code {code} {when} {cell.id}")
-    return None, None
+    return None, outcome
 
 
 def _disk_full(run: SlotRun, why: str | None) -> str | None:

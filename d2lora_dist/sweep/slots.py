@@ -111,7 +111,7 @@ def _gpu_slots(requested: int | None, machine: Machine, cells: int, per_cell: in
     if requested is not None and requested > max(fit, 1):
         raise InputError(f"--slots {requested}: {len(machine.gpus)} visible GPU(s) hold at most {max(fit, 1)} "
                          f"slot(s) of the {per_cell} GPU(s) the largest cell needs")
-    count = min(requested, cells) if requested else (max(1, min(fit, cells)) if estimated else 1)
+    count = max(1, min(requested, cells)) if requested else (max(1, min(fit, cells)) if estimated else 1)
     if count == 1:  # every cell on all launch.num_processes ranks, one after another
         why += "" if estimated else "; no memory estimate (launch as configured)"
         return SlotPlan((Slot(0, 1, _threads(machine, max(per_cell, 1)), machine.gpus),), False, f"1 slot: {why}")
@@ -134,7 +134,7 @@ def _cpu_slots(requested: int | None, machine: Machine, cells: int, ranks: int, 
         if by_memory is not None and requested > max(by_memory, 1):
             raise InputError(f"--slots {requested}: {why}; the memory holds at most {max(by_memory, 1)} slot(s)")
     if requested:
-        count = min(requested, cells)
+        count = max(1, min(requested, cells))  # one slot even with no cell left: nothing divides by zero
     else:
         count = max(1, min(by_cores, by_memory, cells)) if by_memory is not None else 1
     threads = _threads(machine, count * ranks)

@@ -178,8 +178,10 @@ def _log_lines(layout: RunLayout, stem: str) -> list[str]:
     return [f"--output={base}/{stem}.out", f"--error={base}/{stem}.err"]
 
 
-def _header(exp: Experiment, lines: list[str], launch: Launch | None = None) -> str:
-    extra = [x if x.startswith("#SBATCH") else f"#SBATCH {x}" for x in exp.slurm.extra_sbatch]
+def _header(exp: Experiment, lines: list[str], launch: Launch | None = None, extra: list[str] | None = None) -> str:
+    """`#SBATCH` lines, then the extra ones (`extra`, else slurm.extra_sbatch), verbatim."""
+    extra = [x if x.startswith("#SBATCH") else f"#SBATCH {x}"
+             for x in (exp.slurm.extra_sbatch if extra is None else extra)]
     # after every #SBATCH line: why this many GPUs and this launch (absent for the named files)
     note = [f"# launch: {launch.choice.reason}"] if launch is not None and launch.choice is not None else []
     return "\n".join([f"#SBATCH {x}" for x in lines] + extra + note)
@@ -310,9 +312,15 @@ def render_cell_array(exp: Experiment, layout: RunLayout, indices: Sequence[int]
 
 
 def render_report(exp: Experiment, layout: RunLayout, command: str | None = None) -> str:
-    """report.sbatch: one CPU task after the array (no GPUs, not requeued)."""
-    header = _header(exp, [f"--job-name=d2lora-{exp.name}-report",
-                           *_resource_lines(exp, 1, gpus=False), *_log_lines(layout, "report-%j")])
+    """report.sbatch: one CPU task after the array (no GPUs, not requeued), with the modest resources of
+    slurm.report rather than the cells' node."""
+    r, s = exp.slurm.report, exp.slurm
+    lines = [f"--job-name=d2lora-{exp.name}-report",
+             *(f"--{key}={value}" for key, value in (("partition", r.partition), ("account", s.account),
+                                                     ("qos", s.qos)) if value),
+             "--nodes=1", "--ntasks-per-node=1", f"--cpus-per-task={r.cpus_per_task}", f"--mem={r.mem}",
+             f"--time={r.time}", *_log_lines(layout, "report-%j")]
+    header = _header(exp, lines, extra=r.extra_sbatch)
     return _render(REPORT_SCRIPT, experiment=exp.name, header=header, setup=_setup(exp),
                    command=command or report_command(layout))
 

@@ -10,7 +10,8 @@ Multi-rank launches and Slurm array tasks run one cell per process (sweep cell).
 A worker is given its cells either all at once (`--cells`) or one at a time on stdin (`--cells-from
 -stdin`, what the executor's slots use, so that whichever slot is free takes the next cell); it then
 reports on the file descriptor named by REPORT_FD_ENV that it took each cell (`<id> started`) and how
-the cell ended (`<id> ok`, or `<id> failed|full <why, one line>`; `full`: the disk was full), so that the
+the cell ended (`<id> ok`, `<id> busy`: another process runs it, sweep/claims.py, or `<id> failed|full
+<why, one line>`; `full`: the disk was full), so that the
 executor can tell a worker that died during a cell from one that had exited before it took one.
 """
 
@@ -28,22 +29,28 @@ from d2lora_dist.fileio import DiskFull, suppress_no_space
 from d2lora_dist.layout import RunLayout
 from d2lora_dist.preflight import for_cells, preflight
 from d2lora_dist.sweep.cell import run_cell
+from d2lora_dist.sweep.claims import Busy
 from d2lora_dist.sweep.grid import Cell, find_cell
 
 REPORT_FD_ENV = "D2LORA_WORKER_REPORT_FD"
-OK, FAILED, FULL = "ok", "failed", "full"  # how a cell ended, as reported (FULL: no space left on the disk)
+OK, FAILED, FULL, BUSY = "ok", "failed", "full", "busy"  # how a cell ended, as reported (FULL: no space
+# left on the disk; BUSY: another process runs it)
 
 
 def run_one(exp: Experiment, layout: RunLayout, cell: Cell, source: str, models: SharedBase,
             count: int) -> tuple[str, str | None]:
-    """One cell on the shared base, the worker's `count`-th: ("ok", None), or ("failed" | "full", why in one
-    line) after reporting it. "full": the disk was full (that line alone); any other failure also prints its
+    """One cell on the shared base, the worker's `count`-th: ("ok", None), ("busy", None) when another process
+    runs it (skipped at once: the executor comes back to it later), or ("failed" | "full", why in one line)
+    after reporting it. "full": the disk was full (that line alone); any other failure also prints its
     traceback."""
     start = time.time()
     outcome, failure = OK, None
     try:
         preflight(exp, for_cells(exp, [cell], distributed.world_size(), None), source)
-        run_cell(exp, layout, cell, models=models)
+        run_cell(exp, layout, cell, models=models, wait=False)
+    except Busy as e:
+        _say(f"{e}; skipped")
+        return BUSY, None
     except DiskFull as e:
         outcome, failure = FULL, str(e)
     except Exception as e:  # the cell's own failure: reported, and the worker goes on with the next
@@ -71,13 +78,13 @@ def run_cells(exp: Experiment, layout: RunLayout, cells: list[Cell], source: str
     failed = []
     for i, cell in enumerate(cells, 1):
         _say(f"=== worker cell {i}/{len(cells)}: {cell.id}")
-        if run_one(exp, layout, cell, source, models, i)[0] != OK:
+        if run_one(exp, layout, cell, source, models, i)[0] in (FAILED, FULL):
             failed.append(cell.id)
     return failed
 
 
 def serve_cells(exp: Experiment, layout: RunLayout, cell_ids: Iterable[str], source: str) -> list[str]:
-    """Run each cell id as it arrives (one per line), reporting `<id> ok|failed` after each."""
+    """Run each cell id as it arrives (one per line), reporting `<id> ok|failed|busy` after each."""
     models = SharedBase()
     report = None
     if REPORT_FD_ENV in os.environ:  # ours alone: no process this worker starts may hold it open
@@ -95,7 +102,7 @@ def serve_cells(exp: Experiment, layout: RunLayout, cell_ids: Iterable[str], sou
         count += 1
         _say(f"=== worker cell {count}: {cell.id}")
         outcome, failure = run_one(exp, layout, cell, source, models, count)
-        failed += [] if outcome == OK else [cell.id]
+        failed += [cell.id] if outcome in (FAILED, FULL) else []
         if report is not None:
             report.write(f"{cell.id} {outcome}{f' {failure}' if failure else ''}\n")
     return failed

@@ -36,7 +36,7 @@ from d2lora_dist.sweep.claims import EXIT_BUSY, held_elsewhere
 from d2lora_dist.sweep.claims import POLL_S as CLAIM_POLL_S
 from d2lora_dist.sweep.grid import Cell, WarmupRun
 from d2lora_dist.sweep.slots import Slot, SlotPlan
-from d2lora_dist.sweep.worker import FULL, REPORT_FD_ENV
+from d2lora_dist.sweep.worker import BUSY, FULL, REPORT_FD_ENV
 
 
 class Stopping(RuntimeError):
@@ -419,7 +419,7 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
                                       f"cell {job.id}", slot, out, run.children)
                     if run.children.stop.is_set() and not run.layout.cell_result(job.id).is_file():
                         raise Stopping("the sweep is stopping")  # terminated, not failed
-                    outcome = "busy" if code == EXIT_BUSY else None
+                    outcome = BUSY if code == EXIT_BUSY else None
                 if _another_runs(run, slot, job, outcome):
                     continue
                 ok = run.layout.cell_result(job.id).is_file()
@@ -439,7 +439,7 @@ def _another_runs(run: SlotRun, slot: Slot, cell: Cell, outcome: str | None) -> 
     if run.layout.cell_result(cell.id).is_file():
         return False
     holder = held_elsewhere(run.layout.cell_lock(cell.id))
-    if outcome != "busy" and holder is None:
+    if outcome != BUSY and holder is None:
         return False
     run.progress.not_started(cell, slot, holder or "it held the claim")
     run.queue.put_back(cell)

@@ -9,15 +9,14 @@ entry the model does not have without loading an 8B model first.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
+from d2lora_dist import hub
 from d2lora_dist.errors import InputError
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def looks_local(name: str) -> bool:
@@ -27,11 +26,6 @@ def looks_local(name: str) -> bool:
         return True
     parent = Path(name).parent
     return "/" in name and parent != Path(".") and parent.is_dir()
-
-
-def hub_offline() -> bool:
-    """Downloads are switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), read when asked."""
-    return any(os.environ.get(var, "").upper() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def model_dir_problem(name: str) -> str | None:
@@ -48,9 +42,11 @@ def model_dir_problem(name: str) -> str | None:
         return None
     if looks_local(path) or not _valid_repo_id(path):
         return f"model.name_or_path: {path!r} is a local path that does not exist (nor is it a hub id)"
-    if _cached_file(path, "config.json") is None and hub_offline():
-        return (f"model.name_or_path: hub id {path!r} is not in the Hugging Face cache and downloads are off "
-                "(HF_HUB_OFFLINE); download it where the network is reachable, or give a local directory")
+    if _cached_file(path, "config.json") is None and hub.offline():
+        return (f"model.name_or_path: hub id {path!r} is not in the Hugging Face cache ({cache_dir()}) and "
+                f"{hub.why_offline()}; "
+                "download it where the hub is reachable into the HF_HOME / HF_HUB_CACHE this machine uses, or give "
+                "a local directory")
     return None
 
 
@@ -109,6 +105,13 @@ def _header(path: Path) -> dict[str, dict]:
         header = json.loads(f.read(size))
     header.pop("__metadata__", None)
     return header
+
+
+def cache_dir() -> str:
+    """The hub cache this process reads (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
 
 
 def _cached_file(repo_id: str, filename: str) -> Path | None:

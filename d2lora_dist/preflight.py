@@ -152,7 +152,9 @@ def _row_problems(exp: Experiment, checks: Checks, dropped: dict[str, str]) -> l
             except UnknownName:  # config validation names it
                 usable[cell.task, form] = None
             except DataError as e:
-                problems.append(f"tasks.{cell.task}.dataset: {e}")
+                problem = f"tasks.{cell.task}.dataset: {e}"
+                if problem not in problems:  # a dataset that cannot load fails the same way for each form
+                    problems.append(problem)
                 usable[cell.task, form] = None
         have = usable[cell.task, form]
         if have is not None and cell.n > have:

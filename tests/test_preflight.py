@@ -89,10 +89,10 @@ def _table(path: Path, rows: int, kind: str) -> str:
 
 
 def test_paper_title_preset_fits_the_6362_row_table_and_7000_would_not(tmp_path: Path, tiny_data: dict,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # its hub model may still be downloaded by the jobs
+                                                                      tiny_model_dir: Path) -> None:
     local = [f"tasks.titles.dataset.data_files=[{_table(tmp_path / 'econ.jsonl', 6362, 'titles')}]",
-             f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]"]
+             f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]",
+             f"model.name_or_path={tiny_model_dir}"]  # on this machine: compute nodes must read the model too
     exp = load_experiment(REPO / "launch/experiments/paper_title.yaml", local)
     preflight(exp, for_sweep(exp, plan_cells(exp), slurm=True), "paper_title.yaml")  # passes
     exp.grid[0].n = [0, 7000]

@@ -40,7 +40,7 @@ def model_dir_problem(name: str) -> str | None:
         if not (Path(path).expanduser() / "config.json").is_file():
             return f"model.name_or_path: {path} has no config.json; it is not a Hugging Face model directory"
         return None
-    if looks_local(path) or not _valid_repo_id(path):
+    if looks_local(path) or not valid_repo_id(path):
         return f"model.name_or_path: {path!r} is a local path that does not exist (nor is it a hub id)"
     if _cached_file(path, "config.json") is None and hub.offline():
         return (f"model.name_or_path: hub id {path!r} is not in the Hugging Face cache ({cache_dir()}) and "
@@ -87,7 +87,7 @@ def _shards(path: str) -> list[Path]:
         index, single = root / _INDEX, root / _SINGLE
         index_file: Path | None = index if index.is_file() else None
         single_file: Path | None = single if single.is_file() else None
-    elif _valid_repo_id(path):
+    elif valid_repo_id(path):
         index_file, single_file = _cached_file(path, _INDEX), _cached_file(path, _SINGLE)
     else:
         return []
@@ -121,7 +121,7 @@ def _cached_file(repo_id: str, filename: str) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-def _valid_repo_id(name: str) -> bool:
+def valid_repo_id(name: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:

@@ -23,6 +23,7 @@ the scripts stay valid for a manual `sbatch`. `submit` writes the scripts, calls
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -195,6 +196,27 @@ def _srun_options(exp: Experiment, share: int | None = None) -> str:
     # srun does not inherit --cpus-per-task from sbatch since Slurm 22.05: say it again
     cpus = _scaled_cpus(exp, share) if share is not None and exp.slurm.gpus_per_node else exp.slurm.cpus_per_task
     return f" --cpus-per-task={cpus}" if cpus else ""
+
+
+_EXPORT = re.compile(r"^\s*(?:export\s+)?(HF_HOME|HF_HUB_CACHE)=(\S+)\s*$")
+
+
+def compute_node_hub_cache(exp: Experiment) -> tuple[str, str]:
+    """The Hugging Face hub cache the jobs read, and where that comes from. The scripts set no HF_*
+    variable themselves: a job gets sbatch's copy of the submitting shell's environment, then
+    `slurm.setup`, whose last `export HF_HUB_CACHE=` / `HF_HOME=` line wins (HF_HUB_CACHE over HF_HOME)."""
+    found: dict[str, str] = {}
+    for line in exp.slurm.setup:
+        match = _EXPORT.match(line)
+        if match:
+            found[match.group(1)] = match.group(2).strip("'\"")
+    for var, origin in ((found.get("HF_HUB_CACHE"), "HF_HUB_CACHE in slurm.setup"),
+                        (found.get("HF_HOME") and f"{found['HF_HOME']}/hub", "HF_HOME in slurm.setup"),
+                        (os.environ.get("HF_HUB_CACHE"), "HF_HUB_CACHE of this shell"),
+                        (os.environ.get("HF_HOME") and f"{os.environ['HF_HOME']}/hub", "HF_HOME of this shell")):
+        if var:
+            return os.path.expanduser(os.path.expandvars(var)), origin
+    return os.path.expanduser("~/.cache/huggingface/hub"), "the default, no HF_HOME set"
 
 
 def _launch(exp: Experiment, lc: Launch, command: str, multinode: bool) -> str:

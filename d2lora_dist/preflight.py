@@ -307,9 +307,14 @@ def slurm_problems(exp: Experiment) -> list[str]:
                         f"asks for {s.gpus_per_node} GPUs")
     problems += [f"launch.{key}: file {path!r} not found" for key, path in _launch_files(exp)
                  if not _exists(path)]
-    problems += _gpu_launch_problems(exp)
+    return problems + slurm_job_problems(exp)
+
+
+def slurm_job_problems(exp: Experiment) -> list[str]:
+    """What the Slurm jobs would fail on once they start: a GPU launch without GPUs, a model they cannot read.
+    `sweep submit` refuses them; `sweep plan` shows them beside its Slurm view."""
     model = _compute_node_model_problem(exp)
-    return problems + ([model] if model else [])
+    return _gpu_launch_problems(exp) + ([model] if model else [])
 
 
 def _gpu_launch_problems(exp: Experiment) -> list[str]:

@@ -185,3 +185,19 @@ def test_a_hub_model_the_jobs_cannot_read_is_refused_naming_the_cache(tmp_path: 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "shared"))
     problems = slurm_problems(load_experiment(paper, [other]))
     assert len(problems) == 1 and f"({tmp_path}/elsewhere/hub, HF_HOME in slurm.setup)" in problems[0]
+
+
+def test_sweep_plan_shows_what_sweep_submit_would_refuse(tiny_experiment: dict, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    tiny_experiment["launch"] = {"strategy": "auto"}  # GPU-sized, and slurm.gpus_per_node is left at 0
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main(["sweep", "plan", "-c", str(path)]) == 0  # a plan for this machine still works
+    out = capsys.readouterr().out
+    assert out.count("sweep submit would refuse: ") == 1
+    assert "sweep submit would refuse: launch.strategy: auto sizes the launch for GPUs" in out
+    assert main(["sweep", "submit", "--dry-run", "-c", str(path)]) == 2
+    assert "launch.strategy: auto sizes the launch for GPUs" in capsys.readouterr().err
+    del tiny_experiment["launch"]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main(["sweep", "plan", "-c", str(path)]) == 0
+    assert "sweep submit would refuse" not in capsys.readouterr().out

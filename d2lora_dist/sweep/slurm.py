@@ -224,8 +224,14 @@ def _launch(exp: Experiment, lc: Launch, command: str, multinode: bool) -> str:
     # the user's file as given, else the shipped copy (absolute: the job may run anywhere)
     config = shlex.quote(for_command(lc.accelerate_config)) if lc.accelerate_config else ""
     config += "".join(f" {shlex.quote(flag)}" for flag in lc.accelerate_flags())
+    pin = ""
     if lc.accelerate_config is None:
         launched = command
+        if exp.slurm.gpus_per_node:
+            # a plain process (one rank) on a node share or whole node of several GPUs: it sees the first
+            # only, else transformers would train with DataParallel on all of them at N x the planned batch
+            pin = ("CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; "
+                   "export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*}; ")
     elif multinode:
         # accelerate's --num_processes is the total over all machines; ours is per node
         launched = (f"accelerate launch --config_file {config}"
@@ -241,7 +247,7 @@ def _launch(exp: Experiment, lc: Launch, command: str, multinode: bool) -> str:
                     f" --num_machines 1 --num_processes {lc.num_processes}"
                     f" --main_process_port {exp.launch.main_process_port} --no_python {command}")
     # `trap "" USR1` is inherited through exec: the launcher ignores USR1, ranks handle it
-    return shlex.quote(f'trap "" USR1; exec {launched}')
+    return shlex.quote(f'trap "" USR1; {pin}exec {launched}')
 
 
 def _preemption_block(layout: RunLayout) -> str:

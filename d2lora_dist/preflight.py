@@ -368,7 +368,7 @@ def _compute_node_model_problem(exp: Experiment) -> str | None:
     """A hub model the jobs cannot read: not in the hub cache they use (slurm.compute_node_hub_cache).
     Compute nodes are often offline, and where they are not, every job would download the model."""
     from d2lora_dist.assets import resolve_asset_uri
-    from d2lora_dist.model_files import looks_local, valid_repo_id
+    from d2lora_dist.model_files import cache_dir, looks_local, model_dir_problem, valid_repo_id
     from d2lora_dist.sweep.slurm import compute_node_hub_cache
 
     try:
@@ -384,6 +384,8 @@ def _compute_node_model_problem(exp: Experiment) -> str | None:
 
     if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache), str):
         return None
+    if Path(cache).resolve() == Path(cache_dir()).resolve() and model_dir_problem(exp.model.name_or_path):
+        return None  # the jobs read this machine's cache, whose missing model model_problems names already
     return (f"model.name_or_path: hub id {name!r} is not in the Hugging Face cache the Slurm jobs read ({cache}, "
             f"{origin}); download it once into a shared HF_HOME where the hub is reachable "
             f"(HF_HOME=/shared/hf hf download {name}) and give it to the jobs (slurm.setup: "

@@ -69,6 +69,7 @@ def hub_cache_holding(root: Path, repo_id: str) -> Path:
 @pytest.fixture
 def paper_model_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The paper's model in the hub cache the Slurm jobs read (HF_HUB_CACHE of the submitting shell)."""
+    import huggingface_hub.constants  # noqa: F401  reads this machine's cache location before it changes here
     cache = hub_cache_holding(tmp_path / "hf" / "hub", PAPER_MODEL)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     return cache
@@ -168,6 +169,8 @@ def test_a_gpu_launch_without_gpus_per_node_is_refused_naming_the_key(paper_mode
 
 def test_a_hub_model_the_jobs_cannot_read_is_refused_naming_the_cache(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants  # noqa: F401  reads this machine's cache location before it changes here
+
     paper = REPO / "launch/experiments/paper_math.yaml"
     for var in ("HF_HUB_CACHE", "HF_HOME"):
         monkeypatch.delenv(var, raising=False)
@@ -201,3 +204,17 @@ def test_sweep_plan_shows_what_sweep_submit_would_refuse(tiny_experiment: dict, 
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
     assert main(["sweep", "plan", "-c", str(path)]) == 0
     assert "sweep submit would refuse" not in capsys.readouterr().out
+
+
+def test_a_missing_hub_model_is_named_once_when_the_jobs_read_this_machines_cache(
+        tmp_path: Path, tiny_data: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    for var in ("HF_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = REPO / "launch/experiments/paper_math.yaml"
+    args = ["--set", f"tasks.math.dataset.data_files=[{_table(tmp_path / 'math.jsonl', 20000, 'math')}]",
+            "--set", f"suites.gsm8k.dataset.data_files=[{tiny_data['gsm8k']}]",
+            "--set", f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]", "--set", f"output_dir={tmp_path}"]
+    assert main(["sweep", "submit", "--dry-run", "-c", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and err.count(f"hub id '{PAPER_MODEL}'") == 1, err

@@ -41,10 +41,11 @@ def offline() -> bool:
         return True
     if _decided is None:
         _decided = not _reachable(endpoint(), PROBE_TIMEOUT_S)
-        if _decided:
+        if _decided and os.environ.get("RANK", "0") == "0":  # said once per launch, not by every rank
             print(f"d2lora: the Hugging Face hub ({endpoint()}) is not reachable from here: hub datasets and "
                   "models are looked up in the local cache only (as with HF_HUB_OFFLINE=1)", file=sys.stderr,
                   flush=True)
+        if _decided:
             go_offline()
     return _decided
 

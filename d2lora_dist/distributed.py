@@ -83,6 +83,29 @@ def _deepspeed_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
+def check_single_process_gpus() -> None:
+    """Refuse one plain process that sees several GPUs.
+
+    Outside a distributed launch, transformers sets n_gpu to every visible CUDA device, wraps the
+    model in nn.DataParallel and multiplies the per-device batch by that count: a schedule planned
+    for one rank would train on n_gpu times its batch. Refused rather than pinned to one GPU:
+    CUDA_VISIBLE_DEVICES only takes effect before CUDA counts its devices, which torch may already
+    have done, and the user who gave a node 8 GPUs most likely meant to use them (see
+    docs/distributed.md). Launches that set CUDA_VISIBLE_DEVICES to one device (a `sweep run`
+    slot, a Slurm cell of one GPU) see one and pass.
+    """
+    if launch_mode() != "single" or not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    if count > 1:
+        raise LaunchError(
+            f"this one process (no accelerate launch or torchrun) sees {count} GPUs: transformers would train "
+            f"with DataParallel on {count}x the planned batch. Launch one rank per GPU, e.g. `accelerate launch "
+            f"--config_file launch/accelerate/ddp.yaml --num_processes {count} --main_process_port 0 -m "
+            "d2lora_dist.cli ...` (launch/accelerate/1node_8gpu_zero3.yaml for ZeRO-3; `d2lora sweep plan` "
+            "shows the launch each cell needs), or run on one GPU with CUDA_VISIBLE_DEVICES=0")
+
+
 # ---- process group ----------------------------------------------------------------------------
 def process_group_timeout() -> timedelta:
     raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
@@ -115,6 +138,7 @@ def init_process_group() -> None:
     """
     mode = launch_mode()
     if mode == "single":
+        check_single_process_gpus()
         return
     from accelerate import PartialState
 

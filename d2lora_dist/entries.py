@@ -26,9 +26,10 @@ EXIT_OK, EXIT_FAILED_CELLS = 0, 1
 
 def warmup(exp: Experiment, layout: RunLayout, source: str | ConfigSource, key: str | None = None) -> int:
     """One warm-up run (`--warmup KEY`), or every one the plan needs, in turn."""
-    from d2lora_dist.distributed import world_size
+    from d2lora_dist.distributed import check_single_process_gpus, world_size
     from d2lora_dist.warmup import resolve_warmup, run_warmup
 
+    check_single_process_gpus()  # before the preflight loads any data
     with partly_built(source):
         runs = resolve_warmup(exp, key)
         checks = Checks(warmup=True, warmup_world_size=world_size(), warmups=tuple(r.name for r in runs))
@@ -42,10 +43,11 @@ def cell(exp: Experiment, layout: RunLayout, cell: Cell, source: str | ConfigSou
     """One cell (`adapt`, or an array task's `sweep cell`): train if it trains, evaluate, result.json.
     Another process on the cell is waited for (`wait`), else this exits EXIT_BUSY at once (sweep run's
     launches: it comes back to the cell later)."""
-    from d2lora_dist.distributed import world_size
+    from d2lora_dist.distributed import check_single_process_gpus, world_size
     from d2lora_dist.sweep.cell import run_cell
     from d2lora_dist.sweep.claims import EXIT_BUSY, Busy
 
+    check_single_process_gpus()  # before the preflight loads any data
     with partly_built(source):
         checks = for_cells(exp, [cell], world_size(), None)
     preflight(exp, checks, source)

@@ -9,15 +9,14 @@ entry the model does not have without loading an 8B model first.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
+from d2lora_dist import hub
 from d2lora_dist.errors import InputError
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def looks_local(name: str) -> bool:
@@ -27,11 +26,6 @@ def looks_local(name: str) -> bool:
         return True
     parent = Path(name).parent
     return "/" in name and parent != Path(".") and parent.is_dir()
-
-
-def hub_offline() -> bool:
-    """Downloads are switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), read when asked."""
-    return any(os.environ.get(var, "").upper() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def model_dir_problem(name: str) -> str | None:
@@ -46,11 +40,13 @@ def model_dir_problem(name: str) -> str | None:
         if not (Path(path).expanduser() / "config.json").is_file():
             return f"model.name_or_path: {path} has no config.json; it is not a Hugging Face model directory"
         return None
-    if looks_local(path) or not _valid_repo_id(path):
+    if looks_local(path) or not valid_repo_id(path):
         return f"model.name_or_path: {path!r} is a local path that does not exist (nor is it a hub id)"
-    if _cached_file(path, "config.json") is None and hub_offline():
-        return (f"model.name_or_path: hub id {path!r} is not in the Hugging Face cache and downloads are off "
-                "(HF_HUB_OFFLINE); download it where the network is reachable, or give a local directory")
+    if _cached_file(path, "config.json") is None and hub.offline():
+        return (f"model.name_or_path: hub id {path!r} is not in the Hugging Face cache ({cache_dir()}) and "
+                f"{hub.why_offline()}; "
+                "download it where the hub is reachable into the HF_HOME / HF_HUB_CACHE this machine uses, or give "
+                "a local directory")
     return None
 
 
@@ -91,7 +87,7 @@ def _shards(path: str) -> list[Path]:
         index, single = root / _INDEX, root / _SINGLE
         index_file: Path | None = index if index.is_file() else None
         single_file: Path | None = single if single.is_file() else None
-    elif _valid_repo_id(path):
+    elif valid_repo_id(path):
         index_file, single_file = _cached_file(path, _INDEX), _cached_file(path, _SINGLE)
     else:
         return []
@@ -111,6 +107,13 @@ def _header(path: Path) -> dict[str, dict]:
     return header
 
 
+def cache_dir() -> str:
+    """The hub cache this process reads (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
 def _cached_file(repo_id: str, filename: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
@@ -118,7 +121,7 @@ def _cached_file(repo_id: str, filename: str) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-def _valid_repo_id(name: str) -> bool:
+def valid_repo_id(name: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from d2lora_dist.config import Experiment, TrainSettings
 from d2lora_dist.config_source import ConfigSource, held_problems
@@ -152,7 +153,9 @@ def _row_problems(exp: Experiment, checks: Checks, dropped: dict[str, str]) -> l
             except UnknownName:  # config validation names it
                 usable[cell.task, form] = None
             except DataError as e:
-                problems.append(f"tasks.{cell.task}.dataset: {e}")
+                problem = f"tasks.{cell.task}.dataset: {e}"
+                if problem not in problems:  # a dataset that cannot load fails the same way for each form
+                    problems.append(problem)
                 usable[cell.task, form] = None
         have = usable[cell.task, form]
         if have is not None and cell.n > have:
@@ -304,7 +307,90 @@ def slurm_problems(exp: Experiment) -> list[str]:
                         f"asks for {s.gpus_per_node} GPUs")
     problems += [f"launch.{key}: file {path!r} not found" for key, path in _launch_files(exp)
                  if not _exists(path)]
-    return problems
+    return problems + slurm_job_problems(exp)
+
+
+def slurm_job_problems(exp: Experiment) -> list[str]:
+    """What the Slurm jobs would fail on once they start: a GPU launch without GPUs, a model they cannot read.
+    `sweep submit` refuses them; `sweep plan` shows them beside its Slurm view."""
+    model = _compute_node_model_problem(exp)
+    return _gpu_launch_problems(exp) + ([model] if model else [])
+
+
+def _gpu_launch_problems(exp: Experiment) -> list[str]:
+    """A launch for GPUs with slurm.gpus_per_node 0: the jobs would get no GPU and fail once they start,
+    after their time in the queue."""
+    from d2lora_dist.strategy import warmup_launch
+
+    if exp.slurm.gpus_per_node:
+        return []
+    fix = "set slurm.gpus_per_node to the GPUs of one node (e.g. 8)"
+    if exp.launch.strategy is not None:
+        return [f"launch.strategy: {exp.launch.strategy} sizes the launch for GPUs (launch.gpu_memory_gib) but "
+                f"slurm.gpus_per_node is 0, so the jobs would get no GPU; {fix}, or drop launch.strategy and name a "
+                "CPU launch (launch.accelerate_config: launch/accelerate/cpu_2proc_ddp.yaml)"]
+    if exp.launch.accelerate_config:
+        if not _names_gpus(exp.launch.accelerate_config):
+            return []
+        return [f"launch.accelerate_config: {exp.launch.accelerate_config} launches on GPUs (use_cpu is not true) "
+                f"but slurm.gpus_per_node is 0, so the jobs would get no GPU; {fix}, or name a CPU config "
+                "(use_cpu: true, e.g. launch/accelerate/cpu_2proc_ddp.yaml)"]
+    try:  # nothing named: the strategy the model's memory estimate chooses
+        launch = warmup_launch(exp, max(exp.slurm.nodes, 1))
+    except InputError:
+        return []  # the strategy's own check names it
+    if launch.choice is None or launch.accelerate_config is None:
+        return []
+    return [f"model.name_or_path: the memory estimate of {exp.model.name_or_path} needs {launch.choice.strategy} "
+            f"on {launch.choice.devices} GPU(s) (launch.gpu_memory_gib={exp.launch.gpu_memory_gib:g}) but "
+            f"slurm.gpus_per_node is 0, so the jobs would get no GPU; {fix}"]
+
+
+def _names_gpus(path: str) -> bool:
+    """Does this accelerate config launch on GPUs? (not `use_cpu: true`, and GPU ids or MULTI_GPU named)"""
+    import yaml
+
+    from d2lora_dist.shipped import find_file
+
+    found = find_file(path)
+    if found is None:
+        return False  # named as not found above
+    try:
+        config = yaml.safe_load(found.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    if not isinstance(config, dict) or config.get("use_cpu") is True:
+        return False
+    return "gpu_ids" in config or config.get("distributed_type") == "MULTI_GPU"
+
+
+def _compute_node_model_problem(exp: Experiment) -> str | None:
+    """A hub model the jobs cannot read: not in the hub cache they use (slurm.compute_node_hub_cache).
+    Compute nodes are often offline, and where they are not, every job would download the model."""
+    from d2lora_dist.assets import resolve_asset_uri
+    from d2lora_dist.model_files import cache_dir, looks_local, model_dir_problem, valid_repo_id
+    from d2lora_dist.sweep.slurm import compute_node_hub_cache
+
+    try:
+        name = resolve_asset_uri(exp.model.name_or_path)
+    except (InputError, ValueError, OSError):
+        return None  # model_problems names it
+    if Path(name).expanduser().exists() or looks_local(name) or not valid_repo_id(name):
+        return None  # a local path: model_problems checks it (it must be on a file system the nodes share)
+    cache, origin = compute_node_hub_cache(exp)
+    if "$" in cache:
+        return None  # a variable only the job's shell knows
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache), str):
+        return None
+    if Path(cache).resolve() == Path(cache_dir()).resolve() and model_dir_problem(exp.model.name_or_path):
+        return None  # the jobs read this machine's cache, whose missing model model_problems names already
+    return (f"model.name_or_path: hub id {name!r} is not in the Hugging Face cache the Slurm jobs read ({cache}, "
+            f"{origin}); download it once into a shared HF_HOME where the hub is reachable "
+            f"(HF_HOME=/shared/hf hf download {name}) and give it to the jobs (slurm.setup: "
+            "[\"export HF_HOME=/shared/hf\", \"export HF_HUB_OFFLINE=1\"]), or set model.name_or_path to a "
+            "local directory on a shared file system")
 
 
 def _launch_files(exp: Experiment) -> Iterable[tuple[str, str]]:

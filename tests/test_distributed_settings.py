@@ -206,3 +206,43 @@ def test_leaving_zero3_makes_the_next_load_whole(tiny_experiment: dict) -> None:
     model = load_base_model(experiment_from_dict(tiny_experiment).model, training=False)
     assert all(p.numel() > 0 and not hasattr(p, "ds_id") for p in model.parameters())
     del config
+
+
+def _fake_gpus(monkeypatch, count: int) -> None:
+    """What torch reports on a node with `count` visible GPUs (this machine has none)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize("command", ["warmup", "adapt"])
+def test_one_plain_process_seeing_several_gpus_is_refused_with_the_launch_that_fits(
+        command: str, tiny_experiment: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    from d2lora_dist.cli import main
+    from tests.conftest import write_experiment
+
+    for var in ("WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(var, raising=False)
+    _fake_gpus(monkeypatch, 8)
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    extra = ["--task", "math", "--method", "sft", "--init", "lora", "--n", "4", "--seed", "0"] * (command == "adapt")
+    assert main([command, "-c", str(path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "sees 8 GPUs" in err and "8x the planned batch" in err
+    assert "accelerate launch --config_file launch/accelerate/ddp.yaml --num_processes 8" in err
+    assert "CUDA_VISIBLE_DEVICES=0" in err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_one_gpu_or_a_distributed_launch_passes(monkeypatch) -> None:
+    for var in ("WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(var, raising=False)
+    _fake_gpus(monkeypatch, 1)  # a sweep-run slot or a Slurm cell: CUDA_VISIBLE_DEVICES names one GPU
+    distributed.check_single_process_gpus()
+    _fake_gpus(monkeypatch, 8)
+    monkeypatch.setenv("WORLD_SIZE", "8")  # one rank of an accelerate launch: it uses its own GPU
+    distributed.check_single_process_gpus()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(LaunchError, match="sees 8 GPUs"):
+        distributed.check_single_process_gpus()

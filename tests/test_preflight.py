@@ -50,7 +50,32 @@ def test_a_world_size_that_cannot_make_the_global_batch_is_refused(tiny_experime
     assert any(p.startswith("methods.sft.global_batch_size=2") for p in problems)
 
 
-def test_slurm_time_formats_and_requests() -> None:
+PAPER_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def hub_cache_holding(root: Path, repo_id: str) -> Path:
+    """A Hugging Face hub cache in which `repo_id` has its config.json, laid out as `hf download` leaves it."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    shape = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 128256,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336}  # Llama-3.1-8B's
+    (repo / "snapshots" / commit / "config.json").write_text(json.dumps(shape))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root
+
+
+@pytest.fixture
+def paper_model_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The paper's model in the hub cache the Slurm jobs read (HF_HUB_CACHE of the submitting shell)."""
+    import huggingface_hub.constants  # noqa: F401  reads this machine's cache location before it changes here
+    cache = hub_cache_holding(tmp_path / "hf" / "hub", PAPER_MODEL)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_slurm_time_formats_and_requests(paper_model_cached: Path) -> None:
     assert slurm_seconds("08:00:00") == 8 * 3600 and slurm_seconds("1-00:00:00") == 86400
     assert slurm_seconds("30") == 1800 and slurm_seconds("10:30") == 630 and slurm_seconds("8h") is None
     exp = load_experiment(REPO / "launch/experiments/paper_math.yaml", ["slurm.gpus_per_node=4", "slurm.time=8h"])
@@ -89,10 +114,10 @@ def _table(path: Path, rows: int, kind: str) -> str:
 
 
 def test_paper_title_preset_fits_the_6362_row_table_and_7000_would_not(tmp_path: Path, tiny_data: dict,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # its hub model may still be downloaded by the jobs
+                                                                      tiny_model_dir: Path) -> None:
     local = [f"tasks.titles.dataset.data_files=[{_table(tmp_path / 'econ.jsonl', 6362, 'titles')}]",
-             f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]"]
+             f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]",
+             f"model.name_or_path={tiny_model_dir}"]  # on this machine: compute nodes must read the model too
     exp = load_experiment(REPO / "launch/experiments/paper_title.yaml", local)
     preflight(exp, for_sweep(exp, plan_cells(exp), slurm=True), "paper_title.yaml")  # passes
     exp.grid[0].n = [0, 7000]
@@ -119,3 +144,77 @@ def test_eval_on_a_task_the_experiment_lacks_is_named(tiny_experiment: dict, tmp
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
     assert main(["eval", "-c", str(path), "--task", "titels"]) == 2
     assert "--task 'titels': not a task of the experiment (['math', 'titles'])" in capsys.readouterr().err
+
+
+# ---- what Slurm jobs need: GPUs for a GPU launch, a model they can read --------------------------
+def test_a_gpu_launch_without_gpus_per_node_is_refused_naming_the_key(paper_model_cached: Path) -> None:
+    paper = REPO / "launch/experiments/paper_math.yaml"
+    problems = slurm_problems(load_experiment(paper, ["slurm.gpus_per_node=0", "launch.num_processes=1"]))
+    assert problems == ["launch.strategy: auto sizes the launch for GPUs (launch.gpu_memory_gib) but slurm.gpus_per_node "
+                        "is 0, so the jobs would get no GPU; set slurm.gpus_per_node to the GPUs of one node (e.g. 8), "
+                        "or drop launch.strategy and name a CPU launch (launch.accelerate_config: "
+                        "launch/accelerate/cpu_2proc_ddp.yaml)"]
+    named = ["slurm.gpus_per_node=0", "launch.num_processes=1", "launch.strategy=null"]
+    problems = slurm_problems(load_experiment(paper, [*named, "launch.accelerate_config=launch/accelerate/ddp.yaml"]))
+    assert len(problems) == 1 and problems[0].startswith("launch.accelerate_config: launch/accelerate/ddp.yaml "
+                                                         "launches on GPUs")
+    cpu = slurm_problems(load_experiment(paper, [*named, "launch.accelerate_config=launch/accelerate/cpu_2proc_ddp.yaml"]))
+    assert cpu == []  # use_cpu: true
+    # nothing named: the model's estimate picks the launch; at 32 GiB per GPU the 8B model needs ZeRO-3
+    problems = slurm_problems(load_experiment(paper, [*named, "launch.gpu_memory_gib=32", "launch.num_processes=8"]))
+    assert len(problems) == 1 and problems[0].startswith(f"model.name_or_path: the memory estimate of {PAPER_MODEL} "
+                                                         "needs zero3 on 8 GPU(s) (launch.gpu_memory_gib=32)")
+    assert "slurm.gpus_per_node is 0" in problems[0]
+
+
+def test_a_hub_model_the_jobs_cannot_read_is_refused_naming_the_cache(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants  # noqa: F401  reads this machine's cache location before it changes here
+
+    paper = REPO / "launch/experiments/paper_math.yaml"
+    for var in ("HF_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
+    problems = slurm_problems(load_experiment(paper))
+    assert problems == [f"model.name_or_path: hub id '{PAPER_MODEL}' is not in the Hugging Face cache the Slurm jobs "
+                        f"read ({tmp_path}/empty/hub, HF_HOME of this shell); download it once into a shared HF_HOME "
+                        f"where the hub is reachable (HF_HOME=/shared/hf hf download {PAPER_MODEL}) and give it to the "
+                        "jobs (slurm.setup: [\"export HF_HOME=/shared/hf\", \"export HF_HUB_OFFLINE=1\"]), or set "
+                        "model.name_or_path to a local directory on a shared file system"]
+    hub_cache_holding(tmp_path / "shared" / "hub", PAPER_MODEL)  # the jobs' HF_HOME, set in slurm.setup
+    setup = f'slurm.setup=["module load cuda", "export HF_HOME={tmp_path}/shared", "export HF_HUB_OFFLINE=1"]'
+    assert slurm_problems(load_experiment(paper, [setup])) == []
+    other = f'slurm.setup=["export HF_HOME={tmp_path}/elsewhere"]'  # the shell has it, the jobs would not
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "shared"))
+    problems = slurm_problems(load_experiment(paper, [other]))
+    assert len(problems) == 1 and f"({tmp_path}/elsewhere/hub, HF_HOME in slurm.setup)" in problems[0]
+
+
+def test_sweep_plan_shows_what_sweep_submit_would_refuse(tiny_experiment: dict, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    tiny_experiment["launch"] = {"strategy": "auto"}  # GPU-sized, and slurm.gpus_per_node is left at 0
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main(["sweep", "plan", "-c", str(path)]) == 0  # a plan for this machine still works
+    out = capsys.readouterr().out
+    assert out.count("sweep submit would refuse: ") == 1
+    assert "sweep submit would refuse: launch.strategy: auto sizes the launch for GPUs" in out
+    assert main(["sweep", "submit", "--dry-run", "-c", str(path)]) == 2
+    assert "launch.strategy: auto sizes the launch for GPUs" in capsys.readouterr().err
+    del tiny_experiment["launch"]
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main(["sweep", "plan", "-c", str(path)]) == 0
+    assert "sweep submit would refuse" not in capsys.readouterr().out
+
+
+def test_a_missing_hub_model_is_named_once_when_the_jobs_read_this_machines_cache(
+        tmp_path: Path, tiny_data: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    for var in ("HF_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = REPO / "launch/experiments/paper_math.yaml"
+    args = ["--set", f"tasks.math.dataset.data_files=[{_table(tmp_path / 'math.jsonl', 20000, 'math')}]",
+            "--set", f"suites.gsm8k.dataset.data_files=[{tiny_data['gsm8k']}]",
+            "--set", f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]", "--set", f"output_dir={tmp_path}"]
+    assert main(["sweep", "submit", "--dry-run", "-c", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and err.count(f"hub id '{PAPER_MODEL}'") == 1, err

@@ -99,8 +99,8 @@ def test_a_model_that_is_not_on_this_machine_is_refused_in_the_preflight(
             "that does not exist") in err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     err = _refused(["sweep", "run", "-c", str(path), "--set", "model.name_or_path=nobody/no-such-model"], capsys)
-    assert ("model.name_or_path: hub id 'nobody/no-such-model' is not in the Hugging Face cache and downloads are off "
-            "(HF_HUB_OFFLINE)") in err
+    assert "model.name_or_path: hub id 'nobody/no-such-model' is not in the Hugging Face cache (" in err
+    assert "and downloads are off (HF_HUB_OFFLINE); download it where the hub is reachable" in err
     err = _refused(["warmup", "-c", str(path), "--set", "model.name_or_path=asset:no_such_asset"], capsys)
     assert "model.name_or_path: unknown asset 'no_such_asset'" in err
     assert not (tmp_path / "runs").exists()

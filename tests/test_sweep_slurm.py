@@ -146,6 +146,29 @@ def test_plain_command_without_accelerate_config():
     assert "\nMAIN_PROCESS_PORT=29512\n" in slurm.render_warmup(experiment_from_dict(fixed), RUN)
 
 
+def _step(text: str) -> str:
+    """The command the script's srun step gives `bash -c`."""
+    import shlex
+
+    line = next(line for line in text.splitlines() if line.lstrip().startswith("bash -c "))
+    return shlex.split(line.strip().removeprefix("bash -c ").removesuffix(" &"))[0]
+
+
+def test_a_plain_cell_on_several_gpus_sees_only_the_first():
+    data = experiment_dict("demo", "/r", time="1:00:00", signal_seconds=60, gpus_per_node=4, whole_node=True)
+    text = slurm.render_cell_array(experiment_from_dict(data), RunLayout(Path("/r/demo")), [0],
+                                   command="printenv CUDA_VISIBLE_DEVICES")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5,6,7"}  # what Slurm gives a task of a whole node
+    done = subprocess.run(["bash", "-c", _step(text)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "3", done.stderr
+    unset = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}  # devices fenced by cgroups only
+    done = subprocess.run(["bash", "-c", _step(text)], env=unset, capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "0", done.stderr
+    cpu = slurm.render_cell_array(experiment_from_dict({**data, "slurm": {"time": "1:00:00"}}),
+                                  RunLayout(Path("/r/demo")), [0], command="printenv CUDA_VISIBLE_DEVICES")
+    assert "CUDA_VISIBLE_DEVICES=" not in _step(cpu)  # no GPUs asked for: nothing to pin
+
+
 def test_multi_node_without_launcher_is_refused():
     data = experiment_dict("demo", "/r", nodes=2)
     data["model"]["name_or_path"] = "someone/unknown-model"  # no shape: no strategy, the plain command

@@ -103,11 +103,19 @@ def _load_local(files: list[str], split: str | None) -> Any:
 
 
 def _load_hub(spec: DatasetSpec, split: str) -> Any:
+    from d2lora_dist import hub
+
+    offline = hub.offline()  # decided once per process; offline, datasets reads its cache only
     import datasets
 
     try:
         return datasets.load_dataset(spec.hub_id, spec.hub_config, split=split)
     except Exception as e:
+        if offline:
+            raise DataError(f"hub dataset {spec.hub_id} ({spec.hub_config or 'default'}, {split}) is not in the "
+                            f"datasets cache ({datasets.config.HF_DATASETS_CACHE}) and {hub.why_offline()}: set `data_files` to local "
+                            "copies (.jsonl/.json/.parquet/.csv files or a save_to_disk folder), or load it once where "
+                            "the hub is reachable into the HF_HOME / HF_DATASETS_CACHE this machine reads") from e
         raise DataError(f"cannot load {spec.hub_id} ({spec.hub_config or 'default'}, {split}) from the hub: "
                         f"{type(e).__name__}: {e}. Offline? Point `data_files` at local copies.") from e
 

@@ -23,6 +23,7 @@ the scripts stay valid for a manual `sbatch`. `submit` writes the scripts, calls
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -197,13 +198,40 @@ def _srun_options(exp: Experiment, share: int | None = None) -> str:
     return f" --cpus-per-task={cpus}" if cpus else ""
 
 
+_EXPORT = re.compile(r"^\s*(?:export\s+)?(HF_HOME|HF_HUB_CACHE)=(\S+)\s*$")
+
+
+def compute_node_hub_cache(exp: Experiment) -> tuple[str, str]:
+    """The Hugging Face hub cache the jobs read, and where that comes from. The scripts set no HF_*
+    variable themselves: a job gets sbatch's copy of the submitting shell's environment, then
+    `slurm.setup`, whose last `export HF_HUB_CACHE=` / `HF_HOME=` line wins (HF_HUB_CACHE over HF_HOME)."""
+    found: dict[str, str] = {}
+    for line in exp.slurm.setup:
+        match = _EXPORT.match(line)
+        if match:
+            found[match.group(1)] = match.group(2).strip("'\"")
+    for var, origin in ((found.get("HF_HUB_CACHE"), "HF_HUB_CACHE in slurm.setup"),
+                        (found.get("HF_HOME") and f"{found['HF_HOME']}/hub", "HF_HOME in slurm.setup"),
+                        (os.environ.get("HF_HUB_CACHE"), "HF_HUB_CACHE of this shell"),
+                        (os.environ.get("HF_HOME") and f"{os.environ['HF_HOME']}/hub", "HF_HOME of this shell")):
+        if var:
+            return os.path.expanduser(os.path.expandvars(var)), origin
+    return os.path.expanduser("~/.cache/huggingface/hub"), "the default, no HF_HOME set"
+
+
 def _launch(exp: Experiment, lc: Launch, command: str, multinode: bool) -> str:
     """The per-node step: launcher (or the plain command) with USR1 ignored by the launcher."""
     # the user's file as given, else the shipped copy (absolute: the job may run anywhere)
     config = shlex.quote(for_command(lc.accelerate_config)) if lc.accelerate_config else ""
     config += "".join(f" {shlex.quote(flag)}" for flag in lc.accelerate_flags())
+    pin = ""
     if lc.accelerate_config is None:
         launched = command
+        if exp.slurm.gpus_per_node:
+            # a plain process (one rank) on a node share or whole node of several GPUs: it sees the first
+            # only, else transformers would train with DataParallel on all of them at N x the planned batch
+            pin = ("CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; "
+                   "export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*}; ")
     elif multinode:
         # accelerate's --num_processes is the total over all machines; ours is per node
         launched = (f"accelerate launch --config_file {config}"
@@ -219,7 +247,7 @@ def _launch(exp: Experiment, lc: Launch, command: str, multinode: bool) -> str:
                     f" --num_machines 1 --num_processes {lc.num_processes}"
                     f" --main_process_port {exp.launch.main_process_port} --no_python {command}")
     # `trap "" USR1` is inherited through exec: the launcher ignores USR1, ranks handle it
-    return shlex.quote(f'trap "" USR1; exec {launched}')
+    return shlex.quote(f'trap "" USR1; {pin}exec {launched}')
 
 
 def _preemption_block(layout: RunLayout) -> str:

@@ -18,8 +18,13 @@ DEMO = Path(__file__).resolve().parents[1] / "launch" / "experiments" / "demo_cp
 AXES = DEMO.with_name("axes_cpu.yaml")
 
 
+DEMO_N = [0, 16]  # the demo grid's n in these tests, whatever the shipped demo trains on
+
+
 def load(path: Path, report: dict, tmp_path: Path):
     data = yaml.safe_load(path.read_text())
+    if path == DEMO:
+        data["grid"][0]["n"] = DEMO_N
     data["output_dir"] = str(tmp_path)
     data["report"] = report
     return experiment_from_dict(data, path.name)
@@ -75,6 +80,7 @@ def test_the_report_section_may_change_after_the_plan_is_frozen_but_the_grid_may
                  tmp_path)
     freeze_plan(later, RunLayout(later.run_dir))  # no PlanError
     data = yaml.safe_load(DEMO.read_text()) | {"output_dir": str(tmp_path)}
+    data["grid"][0]["n"], data["report"] = DEMO_N, {}
     data["grid"][0]["seeds"] = [0, 1, 2]
     with pytest.raises(PlanError, match=r"grid\[0\]\.seeds"):
         freeze_plan(experiment_from_dict(data, "demo"), RunLayout(first.run_dir))

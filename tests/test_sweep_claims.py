@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from d2lora_dist.sweep import claims
+from tests import disk_fixtures
 from tests.conftest import write_experiment
 from tests.test_cli import REPO, _cli
 
@@ -135,3 +136,24 @@ def test_without_flock_a_lease_file_claims_and_a_stale_one_is_taken_over(tmp_pat
     os.utime(lease, (time.time() - claims.LEASE_STALE_S - 1,) * 2)
     with claims.claimed(lock, "w", wait=False):
         assert f"pid {os.getpid()}" in lease.read_text()
+
+
+small_disk = disk_fixtures.small_disk
+
+
+@pytest.mark.parametrize("flock", [True, False], ids=["flock", "lease"])
+def test_a_claim_taken_on_a_full_disk_holds_and_is_given_back(small_disk: Path, flock: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a full disk the holder's text cannot be written: the claim still holds while its work runs (and meets
+    the full disk itself), and it is given back afterwards; a claim left held would make the next runner call
+    its own failed cell "busy"."""
+    if not flock:
+        monkeypatch.setattr(claims, "try_flock", lambda fd: None)
+    lock = small_disk / "locks" / "cells" / "c.lock"
+    lock.parent.mkdir(parents=True)
+    disk_fixtures.fill(small_disk)
+    with claims.claimed(lock, "c", wait=False):
+        assert claims.held_elsewhere(lock) is not None
+    assert claims.held_elsewhere(lock) is None
+    with claims.claimed(lock, "c", wait=False):  # and it can be taken again
+        pass

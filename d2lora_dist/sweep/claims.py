@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d2lora_dist import distributed
-from d2lora_dist.fileio import try_flock
+from d2lora_dist.fileio import suppress_no_space, try_flock
 
 POLL_S = 5.0  # how often a waiting runner tries again
 EXIT_BUSY = 3  # `sweep cell --if-busy skip` found the cell claimed: it did nothing
@@ -73,11 +73,15 @@ def _take(lock: Path) -> _Held | None:
     """The claim, or None when another process holds it."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # not truncated: its text names the holder
-    taken = try_flock(fd)
+    try:
+        taken = try_flock(fd)
+    except BaseException:
+        os.close(fd)
+        raise
     if taken:
-        text = holder_text().encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, text, 0)
+        with suppress_no_space():  # the claim holds without its text; the work itself then meets the full disk
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder_text().encode(), 0)
         return _Held(fd=fd)
     os.close(fd)
     return None if taken is False else _take_lease(_lease_path(lock))
@@ -95,8 +99,11 @@ def _take_lease(lease: Path) -> _Held | None:
         fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
         return None
-    os.write(fd, holder_text().encode())
-    os.close(fd)
+    try:
+        with suppress_no_space():
+            os.write(fd, holder_text().encode())
+    finally:
+        os.close(fd)
     renewing = threading.Event()
 
     def renew() -> None:

@@ -21,4 +21,10 @@ fi
 echo "[test] DeepSpeed's CPU communication op"
 .venv/bin/python -c "from deepspeed.accelerator import get_accelerator
 get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" 2>&1 | grep -v 'Setting accelerator' || true
-.venv/bin/python -m pytest "$@"
+# Two pytest workers where there are two cores (pytest-xdist): the Slurm tests wait on their jobs much of
+# the time, and the one-process tests run beside them. Tests sharing a cluster or the multi-rank tests
+# are kept together on one worker (tests/conftest.py). D2LORA_TEST_WORKERS=1 runs them one at a time.
+WORKERS=${D2LORA_TEST_WORKERS:-$(( $(nproc) < 2 ? 1 : 2 ))}
+PARALLEL=()
+[ "$WORKERS" -gt 1 ] && PARALLEL=(-n "$WORKERS" --dist loadgroup)
+.venv/bin/python -m pytest "${PARALLEL[@]}" "$@"

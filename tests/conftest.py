@@ -21,6 +21,18 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`, as launch/test.sh runs the suite), the Slurm tests share one
+    worker, since each worker session would start its own cluster on the same host, and the multi-rank and
+    SmolLM2 tests share another, so that two of them never compete for the same cores at once; the
+    one-process tests fill both workers around them. Without xdist the marks do nothing."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif item.get_closest_marker("distributed") or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("ranks"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.evaluate_fixtures import build_tiny_llama, build_tiny_tokenizer

@@ -77,7 +77,7 @@ def preflight(exp: Experiment, checks: Checks, source: str | ConfigSource) -> No
         raise PreflightError(problems, source)
     dropped: dict[str, str] = {}
     units: list[Callable[[], list[str]]] = [
-        lambda: _row_problems(exp, checks, dropped), lambda: _suite_problems(exp, checks),
+        lambda: _row_problems(exp, checks, dropped), lambda: _suite_problems(exp, checks, dropped),
         lambda: _batch_problems(exp, checks), lambda: model_problems(exp), lambda: _adapter_problems(exp, checks)]
     if checks.slurm:
         units.append(lambda: slurm_problems(exp))
@@ -180,9 +180,11 @@ def _row_problems(exp: Experiment, checks: Checks, dropped: dict[str, str]) -> l
     return problems
 
 
-def _suite_problems(exp: Experiment, checks: Checks) -> list[str]:
+def _suite_problems(exp: Experiment, checks: Checks, dropped: dict[str, str]) -> list[str]:
+    """Each suite has items (and no more than its limit asks for); `dropped` gains a line per suite whose
+    dataset has rows the normaliser refused (they are not evaluated)."""
     from d2lora_dist.data.loading import DataError
-    from d2lora_dist.data.selection import suite_items
+    from d2lora_dist.data.selection import suite_source
 
     problems: list[str] = []
     for name, task in dict.fromkeys(checks.suites):
@@ -191,12 +193,16 @@ def _suite_problems(exp: Experiment, checks: Checks) -> list[str]:
         if cfg.limit is not None and cfg.limit < 1:
             continue  # config validation names it
         try:
-            items = len(suite_items(exp, name, task))
+            records, data = suite_source(exp, name, task)
         except UnknownName:  # config validation names it
             continue
         except DataError as e:
             problems.append(f"{key}: {e}")
             continue
+        items = len(records)
+        if data.bad:
+            dropped[f"{key}.dataset" if cfg.dataset is not None else f"{key} (task {task!r} holdout)"] = \
+                data.describe_dropped()
         if items == 0:
             problems.append(f"{key}: no usable items to evaluate")
         elif cfg.limit is not None and cfg.limit > items:

@@ -218,3 +218,20 @@ def test_a_missing_hub_model_is_named_once_when_the_jobs_read_this_machines_cach
     assert main(["sweep", "submit", "--dry-run", "-c", str(config), *args]) == 2
     err = capsys.readouterr().err
     assert "1 problem(s)" in err and err.count(f"hub id '{PAPER_MODEL}'") == 1, err
+
+
+def test_evaluation_rows_the_normaliser_drops_are_named(tiny_experiment: dict, tiny_data: dict, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """An evaluation item without its answer is not evaluated; the run says so before anything trains,
+    naming the suite, the file, the row and the reason (a suite's item count would otherwise shrink
+    unnoticed)."""
+    rows = [json.loads(line) for line in Path(tiny_data["gsm8k"]).read_text().splitlines()]
+    del rows[2]["answer"]
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny_experiment["suites"]["gsm8k"]["dataset"]["data_files"] = [str(gsm8k)]
+    exp = experiment_from_dict(tiny_experiment)
+    preflight(exp, for_sweep(exp, plan_cells(exp), False), "exp.yaml")
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: suites.gsm8k")]
+    assert len(said) == 1 and str(gsm8k) in said[0] and "1 of 8 rows dropped" in said[0], said
+    assert "missing answer (row-2)" in said[0], said

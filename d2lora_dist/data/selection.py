@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from d2lora_dist.config import DatasetRef, Experiment
-from d2lora_dist.data.loading import DataError, load_table, normalize
+from d2lora_dist.data.loading import DataError, Normalized, load_table, normalize
 from d2lora_dist.data.subsets import Subset, holdout_indices, records_of, take_subset
 
 
@@ -31,13 +31,18 @@ def warmup_records(exp: Experiment, name: str) -> tuple[list[dict[str, Any]], Su
 
 def suite_items(exp: Experiment, suite: str, task: str | None) -> list[dict[str, Any]]:
     """Evaluation items; a suite without a dataset evaluates the task's held-out rows."""
+    return suite_source(exp, suite, task)[0]
+
+
+def suite_source(exp: Experiment, suite: str, task: str | None) -> tuple[list[dict[str, Any]], Normalized]:
+    """A suite's items and the normalised dataset they come from (whose `bad` rows it cannot evaluate)."""
     cfg = exp.suites[suite]
     if cfg.dataset is not None:
         data = normalize(cfg.dataset, "eval")
-        return list(data.records.values())
+        return list(data.records.values()), data
     if task is None or exp.tasks[task].holdout <= 0:
         raise DataError(f"suite {suite!r} evaluates a task holdout, but task {task!r} holds none out")
     tcfg = exp.tasks[task]
     table = load_table(tcfg.dataset)
     data = normalize(tcfg.dataset, "eval", table=table)
-    return records_of(data, holdout_indices(data.total_rows, exp.data_seed, tcfg.holdout))
+    return records_of(data, holdout_indices(data.total_rows, exp.data_seed, tcfg.holdout)), data

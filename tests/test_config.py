@@ -150,3 +150,16 @@ def test_an_unregistered_dataset_name_is_named_by_its_key(tiny_experiment: dict)
     registered = "alpaca, arc_easy, econ_abstracts, gsm8k, math_step_dpo, orpo_dpo_mix"
     assert f"tasks.math.dataset.name: unknown dataset 'math_stepdpo' (registered: {registered})" in err.value.problems
     assert f"suites.gsm8k.dataset.name: unknown dataset 'gsm' (registered: {registered})" in err.value.problems
+
+
+@pytest.mark.parametrize("preset", ["paper_math", "paper_title"])
+def test_paper_presets_run_their_primary_comparison_on_min_seeds_seeds(preset: str) -> None:
+    """A primary comparison on fewer than report.min_seeds seeds is never resolved: the presets that
+    declare one must train both of its arms on that many seeds."""
+    exp = load_experiment(REPO / f"launch/experiments/{preset}.yaml")
+    assert exp.report.primary
+    for p in exp.report.primary:
+        for init in ("lora", "d2lora"):
+            seeds = {c.seed for c in plan_cells(exp)
+                     if (c.task, c.method, c.n, c.init) == (p.task, p.method, p.n, init)}
+            assert len(seeds) >= exp.report.min_seeds, (init, sorted(seeds))

@@ -113,6 +113,15 @@ def _table(path: Path, rows: int, kind: str) -> str:
     return str(path)
 
 
+def _paper_math_on_local_files(tmp_path: Path, tiny_data: dict, math_rows: int) -> list[str]:
+    """`-c paper_math.yaml` and the --set arguments that point its datasets at local files (a math table of
+    `math_rows` rows) and its output into tmp_path."""
+    return ["-c", str(REPO / "launch/experiments/paper_math.yaml"),
+            "--set", f"tasks.math.dataset.data_files=[{_table(tmp_path / 'math.jsonl', math_rows, 'math')}]",
+            "--set", f"suites.gsm8k.dataset.data_files=[{tiny_data['gsm8k']}]",
+            "--set", f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]", "--set", f"output_dir={tmp_path}"]
+
+
 def test_paper_title_preset_fits_the_6362_row_table_and_7000_would_not(tmp_path: Path, tiny_data: dict,
                                                                       tiny_model_dir: Path) -> None:
     local = [f"tasks.titles.dataset.data_files=[{_table(tmp_path / 'econ.jsonl', 6362, 'titles')}]",
@@ -128,11 +137,7 @@ def test_paper_title_preset_fits_the_6362_row_table_and_7000_would_not(tmp_path:
 
 def test_submit_dry_run_refuses_the_cells_a_small_table_cannot_hold(tmp_path: Path, tiny_data: dict,
                                                                     capsys: pytest.CaptureFixture) -> None:
-    config = REPO / "launch/experiments/paper_math.yaml"
-    args = ["--set", f"tasks.math.dataset.data_files=[{_table(tmp_path / 'math.jsonl', 1500, 'math')}]",
-            "--set", f"suites.gsm8k.dataset.data_files=[{tiny_data['gsm8k']}]",
-            "--set", f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]", "--set", f"output_dir={tmp_path}"]
-    assert main(["sweep", "submit", "--dry-run", "-c", str(config), *args]) == 2
+    assert main(["sweep", "submit", "--dry-run", *_paper_math_on_local_files(tmp_path, tiny_data, 1500)]) == 2
     err = capsys.readouterr().err
     too_big = [line for line in err.splitlines() if "usable" in line]
     assert len(too_big) == 3 * 3 * 2 * 3  # n = 2k, 5k, 10k x 3 methods x 2 inits x 3 seeds
@@ -211,11 +216,7 @@ def test_a_missing_hub_model_is_named_once_when_the_jobs_read_this_machines_cach
     for var in ("HF_HUB_CACHE", "HF_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = REPO / "launch/experiments/paper_math.yaml"
-    args = ["--set", f"tasks.math.dataset.data_files=[{_table(tmp_path / 'math.jsonl', 20000, 'math')}]",
-            "--set", f"suites.gsm8k.dataset.data_files=[{tiny_data['gsm8k']}]",
-            "--set", f"suites.arc_easy.dataset.data_files=[{tiny_data['arc']}]", "--set", f"output_dir={tmp_path}"]
-    assert main(["sweep", "submit", "--dry-run", "-c", str(config), *args]) == 2
+    assert main(["sweep", "submit", "--dry-run", *_paper_math_on_local_files(tmp_path, tiny_data, 20000)]) == 2
     err = capsys.readouterr().err
     assert "1 problem(s)" in err and err.count(f"hub id '{PAPER_MODEL}'") == 1, err
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -12,8 +13,21 @@ import pytest
 from d2lora_dist.cli import build_parser, main
 from tests.conftest import REPO, write_experiment
 
-COMMANDS = [["assets"], ["warmup"], ["adapt"], ["eval"], ["score"], ["data", "check"], ["sweep", "plan"],
-            ["sweep", "run"], ["sweep", "cell"], ["sweep", "submit"], ["sweep", "status"], ["report"]]
+
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[list[str]]:
+    """Every leaf command of the parser (`sweep run`, `data check`, ...), read from its subparsers."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        return [list(prefix)]
+    return [c for name, sub in groups[0].choices.items() for c in _commands(sub, (*prefix, name))]
+
+
+COMMANDS = _commands(build_parser())
+
+
+def test_the_commands_are_read_from_the_parser() -> None:
+    assert {" ".join(c) for c in COMMANDS} >= {"warmup", "adapt", "report", "data check", "sweep run", "sweep submit"}
+    assert all(c and c[0] not in ("data", "sweep") or len(c) == 2 for c in COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

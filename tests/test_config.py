@@ -82,7 +82,7 @@ def test_missing_required_key_and_missing_file(tiny_experiment: dict, tmp_path: 
 
 def test_set_overrides_parse_yaml_values_and_reject_bad_syntax(tiny_experiment: dict, tmp_path: Path) -> None:
     path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
-    exp = load_experiment(path, ["methods.dpo.beta=0.25", "grid.0.n=[1]" if False else "lora.r=8",
+    exp = load_experiment(path, ["methods.dpo.beta=0.25", "lora.r=8",
                                  "methods.dpo.reference=base"])
     assert exp.methods["dpo"].beta == 0.25 and exp.lora.r == 8 and exp.methods["dpo"].reference == "base"
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):

@@ -31,7 +31,6 @@ from typing import Any
 from d2lora_dist.errors import InputError
 
 TARGETS = ("step", "full")
-STEP_KEYS = ("prefix", "chosen_step", "rejected_step", "chosen_full", "rejected_full")
 OPEN_END = "open_end"  # row marker: TRL's EOS after this response is removed by drop_eos_after_steps
 # TRL's tokenized columns per response side: DPOTrainer, then the experimental ORPOTrainer.
 _TOKENIZED = (

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from d2lora_dist.data import normalize as nz
 from d2lora_dist.errors import UnknownName
 
-Form = Literal["sft", "preference", "eval"]
 Normalizer = Callable[[dict[str, Any]], dict[str, Any]]
 
 

@@ -123,7 +123,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_sweep_plan(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
-    from d2lora_dist.preflight import slurm_job_problems
+    from d2lora_dist.preflight import slurm_problems
     from d2lora_dist.sweep.local import describe_here
     from d2lora_dist.sweep.plan import Throughput, warmup_rows
 
@@ -161,7 +161,7 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     todo = [r for r in rows if not r.done]
     print("the launch column is a Slurm array task's (sweep submit); `sweep run` here: "
           + describe_here(exp, layout, [r.cell for r in todo]))
-    for problem in slurm_job_problems(exp):
+    for problem in slurm_problems(exp):
         print(f"sweep submit would refuse: {problem}")
     warm = [w for w in warmups if not w.done]
     cell_hours, warm_hours = sum(r.gpu_hours for r in todo), sum(w.gpu_hours for w in warm)

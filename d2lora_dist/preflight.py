@@ -317,8 +317,8 @@ def slurm_problems(exp: Experiment) -> list[str]:
 
 
 def slurm_job_problems(exp: Experiment) -> list[str]:
-    """What the Slurm jobs would fail on once they start: a GPU launch without GPUs, a model they cannot read.
-    `sweep submit` refuses them; `sweep plan` shows them beside its Slurm view."""
+    """What the Slurm jobs would fail on once they start: a GPU launch without GPUs, a model they cannot read
+    (part of slurm_problems, which `sweep submit` refuses and `sweep plan` shows beside its Slurm view)."""
     model = _compute_node_model_problem(exp)
     return _gpu_launch_problems(exp) + ([model] if model else [])
 

@@ -236,3 +236,16 @@ def test_evaluation_rows_the_normaliser_drops_are_named(tiny_experiment: dict, t
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: suites.gsm8k")]
     assert len(said) == 1 and str(gsm8k) in said[0] and "1 of 8 rows dropped" in said[0], said
     assert "missing answer (row-2)" in said[0], said
+
+
+def test_sweep_plan_shows_every_slurm_setting_sweep_submit_would_refuse(tiny_experiment: dict, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    tiny_experiment["slurm"] = {"max_parallel": 0, "time": "8h"}
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    assert main(["sweep", "plan", "-c", str(path)]) == 0  # the local plan still works
+    out = capsys.readouterr().out
+    assert "sweep submit would refuse: slurm.max_parallel: must be >= 1, got 0" in out
+    assert "sweep submit would refuse: slurm.time: '8h' is not a Slurm time" in out
+    assert main(["sweep", "submit", "--dry-run", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "slurm.max_parallel: must be >= 1, got 0" in err and "slurm.time: '8h'" in err

@@ -271,6 +271,10 @@ class ReportConfig:
     target_effect: dict[str, float] = _help(
         "The Δ, in points, the report sizes the study for (how many seeds would detect it at 80% power), by "
         "suite kind.", default_factory=lambda: {"titles": 2.0, "gsm8k": 1.0, "arc": 1.0})
+    budget_ratio: float = _help(
+        "A Δ whose arms differ in total optimisation budget (phase + warm-up optimizer steps, or summed "
+        "learning rate) by more than this factor is marked in the tables, with the budgets that differ "
+        "(docs/statistics.md).", default=1.5)
 
 
 @dataclass
@@ -586,6 +590,9 @@ def _report_problems(exp: Experiment) -> list[str]:
                  for kind in cfg.target_effect if kind not in SUITES]
     problems += [f"report.target_effect.{kind}: must be > 0 points, got {value}"
                  for kind, value in cfg.target_effect.items() if not value > 0]
+    if not cfg.budget_ratio >= 1:  # also NaN
+        problems.append(f"report.budget_ratio: must be a factor >= 1 (1.5: arms whose budgets differ by more "
+                        f"than half are marked), got {cfg.budget_ratio}")
     for i, primary in enumerate(cfg.primary):
         problems += _primary_problems(exp, f"report.primary[{i}]", primary, SUITES)
     return problems

@@ -506,6 +506,9 @@ def _method_problems(name: str, settings: TrainSettings) -> list[str]:
     problems = []
     if METHODS[name].needs_beta and settings.beta is None:
         problems.append(f"methods.{name}.beta: required for {name} (the paper uses 0.1)")
+    if settings.per_device_batch_size < METHODS[name].min_micro_batch:
+        problems.append(f"methods.{name}.per_device_batch_size: {name} needs at least {METHODS[name].min_micro_batch} "
+                        f"rows per micro-batch, got {settings.per_device_batch_size}")
     return problems + _train_problems(f"methods.{name}", settings) + _batching_problems(f"methods.{name}", name,
                                                                                          settings)
 

@@ -233,7 +233,9 @@ def training_rows(phase: Phase, tokenizer: Any) -> list[dict[str, Any]]:
         return phase.records
     from d2lora_dist.data.preference import preference_rows
 
-    return preference_rows(phase.records, phase.settings.preference_target, tokenizer)
+    rows = preference_rows(phase.records, phase.settings.preference_target, tokenizer)
+    examples = get_method(phase.method).examples  # the method's own rows from the pairs (KTO's unpaired ones)
+    return rows if examples is None else examples(rows)
 
 
 def phase_lora(exp: Experiment, phase: Phase) -> LoraConfig:

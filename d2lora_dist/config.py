@@ -92,7 +92,7 @@ class TrainSettings:
         "(the same loss; SFT only, with flash_attention_2, sdpa or eager attention); auto = padding_free "
         "where it is correct and a micro-batch has more than one row, else padded. The choice that ran is "
         "in the manifest. See docs/choices.md.", default="auto")
-    beta: float | None = _help("DPO/ORPO beta (required for those methods).", default=None)
+    beta: float | None = _help("DPO/ORPO/KTO beta (required for those methods).", default=None)
     preference_target: Literal["step", "full"] = _help(
         "Step-wise preference rows (Math-Step-DPO): the shared initial steps are always on the prompt "
         "side (a continued assistant turn); step = chosen/rejected are the one next step (Step-DPO), "
@@ -143,7 +143,7 @@ class SuiteConfig:
 @dataclass
 class GridBlock:
     task: str = _help("Task name (a key of `tasks`).")
-    methods: list[str] = _help("Adaptation methods (names of d2lora_dist.methods.METHODS: sft, dpo, orpo).")
+    methods: list[str] = _help("Adaptation methods (names of d2lora_dist.methods.METHODS: sft, dpo, orpo, kto).")
     n: list[int] = _help("Task-example counts; 0 = no task training.")
     inits: list[str] = _help("Initialisations (d2lora_dist.inits.INITS): lora = fresh adapter, d2lora = start "
                              "from the warm-up adapter.",
@@ -248,7 +248,7 @@ class SlurmConfig:
 @dataclass
 class PrimaryComparison:
     task: str = _help("Task name (a key of `tasks`).")
-    method: str = _help("Method of the cells compared (sft, dpo, orpo; `none` for n = 0).")
+    method: str = _help("Method of the cells compared (sft, dpo, orpo, kto; `none` for n = 0).")
     n: int = _help("Task-example count of the cells compared.")
     metric: str = _help("Metric of the suite, e.g. rougeL or accuracy.")
     suite: str | None = _help("Suite of the metric; null = the task's task suite (its first).", default=None)

@@ -92,7 +92,7 @@ class TrainSettings:
         "(the same loss; SFT only, with flash_attention_2, sdpa or eager attention); auto = padding_free "
         "where it is correct and a micro-batch has more than one row, else padded. The choice that ran is "
         "in the manifest. See docs/choices.md.", default="auto")
-    beta: float | None = _help("DPO/ORPO beta (required for those methods).", default=None)
+    beta: float | None = _help("DPO/ORPO/KTO beta (required for those methods).", default=None)
     preference_target: Literal["step", "full"] = _help(
         "Step-wise preference rows (Math-Step-DPO): the shared initial steps are always on the prompt "
         "side (a continued assistant turn); step = chosen/rejected are the one next step (Step-DPO), "
@@ -143,7 +143,7 @@ class SuiteConfig:
 @dataclass
 class GridBlock:
     task: str = _help("Task name (a key of `tasks`).")
-    methods: list[str] = _help("Adaptation methods (names of d2lora_dist.methods.METHODS: sft, dpo, orpo).")
+    methods: list[str] = _help("Adaptation methods (names of d2lora_dist.methods.METHODS: sft, dpo, orpo, kto).")
     n: list[int] = _help("Task-example counts; 0 = no task training.")
     inits: list[str] = _help("Initialisations (d2lora_dist.inits.INITS): lora = fresh adapter, d2lora = start "
                              "from the warm-up adapter.",
@@ -248,7 +248,7 @@ class SlurmConfig:
 @dataclass
 class PrimaryComparison:
     task: str = _help("Task name (a key of `tasks`).")
-    method: str = _help("Method of the cells compared (sft, dpo, orpo; `none` for n = 0).")
+    method: str = _help("Method of the cells compared (sft, dpo, orpo, kto; `none` for n = 0).")
     n: int = _help("Task-example count of the cells compared.")
     metric: str = _help("Metric of the suite, e.g. rougeL or accuracy.")
     suite: str | None = _help("Suite of the metric; null = the task's task suite (its first).", default=None)
@@ -271,6 +271,10 @@ class ReportConfig:
     target_effect: dict[str, float] = _help(
         "The Δ, in points, the report sizes the study for (how many seeds would detect it at 80% power), by "
         "suite kind.", default_factory=lambda: {"titles": 2.0, "gsm8k": 1.0, "arc": 1.0})
+    budget_ratio: float = _help(
+        "A Δ whose arms differ in total optimisation budget (phase + warm-up optimizer steps, or summed "
+        "learning rate) by more than this factor is marked in the tables, with the budgets that differ "
+        "(docs/statistics.md).", default=1.5)
 
 
 @dataclass
@@ -502,6 +506,9 @@ def _method_problems(name: str, settings: TrainSettings) -> list[str]:
     problems = []
     if METHODS[name].needs_beta and settings.beta is None:
         problems.append(f"methods.{name}.beta: required for {name} (the paper uses 0.1)")
+    if settings.per_device_batch_size < METHODS[name].min_micro_batch:
+        problems.append(f"methods.{name}.per_device_batch_size: {name} needs at least {METHODS[name].min_micro_batch} "
+                        f"rows per micro-batch, got {settings.per_device_batch_size}")
     return problems + _train_problems(f"methods.{name}", settings) + _batching_problems(f"methods.{name}", name,
                                                                                          settings)
 
@@ -586,6 +593,9 @@ def _report_problems(exp: Experiment) -> list[str]:
                  for kind in cfg.target_effect if kind not in SUITES]
     problems += [f"report.target_effect.{kind}: must be > 0 points, got {value}"
                  for kind, value in cfg.target_effect.items() if not value > 0]
+    if not cfg.budget_ratio >= 1:  # also NaN
+        problems.append(f"report.budget_ratio: must be a factor >= 1 (1.5: arms whose budgets differ by more "
+                        f"than half are marked), got {cfg.budget_ratio}")
     for i, primary in enumerate(cfg.primary):
         problems += _primary_problems(exp, f"report.primary[{i}]", primary, SUITES)
     return problems

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from d2lora_dist.data.preference import unpaired_examples
 from d2lora_dist.errors import InputError, UnknownName
 
 if TYPE_CHECKING:  # annotations only: config validates names against this registry
@@ -28,6 +29,9 @@ class MethodSpec:
     extra_args: Callable[[TrainSettings], dict[str, Any]]
     uses_reference: bool
     padding_free: bool = False  # its trainer can flatten a micro-batch into one row (see resolve_batching)
+    # preference pairs -> the rows its trainer takes (None: the pairs themselves); data/preference.py holds the rules
+    examples: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+    min_micro_batch: int = 1  # rows per micro-batch its loss needs (config validation names per_device_batch_size)
 
     @property
     def needs_beta(self) -> bool:
@@ -55,6 +59,12 @@ def _orpo() -> tuple[type, type]:
     return ORPOConfig, ORPOTrainer
 
 
+def _kto() -> tuple[type, type]:
+    from trl import KTOConfig, KTOTrainer
+
+    return KTOConfig, KTOTrainer
+
+
 def _preference_args(s: TrainSettings) -> dict[str, Any]:
     # TRL switches dropout off for preference methods by default (disable_dropout=True), which
     # would make lora.dropout apply to SFT only, silently; the phase's dropout decides instead.
@@ -73,6 +83,10 @@ METHODS: dict[str, MethodSpec] = {
     # refactor"); its experimental ORPOTrainer has no such option: both always pad.
     "dpo": MethodSpec("DPO", "preference", _dpo, _preference_args, True),
     "orpo": MethodSpec("ORPO", "preference", _orpo, _preference_args, False),
+    # KTO learns from single examples marked desirable or undesirable: each pair gives one of each. Its loss
+    # estimates a KL baseline from the other rows of a micro-batch, so it needs at least two (TRL refuses one).
+    "kto": MethodSpec("KTO", "preference", _kto, _preference_args, True, examples=unpaired_examples,
+                      min_micro_batch=2),
 }
 
 # Attention implementations that keep the rows of a flattened micro-batch apart, given position_ids

@@ -14,6 +14,7 @@ from typing import Any
 
 from d2lora_dist import adapters, distributed
 from d2lora_dist.base_cache import FreshBase
+from d2lora_dist.budget import Budget, summed_learning_rate
 from d2lora_dist.config import Experiment, LoraConfig, TrainSettings
 from d2lora_dist.data.lengths import Truncation, truncation, with_response
 from d2lora_dist.data.loading import DataError
@@ -68,6 +69,7 @@ class TrainOutcome:
     tokens_seen: int
     truncation: Truncation
     update: dict[str, Any] | None  # update_size.UpdateSize.to_dict() (main process)
+    budget: Budget | None = None  # steps, summed learning rate and tokens as they ran (budget.py)
 
     def summary(self) -> dict[str, Any]:
         return {"steps": self.steps, "first_loss": self.first_loss, "final_loss": self.final_loss,
@@ -155,6 +157,8 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
         trained = trainer.accelerator.unwrap_model(trainer.model_wrapped)
         end_state = adapters.gathered_state_dict(trained)
         update = measure_phase_update(exp, phase, start_state, end_state, base["weights_fingerprint"])
+        budget = Budget(result.global_step, summed_learning_rate(trainer.lr_scheduler, result.global_step),
+                        int(trainer.state.num_input_tokens_seen))
         lineage = {**phase.lineage, "base_model": base, "lora": lora_summary(exp), "method": phase.method,
                    "lora_init": manifest_entry(phase.lora_init, residual),
                    "reference": reference_used(phase, residual),
@@ -162,13 +166,13 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
                    "schedule": schedule.to_dict(), "launch": launch,
                    "batching": phase_batching(phase.method, phase.settings, model).to_dict(),
                    "tokens_seen": int(trainer.state.num_input_tokens_seen),
-                   "truncation": cut.to_dict(), "update": update,
+                   "truncation": cut.to_dict(), "update": update, "budget": budget.to_dict(),
                    "parent": _parent_ref(phase.init_adapter, parent)}
         manifest = adapters.save_adapter(trained, phase.out_adapter, lineage)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         outcome = TrainOutcome(result.global_step, losses[0] if losses else None, losses[-1] if losses else None,
                                time.time() - start, manifest, list(trainer.state.log_history), schedule,
-                               int(trainer.state.num_input_tokens_seen), cut, update)
+                               int(trainer.state.num_input_tokens_seen), cut, update, budget)
         distributed.release_training_state()  # the next phase or evaluation in this process starts clean
     return outcome
 
@@ -229,7 +233,9 @@ def training_rows(phase: Phase, tokenizer: Any) -> list[dict[str, Any]]:
         return phase.records
     from d2lora_dist.data.preference import preference_rows
 
-    return preference_rows(phase.records, phase.settings.preference_target, tokenizer)
+    rows = preference_rows(phase.records, phase.settings.preference_target, tokenizer)
+    examples = get_method(phase.method).examples  # the method's own rows from the pairs (KTO's unpaired ones)
+    return rows if examples is None else examples(rows)
 
 
 def phase_lora(exp: Experiment, phase: Phase) -> LoraConfig:

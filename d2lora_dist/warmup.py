@@ -93,6 +93,7 @@ def _train_claimed(exp: Experiment, layout: RunLayout, run: WarmupRun, callbacks
                   callbacks=callbacks or [])
     outcome = train_phase(exp, phase)
     result = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, "train": outcome.summary(),
+              "budget": outcome.budget.to_dict(),  # what D2LoRA cells add to their own (budget.py)
               "data": {"dataset": subset.dataset, "n": subset.n, "subset_sha256": subset.sha256,
                        "dropped": subset.dropped},
               "adapter": None,

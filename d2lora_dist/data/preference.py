@@ -1,4 +1,4 @@
-"""Preference records -> the rows TRL's DPOTrainer and ORPOTrainer receive.
+"""Preference records -> the rows TRL's DPOTrainer, ORPOTrainer and KTOTrainer receive.
 
 Conversational records (orpo_dpo_mix) go to TRL unchanged: it applies the chat template and ends
 each response with the template's end of turn.
@@ -32,11 +32,13 @@ from d2lora_dist.errors import InputError
 
 TARGETS = ("step", "full")
 OPEN_END = "open_end"  # row marker: TRL's EOS after this response is removed by drop_eos_after_steps
-# TRL's tokenized columns per response side: DPOTrainer, then the experimental ORPOTrainer.
+# TRL's tokenized columns per response side: DPOTrainer, the experimental ORPOTrainer, then KTOTrainer (one
+# response per row, and the neighbour's response it scores for its KL baseline: every row of a phase has one target).
 _TOKENIZED = (
     (("chosen_ids",), ("rejected_ids",)),
     (("chosen_input_ids", "chosen_attention_mask", "chosen_labels"),
      ("rejected_input_ids", "rejected_attention_mask", "rejected_labels")),
+    (("completion_ids",), ("KL_completion_ids",)),
 )
 
 
@@ -57,6 +59,25 @@ def preference_rows(records: Sequence[dict[str, Any]], target: str, tokenizer: A
                          "per dataset (one phase reads one dataset)")
     end = end_of_turn(tokenizer) if target == "full" else ""
     return [_stepwise_row(r, target, end, tokenizer) for r in records]
+
+
+def unpaired_examples(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Preference rows (prompt, chosen, rejected) -> KTO's unpaired rows (prompt, completion, label): each pair
+    gives one desirable example (its chosen response, label True) and one undesirable (its rejected, False).
+
+    KTOTrainer reads its rows in order (its KL baseline pairs each prompt with the previous row's response in
+    the micro-batch), so the order is fixed here: the desirable example of pair i, then the undesirable one of
+    pair i + 2 (wrapping round). From three pairs on, neighbouring rows hold different prompts, and every
+    micro-batch of two or more both labels; the pairs' own order is the seed's data order (data/subsets.py)."""
+    def example(row: dict[str, Any], side: str) -> dict[str, Any]:
+        kept = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+        return kept | {"completion": row[side], "label": side == "chosen"}
+
+    shift = 2 if len(rows) >= 3 else 1  # i + 1 would put pair i + 1's two examples side by side
+    out = []
+    for i, row in enumerate(rows):
+        out += [example(row, "chosen"), example(rows[(i + shift) % len(rows)], "rejected")]
+    return out
 
 
 def _stepwise_row(record: dict[str, Any], target: str, end: str, tokenizer: Any) -> dict[str, Any]:

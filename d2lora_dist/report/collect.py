@@ -17,6 +17,7 @@ from d2lora_dist.config import Experiment
 from d2lora_dist.errors import InputError
 from d2lora_dist.evaluate.suites import UNRECORDED, recorded_versions
 from d2lora_dist.layout import RunLayout
+from d2lora_dist.report.budgets import CellBudget, read_budget
 from d2lora_dist.sweep.grid import NO_TRAINING, Cell, plan_cells
 
 Role = str  # "task" | "forgetting"
@@ -56,6 +57,7 @@ class Collection:
     finished: dict[str, Cell]
     rows: list[Row]
     _values: dict[tuple, dict[int, float]] = field(default_factory=dict, repr=False)
+    budgets: dict[str, CellBudget] = field(default_factory=dict)  # cell id -> its recorded budget (report.budgets)
 
     @property
     def done(self) -> list[str]:
@@ -82,6 +84,12 @@ class Collection:
     def by_seed(self, task: str, method: str, arm: str, n: int, suite: str, metric: str) -> dict[int, float]:
         """seed -> metric value of the finished cells of one table cell (an arm: sweep/grid.Cell.arm)."""
         return dict(self._values.get((task, cell_method(method, n), arm_at(arm, n), n, suite, metric), {}))
+
+    def budgets_at(self, task: str, method: str, arm: str, n: int) -> list[CellBudget]:
+        """The recorded budgets of the finished cells behind a table's (arm, n), in seed order."""
+        key = (task, cell_method(method, n), arm_at(arm, n), n)
+        return [self.budgets[c.id] for c in sorted(self.finished.values(), key=lambda c: c.seed)
+                if (c.task, c.method, c.arm, c.n) == key and c.id in self.budgets]
 
     def cell_id(self, task: str, method: str, arm: str, n: int, seed: int) -> str:
         """The id of the cell behind one seed of a table cell."""
@@ -141,26 +149,30 @@ def collect(exp: Experiment, layout: RunLayout) -> Collection:
     planned = plan_cells(exp)
     finished: dict[str, Cell] = {}
     rows: list[Row] = []
+    budgets: dict[str, CellBudget] = {}
     cells_dir = layout.cells_dir
     for cell_dir in sorted(cells_dir.iterdir()) if cells_dir.is_dir() else []:
         path = cell_dir / "result.json"
         if not path.is_file():
             continue  # not done (yet): the plan lists it as missing
-        cell, cell_rows = read_result(path, exp)
+        cell, cell_rows, budget = read_result(path, exp)
         finished[cell.id] = cell
         rows.extend(cell_rows)
-    return collection(planned, finished, rows)
+        if budget is not None:
+            budgets[cell.id] = budget
+    return collection(planned, finished, rows, budgets)
 
 
-def collection(planned: list[Cell], finished: dict[str, Cell], rows: list[Row]) -> Collection:
-    """The Collection of these cells and rows (from result.json files or from an items.csv)."""
+def collection(planned: list[Cell], finished: dict[str, Cell], rows: list[Row],
+               budgets: dict[str, CellBudget] | None = None) -> Collection:
+    """The Collection of these cells, rows and budgets (from result.json files or from an items.csv)."""
     values: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in rows:
         values[(r.task, r.method, r.arm, r.n, r.suite, r.metric)][r.seed] = r.value
-    return Collection(planned, finished, rows, dict(values))
+    return Collection(planned, finished, rows, dict(values), dict(budgets or {}))
 
 
-def read_result(path: Path, exp: Experiment) -> tuple[Cell, list[Row]]:
+def read_result(path: Path, exp: Experiment) -> tuple[Cell, list[Row], CellBudget | None]:
     try:
         data = json.loads(path.read_text())
         cell = Cell.from_dict(data["cell"])
@@ -184,7 +196,7 @@ def read_result(path: Path, exp: Experiment) -> tuple[Cell, list[Row]]:
                 raise InputError(f"{path}: metrics.{suite}.{metric} = {value!r}; expected a fraction in [0, 1]")
             rows.append(Row(cell.id, cell.task, cell.method, cell.init, cell.n, cell.seed, suite, role,
                             metric, float(value), cell.arm, trained, code=code, **versions))
-    return cell, rows
+    return cell, rows, read_budget(data, path)
 
 
 def _labels(data: dict[str, Any], suite: str) -> dict[str, str]:

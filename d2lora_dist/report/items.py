@@ -25,6 +25,7 @@ from typing import Any
 
 from d2lora_dist.errors import InputError, MissingInput
 from d2lora_dist.report.arms import Arm
+from d2lora_dist.report.budgets import CellBudget
 from d2lora_dist.report.collect import Collection, Row, collection
 from d2lora_dist.report.paired import ItemScores
 from d2lora_dist.report.verdicts import Judging
@@ -91,8 +92,10 @@ def render_items_csv(name: str, kinds: dict[str, str], task_order: list[str], co
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(COLUMNS)
+    budgets = {cell_id: b.to_json() for cell_id, b in sorted(coll.budgets.items())}  # report.budgets
     _write_row(writer, {"status": SETTINGS, "experiment": name,
-                        "note": json.dumps(judging.to_json(), sort_keys=True, separators=(",", ":"))})
+                        "note": json.dumps(judging.to_json() | {"budgets": budgets}, sort_keys=True,
+                                           separators=(",", ":"))})
     unplanned = sorted((coll.finished[i] for i in coll.unplanned), key=lambda c: c.id)
     # the plan's order within each task (a rebuilt report lists missing cells as this one does)
     for cell in sorted([*coll.planned, *unplanned], key=lambda c: order.get(c.task, len(order))):
@@ -157,6 +160,7 @@ class _Reader:
         self.roles: dict[str, dict[str, str]] = {}
         self.names: set[str] = set()
         self.judging: Judging | None = None
+        self.budgets: dict[str, CellBudget] = {}
 
     def fail(self, lineno: int, message: str) -> InputError:
         return InputError(f"{self.path}:{lineno}: {message}")
@@ -184,7 +188,7 @@ class _Reader:
         view = StudyView(next(iter(self.names), "items"), self.judging,
                          {task: TaskView(list(roles), roles) for task, roles in self.roles.items()},
                          {suite: SuiteView(kind) for suite, kind in self.kinds.items() if kind})
-        return Study(view, collection(planned, finished, self.rows),
+        return Study(view, collection(planned, finished, self.rows, self.budgets),
                      ItemScores(scores, dict(sorted(problems.items())), mismatches))
 
     def line(self, lineno: int, raw: dict[str, str]) -> None:
@@ -225,10 +229,14 @@ class _Reader:
             raise self.fail(lineno, f"a second row of status {SETTINGS!r}")
         self.names.add(raw["experiment"])
         try:
-            self.judging = Judging.from_json(json.loads(raw["note"]))
+            record = json.loads(raw["note"])
+            self.judging = Judging.from_json(record)
+            # cell id -> budget; an items.csv from before budgets has none
+            self.budgets = {str(i): CellBudget.from_json(b) for i, b in (record.get("budgets") or {}).items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise self.fail(lineno, f"column 'note' of the {SETTINGS!r} row is not the report's settings record "
-                                    f"(min_seeds, primary, target_effect): {e}") from None
+                                    f"(min_seeds, primary, target_effect, budget_ratio, budgets): "
+                                    f"{type(e).__name__}: {e}") from None
 
     def cell(self, lineno: int, raw: dict[str, str]) -> Cell:
         if raw["status"] not in (DONE, MISSING, UNPLANNED):

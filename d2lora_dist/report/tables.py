@@ -18,6 +18,7 @@ from d2lora_dist.evaluate.suites import SUITES
 from d2lora_dist.inits import INITS as INIT_SPECS
 from d2lora_dist.methods import METHODS, method_label
 from d2lora_dist.report.arms import Arm
+from d2lora_dist.report.budgets import MARK, describe, unequal
 from d2lora_dist.report.collect import Collection, Row
 from d2lora_dist.report.paired import ITEMS, NONE, SEEDS, Delta, Deltas
 from d2lora_dist.report.stats import LEVEL, POWER, mean_std, seeds_to_detect
@@ -131,10 +132,16 @@ def table_arms(coll: Collection, task: str) -> list[tuple[str, str]]:
     return [(arm, Arm.parse(arm).label) for arm in arms]
 
 
-def render_table(spec: TableSpec, coll: Collection, deltas: Deltas) -> str:
+def render_table(spec: TableSpec, coll: Collection, deltas: Deltas, budget_ratio: float | None = None) -> str:
+    """The table; with recorded budgets (report.budgets) also each arm's budget per n, and each Δ whose arms'
+    budgets differ by more than `budget_ratio` marked, with a line under the table saying how."""
     lines = ["| n | " + " | ".join(coll.n_label(spec.task, spec.method, n) for n in spec.ns) + " |",
              "|---|" + "---:|" * len(spec.ns)]
     arms = table_arms(coll, spec.task)
+    unequal_budgets = {} if budget_ratio is None or not coll.budgets else {
+        (pair, n): why for pair in deltas.pairs(spec.task) for n in spec.ns
+        if (why := unequal(coll.budgets_at(spec.task, spec.method, pair.baseline, n),
+                           coll.budgets_at(spec.task, spec.method, pair.treatment, n), budget_ratio))}
     for key, label in spec.metrics:
         prefix = f"{label} " if len(spec.metrics) > 1 else ""
         for arm, arm_label in arms:
@@ -142,13 +149,20 @@ def render_table(spec: TableSpec, coll: Collection, deltas: Deltas) -> str:
             lines.append(_row(f"{prefix}{arm_label}", [fmt_mean_std(v) for v in vals]))
         for pair in deltas.pairs(spec.task):
             shown = [fmt_delta(deltas.get(spec.task, spec.method, n, spec.suite, key, pair)) for n in spec.ns]
+            shown = [f"{text} {MARK}" if (pair, n) in unequal_budgets and not text.startswith(MISSING) else text
+                     for text, n in zip(shown, spec.ns, strict=True)]
             lines.append(_row(f"{prefix}Δ ({pair.label})", shown))
     seeds = []
     for n in spec.ns:
         counts = [coll.seeds(spec.task, spec.method, arm, n) for arm, _ in arms]
         seeds.append(" · ".join(f"{done}/{planned}" for done, planned in counts))
     lines.append(_row(f"seeds done ({' · '.join(label for _, label in arms)})", seeds))
-    return "\n".join(lines)
+    if coll.budgets:
+        lines += [_row(f"budget {label}", [describe(coll.budgets_at(spec.task, spec.method, arm, n))
+                                           for n in spec.ns]) for arm, label in arms]
+    notes = [f"{MARK} {pair.label}, n = {n}: total budgets differ by more than report.budget_ratio = "
+             f"{budget_ratio:g}: {why}" for (pair, n), why in unequal_budgets.items()]
+    return "\n".join(lines) + "".join(f"\n\n{note}" for note in notes)
 
 
 def _row(label: str, cells: list[str]) -> str:
@@ -176,6 +190,14 @@ HEADER = (
     "or the warm-up adapter alone (D2LoRA), shared by every method. Every Δ, of every metric, is in deltas.csv. "
     "With several warm-ups (D2LoRA(m) names the warm-up) or LoRA inits (LoRA · PiSSA), each D2LoRA arm is "
     "paired with the vanilla LoRA arm of the same LoRA init, so every Δ isolates one warm-up.")
+
+
+BUDGETS = (
+    "Budgets: each arm's optimisation per n, over its finished seeds (a range where they differ): optimizer "
+    "steps, summed learning rate (ΣLR, the scheduled rate summed over the steps that ran) and trained tokens, "
+    "its own phase's and, for a warm-started arm, its warm-up's beside them (\"6 + 4 warm-up steps\"). "
+    f"{MARK} marks a Δ whose arms differ in total budget (phase + warm-up), in steps or in ΣLR, by more than "
+    "`report.budget_ratio`; the line under its table says which and by how much.")
 
 
 def render_power(exp: Experiment, specs: list[TableSpec], deltas: Deltas) -> list[str]:
@@ -228,7 +250,7 @@ def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec], d
     out = [f"# D2LoRA results: {exp.name}", "",
            f"**{done} of {planned} planned cells done** ({len(missing)} missing"
            + (f"; {len(coll.unplanned)} finished cells are not in the current plan" if coll.unplanned else "")
-           + ").", "", HEADER, "", *(versions or [])]
+           + ").", "", HEADER, "", *([BUDGETS, ""] if coll.budgets else []), *(versions or [])]
     task = None
     for spec in specs:
         if spec.task != task:
@@ -236,7 +258,7 @@ def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec], d
             out += [f"## Task: {task}", ""]
         metrics = ", ".join(label for _, label in spec.metrics)
         flag = " · MIXED VERSIONS" if spec.suite in mixed else ""
-        out += [f"### {spec.title}: {metrics}{flag}", "", render_table(spec, coll, deltas), ""]
+        out += [f"### {spec.title}: {metrics}{flag}", "", render_table(spec, coll, deltas, exp.report.budget_ratio), ""]
     out += render_power(exp, specs, deltas)
     if notes := deltas.notes():
         out += ["## Notes on Δ", "", "Missing or unreadable predictions make every Δ that uses the cell "

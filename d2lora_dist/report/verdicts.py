@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from d2lora_dist.config import SINGLE_WARMUP, Experiment, primary_warmups
+from d2lora_dist.config import SINGLE_WARMUP, Experiment, ReportConfig, primary_warmups
 from d2lora_dist.inits import BASELINE, TREATMENT
 from d2lora_dist.report.stats import LEVEL, holm
 from d2lora_dist.sweep.grid import NO_TRAINING, arm_name
@@ -89,22 +89,25 @@ def primary_keys(exp: Experiment) -> frozenset[tuple]:
 @dataclass(frozen=True)
 class Judging:
     """What the report needs to judge Δs, from an experiment's `report` section or from the settings row
-    of an items.csv: report.min_seeds, the primary comparisons as Δ keys, report.target_effect."""
+    of an items.csv: report.min_seeds, the primary comparisons as Δ keys, report.target_effect,
+    report.budget_ratio."""
 
     min_seeds: int
     primary: frozenset[tuple]
     target_effect: dict[str, float]
+    budget_ratio: float = ReportConfig.budget_ratio  # an items.csv from before budgets records none (and no budgets)
 
     def to_json(self) -> dict:
         return {"min_seeds": self.min_seeds, "primary": sorted(list(k) for k in self.primary),
-                "target_effect": dict(self.target_effect)}
+                "target_effect": dict(self.target_effect), "budget_ratio": self.budget_ratio}
 
     @classmethod
     def from_json(cls, data: dict) -> Judging:
         """The inverse of to_json; KeyError/TypeError/ValueError on a malformed record (the caller names the line)."""
         keys = frozenset((t, m, int(n), s, metric, treat, base) for t, m, n, s, metric, treat, base in data["primary"])
-        return cls(int(data["min_seeds"]), keys, {str(k): float(v) for k, v in data["target_effect"].items()})
+        ratio = float(data["budget_ratio"]) if "budget_ratio" in data else ReportConfig.budget_ratio
+        return cls(int(data["min_seeds"]), keys, {str(k): float(v) for k, v in data["target_effect"].items()}, ratio)
 
 
 def judging_of(exp: Experiment) -> Judging:
-    return Judging(exp.report.min_seeds, primary_keys(exp), dict(exp.report.target_effect))
+    return Judging(exp.report.min_seeds, primary_keys(exp), dict(exp.report.target_effect), exp.report.budget_ratio)

@@ -18,6 +18,7 @@ from typing import Any
 
 from d2lora_dist import adapters, distributed, tracking
 from d2lora_dist.base_cache import FreshBase
+from d2lora_dist.budget import NOTHING, cell_budget, phase_budget_of, warmup_budget_of
 from d2lora_dist.config import SINGLE_WARMUP, Experiment
 from d2lora_dist.data.loading import DataError
 from d2lora_dist.data.selection import task_records
@@ -161,6 +162,7 @@ def _result(exp: Experiment, layout: RunLayout, cell: Cell, metrics: dict[str, A
             "labels": labels, "code": code_version(), "n_trained": n_trained(cell, outcome, manifest),
             "suites": {s: exp.tasks[cell.task].role(s) for s in cell_suites(exp, cell)},
             "train": outcome.summary() if outcome else None, "adapter": adapter, "data": _data_record(layout, cell),
+            "budget": _budget(layout, cell, outcome, manifest),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -171,6 +173,19 @@ def n_trained(cell: Cell, outcome: TrainOutcome | None, manifest: dict[str, Any]
         return 0
     schedule = outcome.schedule.to_dict() if outcome is not None else (manifest or {}).get("schedule")
     return int(schedule["examples"]) if schedule else None
+
+
+def _budget(layout: RunLayout, cell: Cell, outcome: TrainOutcome | None,
+            manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The cell's optimisation budget: its phase's (as it ran, or from its adapter's manifest when it trained
+    in an earlier run) and its warm-up's (from the warm-up's result.json) for a warm-started cell."""
+    phase = NOTHING
+    if cell.trains:
+        phase = outcome.budget if outcome is not None and outcome.budget is not None else phase_budget_of(manifest)
+    warmup = None
+    if INITS[cell.init].from_warmup and cell.warmup_run is not None:
+        warmup = warmup_budget_of(read_json(layout.warmup_result_of(cell.warmup_run.key)))
+    return cell_budget(phase, warmup)
 
 
 def _data_record(layout: RunLayout, cell: Cell) -> dict[str, Any] | None:

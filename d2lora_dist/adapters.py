@@ -73,6 +73,21 @@ def gathered_adapter(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, str
     return state, precision
 
 
+def restore_fp32_masters(model: Any, state: dict[str, torch.Tensor]) -> str | None:
+    """Set the optimizer's fp32 masters of the trainable adapter to `state` (a float32 adapter in PEFT's
+    file naming, the one the phase was warm-started from). Call once the optimizer exists, before the
+    first step; None where no DeepSpeed optimizer keeps masters. Why: distributed.set_fp32_masters."""
+    from peft import get_peft_model_state_dict
+
+    named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and ".default." in n]
+    by_file_name = get_peft_model_state_dict(model, state_dict=dict(named), adapter_name="default")
+    file_name = {id(p): k for k, p in by_file_name.items()}
+    missing = sorted({file_name.get(id(p), n) for n, p in named} - set(state))
+    if missing:
+        raise AdapterError(f"the starting adapter has no {missing[:3]} for the model's trainable LoRA weights")
+    return distributed.set_fp32_masters([p for _, p in named], [state[file_name[id(p)]] for _, p in named])
+
+
 def save_adapter(model: Any, out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Gather (all ranks), write + verify on the main process, then wait for everyone.
 

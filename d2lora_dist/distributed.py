@@ -155,6 +155,68 @@ def init_process_group() -> None:
               f"{state.distributed_type}, process-group timeout {timeout.total_seconds():g}s", flush=True)
 
 
+def timeout_every_group() -> int:
+    """Give every process group this rank belongs to the configured timeout; returns how many.
+
+    Workaround (deepspeed 0.19.8, torch 2.13): DeepSpeed creates its own groups when its engine is
+    built (a clone of the world group for its gradient and parameter collectives, ZeRO++ groups)
+    with `new_group()` and no timeout, so they get torch's default (10 minutes for NCCL) instead of
+    D2LORA_PG_TIMEOUT_S: a rank waiting there for a dead or slow peer gives up on its own clock.
+    Called once the engine exists (engine_callbacks). Goes away when DeepSpeed passes the world
+    group's timeout on to the groups it creates.
+    """
+    if not _group_ready():
+        return 0
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = process_group_timeout()
+    groups = [g for g in list(c10d._world.pg_map) if not c10d._rank_not_in_group(g)]
+    for group in groups:
+        c10d._set_pg_timeout(timeout, group)
+    return len(groups)
+
+
+def gather_only_trainable_on_save(trainer: Any) -> bool:
+    """Make the trainer's checkpoints gather only the trainable parameters under ZeRO-3; True if it did.
+
+    Workaround (transformers 5.23, deepspeed 0.19.8): for a PEFT model under ZeRO-3 the Trainer's
+    save_model calls the engine's `_zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)`,
+    which still gathers every module's parameters (the whole frozen base, 16 GB for an 8B model, at
+    every checkpoint) and drops the frozen ones only afterwards. The 16-bit adapter it writes is never
+    read back (a resume loads DeepSpeed's own checkpoint; the phase's adapter is saved from the fp32
+    masters, adapters.save_adapter), so only the trainable parameters are gathered, with the same
+    names. Called once the engine exists. Goes away when DeepSpeed skips frozen parameters before
+    gathering them.
+    """
+    engine = getattr(trainer, "deepspeed", None)
+    if engine is None or not hasattr(engine, "_zero3_consolidated_16bit_state_dict") or not zero3_enabled():
+        return False
+    original = engine._zero3_consolidated_16bit_state_dict
+
+    def trainable_only(exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor] | None:
+        if not exclude_frozen_parameters:
+            return original(exclude_frozen_parameters=False)
+        named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        with gathered([p for _, p in named]):  # collective; the adapter only
+            return {n: p.detach().cpu().clone() for n, p in named} if rank() == 0 else None
+
+    engine._zero3_consolidated_16bit_state_dict = trainable_only
+    return True
+
+
+def engine_callbacks(trainer: Any) -> list[Any]:
+    """Callbacks every training phase's trainer gets from this module, run once its engine (and
+    DeepSpeed's process groups) exist: timeout_every_group, gather_only_trainable_on_save."""
+    from transformers import TrainerCallback
+
+    class AfterEngineBuilt(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            timeout_every_group()
+            gather_only_trainable_on_save(trainer)
+
+    return [AfterEngineBuilt()]
+
+
 def deepspeed_config_file(default: str | None) -> str | None:
     """The DeepSpeed JSON of this launch (absolute), or None when not launched with DeepSpeed.
 
@@ -251,6 +313,7 @@ def trainer_kwargs(ds_config: str | None) -> dict[str, Any]:
     a DeepSpeed run into plain DDP with no ZeRO at all. (4) `use_cpu` for DDP on CPU ranks,
     matching the MULTI_CPU state. All go when accelerate handles CPU ranks like GPUs.
     (5) Tests only (D2LORA_TEST_CPU_BF16, see cpu_bf16_test_launch): bf16 on CPU ranks.
+    (6) DDP: `ddp_find_unused_parameters=False` (transformers' own choice for a PeftModel is True).
     """
     on_gpu = torch.cuda.is_available()
     cpu_bf16 = cpu_bf16_test_launch(ds_config)
@@ -266,6 +329,11 @@ def trainer_kwargs(ds_config: str | None) -> dict[str, Any]:
         kwargs["ddp_backend"] = None if on_gpu else "gloo"
         if not on_gpu and not ds_config:
             kwargs["use_cpu"] = True
+        if not ds_config:
+            # every trainable parameter (the active adapter's LoRA) takes part in every forward pass;
+            # transformers would pick True for a PeftModel (not a PreTrainedModel): an extra graph
+            # traversal per step, and an error with reentrant gradient checkpointing
+            kwargs["ddp_find_unused_parameters"] = False
     if ds_config:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         kwargs["deepspeed"] = ds_config
@@ -351,6 +419,19 @@ def release_training_state() -> None:
     leave_zero3()
 
 
+def free_device_memory() -> None:
+    """Free a finished phase's training state now. The trainer, its DeepSpeed engine and optimizer
+    live in reference cycles (callbacks that hold their trainer, the engine's hooks), which only the
+    garbage collector frees, at a time of its choosing: until then their GPU memory (optimizer
+    states, gradients, ZeRO-3's gather buffers) stays taken while evaluation loads a whole model.
+    `empty_cache` then gives the cached blocks back, for the next load and other processes."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # ---- collectives --------------------------------------------------------------------------------
 @contextmanager
 def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
@@ -397,6 +478,49 @@ def fp32_values(params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], s
             return [_cpu_fp32(v) for v in full], source
     with gathered(params):
         return [_cpu_fp32(p) for p in params], PARAMETERS
+
+
+def set_fp32_masters(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> str | None:
+    """Make the optimizer's fp32 masters of `params` equal `values` (full float32 tensors, the same on
+    every rank); returns where they went (FP32_MASTER), or None when no DeepSpeed optimizer holds
+    masters (one process, DDP: the parameters are the values, nothing to do). Not collective.
+
+    Why: a warm-started phase loads the float32 warm-up adapter into LoRA parameters that are bf16
+    under bf16 DeepSpeed (ZeRO-3: peft_model_kwargs; ZeRO-1/2 cast the module), and DeepSpeed builds
+    its fp32 masters from those rounded values. At the paper's warm-up rate the warm-up's change of
+    lora_A (~3.5e-5) is below half a bf16 step and would be erased before phase 2 starts. Called once
+    the optimizer exists and before the first step, and never on a resume (the checkpoint's masters
+    are the truth there). The bf16 parameters already are the masters rounded, so they stay.
+    Stays as long as DeepSpeed trains bf16 parameters against fp32 masters.
+    """
+    if not params or not all(_fp32_master_linked(p) for p in params):
+        return None
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for p, value in zip(params, values, strict=True):
+        value = value.detach().to(torch.float32).reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+        if hasattr(p, "ds_id") and p.partition_numel() * _partition_ranks(p) != p.ds_numel:
+            _set_padded_z3_master(p, value)  # DeepSpeed's setter assumes no padding in the last partition
+        else:
+            safe_set_full_fp32_param(p, value)
+    return FP32_MASTER
+
+
+def _partition_ranks(p: torch.nn.Parameter) -> int:
+    """How many ranks a ZeRO-3 parameter is split over (its own group: ZeRO++/MiCS may use fewer)."""
+    group = getattr(p, "ds_process_group", None)
+    return torch.distributed.get_world_size(group=group) if _group_ready() else 1
+
+
+def _set_padded_z3_master(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """ZeRO-3 master of a parameter whose size the world size does not divide: this rank's slice of
+    `value`, shorter than the partition on the last rank (the partition's tail is padding).
+    Workaround (deepspeed 0.19.8): stage3's set_full_hp_param narrows a full partition there and fails."""
+    optimizer = p._z3_optimizer
+    partition, _ = optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=True)
+    start = partition.numel() * optimizer._get_param_partition_rank(p)
+    count = max(0, min(partition.numel(), p.ds_numel - start))
+    partition.data[:count].copy_(value.flatten()[start:start + count])
 
 
 def _fp32_master_linked(p: torch.nn.Parameter) -> bool:

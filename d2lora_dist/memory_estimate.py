@@ -6,7 +6,8 @@ Four parts, each split over ranks the way the launch strategy splits it (d2lora_
   fp32 gradient, Adam's two fp32 moments; under DeepSpeed bf16 a bf16 copy plus an fp32 master
   come to about the same);
 - activations at the configured micro-batch and max_length (every row counted at max_length:
-  the batch that must fit is the longest one);
+  the batch that must fit is the longest one), the LoRA branches' included: with dropout, PEFT
+  keeps each targeted module's own dropout output and mask (Shape.lora_activation_bytes);
 - the logits: the largest single activation at a 128k vocabulary, kept in the model's dtype plus
   fp32 for the loss (upcast, log-softmax kept for backward, its gradient).
 Plus a fixed overhead (CUDA context, NCCL buffers) and a margin for allocator fragmentation.
@@ -29,6 +30,13 @@ ADAPTER_BYTES_PER_PARAM = 16  # value 4 + gradient 4 + Adam m and v 8 (fp32)
 LOGIT_FP32_BYTES = 12  # fp32 upcast + log-softmax kept for backward + its gradient
 OVERHEAD_BYTES = int(1.5 * GIB)  # CUDA context and NCCL buffers, before any tensor
 FRAGMENTATION = 0.10  # the caching allocator rarely packs the last 10%
+# CUDA's fused dropout keeps a bool mask for backward (1 byte per element); CPU dropout keeps its
+# float noise instead (the activation's own size), which the tests pass in when they measure on CPU
+DROPOUT_MASK_BYTES = 1
+# Inputs of targeted modules that only LoRA's lora_A keeps for backward when there is no dropout (the
+# frozen base linear keeps only its weight): counted in activation_elements_per_token, replaced by
+# the dropout copies when there is dropout. The attention output (o_proj's input) is kept by attention.
+_LORA_ONLY_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",))
 
 # Shapes of hub models people run this with, so that planning needs neither the network nor the
 # weights (the values are those models' config.json).
@@ -86,6 +94,24 @@ class Shape:
                              f"({', '.join(shapes)}); use launch.strategy null with a named accelerate config")
         return self.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
+    def lora_activation_bytes(self, r: int, targets: list[str], dropout: float, size: int,
+                              mask_bytes: int = DROPOUT_MASK_BYTES) -> int:
+        """Bytes one layer's LoRA branches keep for backward per token, beyond activation_elements_per_token.
+
+        PEFT computes lora_B(lora_A(dropout(x))): lora_B keeps lora_A's output (r values per module).
+        With dropout > 0 every targeted module has its own dropout, so it keeps its own copy of its
+        input (and the mask), where without dropout q/k/v (and gate/up) share one kept input, the
+        normed hidden state that activation_elements_per_token already counts; that shared input
+        is then no longer kept. Measured on the tiny Llama with saved_tensors_hooks (the tests).
+        """
+        shapes = self.linear_shapes()
+        branch = r * len(targets) * size
+        if dropout <= 0:
+            return branch
+        copies = sum(shapes[t][0] for t in targets) * (size + mask_bytes)
+        replaced = sum(shapes[group[0]][0] for group in _LORA_ONLY_INPUTS if set(group) & set(targets)) * size
+        return branch + copies - replaced
+
     def activation_elements_per_token(self) -> int:
         """Elements one layer keeps for backward per token (sdpa/flash attention: no seq x seq scores)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -101,6 +127,7 @@ class Workload:
     sequences_per_example: int  # 2 for preference methods: chosen and rejected go through together
     max_length: int
     gradient_checkpointing: bool
+    lora_dropout: float = 0.0  # > 0: every targeted module keeps its own dropout copy of its input
 
     @property
     def tokens(self) -> int:
@@ -154,14 +181,15 @@ def estimate(shape: Shape, dtype: str, lora_r: int, targets: list[str], work: Wo
     elif sharding.optimizer:
         values = adapter // 4  # fp32 values stay replicated; gradients and moments are split
         adapter = values + (adapter - values) // devices
-    per_token = shape.activation_elements_per_token()
+    layer_bytes = shape.activation_elements_per_token() * size + shape.lora_activation_bytes(
+        lora_r, targets, work.lora_dropout, size)
     if work.gradient_checkpointing:  # one input per layer kept; one layer's activations rebuilt at a time
-        elements = work.tokens * (shape.layers * shape.hidden + per_token)
+        activations = work.tokens * (shape.layers * shape.hidden * size + layer_bytes)
     else:
-        elements = work.tokens * shape.layers * per_token
+        activations = work.tokens * shape.layers * layer_bytes
     logits = work.tokens * shape.vocab * (size + LOGIT_FP32_BYTES)
-    subtotal = weights + adapter + elements * size + logits
-    return MemoryEstimate(weights, adapter, elements * size, logits,
+    subtotal = weights + adapter + activations + logits
+    return MemoryEstimate(weights, adapter, activations, logits,
                           OVERHEAD_BYTES + int(FRAGMENTATION * subtotal), devices)
 
 
@@ -174,7 +202,9 @@ def workload(exp: Experiment, settings: TrainSettings, method: str) -> Workload:
     from d2lora_dist.methods import get_method
 
     pairs = 2 if get_method(method).form == "preference" else 1
-    return Workload(settings.per_device_batch_size, pairs, settings.max_length, exp.model.gradient_checkpointing)
+    dropout = exp.lora.dropout if settings.lora_dropout is None else settings.lora_dropout  # as train.phase_lora
+    return Workload(settings.per_device_batch_size, pairs, settings.max_length, exp.model.gradient_checkpointing,
+                    dropout)
 
 
 def model_shape(exp: Experiment) -> ModelShapeConfig:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLASH_DTYPES = ("bfloat16", "float16")
 
 
 class ModelError(InputError):
@@ -33,14 +34,19 @@ def model_path(cfg: ModelConfig) -> str:
     return resolve_asset_uri(cfg.name_or_path)
 
 
-def attention_implementation(requested: str) -> str:
-    """flash_attention_2 only when installed and on CUDA; asking for it explicitly otherwise stops."""
-    flash_ok = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+def attention_implementation(requested: str, dtype: str) -> str:
+    """flash_attention_2 only when installed, on CUDA and in bf16/fp16 (its kernels have no float32);
+    asking for it explicitly where it cannot run stops. `auto` is sdpa otherwise."""
+    installed = importlib.util.find_spec("flash_attn") is not None
+    flash_ok = torch.cuda.is_available() and installed and dtype in FLASH_DTYPES
     if requested == "flash_attention_2" and not flash_ok:
-        raise ModelError("model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package "
-                         "(pip install '.[cuda]'); use auto or sdpa")
+        why = (f"model.dtype is {dtype} (flash-attention runs in {' or '.join(FLASH_DTYPES)} only)"
+               if torch.cuda.is_available() and installed else "flash_attention_2 needs CUDA and the flash-attn "
+               "package (docs/performance.md#flash-attention says how to install it)")
+        raise ModelError(f"model.attn_implementation: {why}; use auto or sdpa")
     choice = ("flash_attention_2" if flash_ok else "sdpa") if requested == "auto" else requested
-    log.info("attention implementation: %s (requested %s)", choice, requested)
+    log.info("attention implementation: %s (requested %s, dtype %s, flash-attn %s)", choice, requested, dtype,
+             "installed" if installed else "not installed")
     return choice
 
 
@@ -65,7 +71,8 @@ def load_base_model(cfg: ModelConfig, training: bool) -> Any:
         raise ModelError(f"model.dtype: {cfg.dtype} on CPU is not supported here; use float32")
     model = AutoModelForCausalLM.from_pretrained(
         model_path(cfg), dtype=DTYPES[cfg.dtype],
-        attn_implementation=attention_implementation(cfg.attn_implementation))
+        attn_implementation=attention_implementation(cfg.attn_implementation, cfg.dtype))
+    log.info("attention that runs: %s", model.config._attn_implementation)  # what transformers settled on
     model.config.use_cache = not training
     for p in model.parameters():
         p.requires_grad_(False)

@@ -148,6 +148,8 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
         resume = last_complete_checkpoint(phase.checkpoint_dir)
         if resume and distributed.is_main_process():
             print(f"[{phase.name}] resuming from {resume}", flush=True)
+        if init_state is not None and resume is None:  # a resume's masters come from its checkpoint
+            trainer.add_callback(full_precision_warm_start(phase.name, init_state))
         start = time.time()
         with writing(phase.checkpoint_dir, needs=_checkpoint_bytes(start_state)):  # a full disk names it
             result = trainer.train(resume_from_checkpoint=resume)
@@ -174,6 +176,8 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
                                time.time() - start, manifest, list(trainer.state.log_history), schedule,
                                int(trainer.state.num_input_tokens_seen), cut, update, budget)
         distributed.release_training_state()  # the next phase or evaluation in this process starts clean
+        del trainer, trained  # the engine, its optimizer states and gradients; freed below
+    distributed.free_device_memory()  # before evaluation loads, not whenever the garbage collector runs
     return outcome
 
 
@@ -284,6 +288,8 @@ def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: A
     _, trainer_cls = method.classes()
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[*phase.callbacks, stop_on_non_finite(phase.name), *distributed.test_callbacks()])
+    for callback in distributed.engine_callbacks(trainer):
+        trainer.add_callback(callback)
     if method.form == "preference":
         from d2lora_dist.data.preference import drop_eos_after_steps
 
@@ -292,6 +298,21 @@ def make_trainer(phase: Phase, model: Any, args: Any, dataset: Any, tokenizer: A
     if method.uses_reference and phase.settings.reference == "base":
         distributed.use_base_model_as_reference(trainer)
     return trainer
+
+
+def full_precision_warm_start(phase_name: str, state: dict[str, Any]) -> Any:
+    """A callback that starts the optimizer from the float32 warm-up adapter, not its bf16 rounding
+    (bf16 DeepSpeed builds its fp32 masters from the bf16 parameters: adapters.restore_fp32_masters).
+    Built here so that transformers is imported only when a phase trains."""
+    from transformers import TrainerCallback
+
+    class _Restore(TrainerCallback):
+        def on_train_begin(self, args, state_, control, model=None, **kwargs):  # the optimizer exists now
+            if adapters.restore_fp32_masters(model, state) and distributed.is_main_process():
+                print(f"[{phase_name}] optimizer's fp32 masters set from the float32 starting adapter "
+                      "(the bf16 parameters hold it rounded)", flush=True)
+
+    return _Restore()
 
 
 def _replan_for_kept_rows(phase: Phase, trainer: Any, cut: Truncation, schedule: Schedule, given: int) -> Schedule:

@@ -57,6 +57,7 @@ def test_ddp_warmup_and_phase2_keep_the_ranks_in_sync(ddp) -> None:
         assert phase["trained_checksum"] == by_phase[1][name]["trained_checksum"], name
         assert phase["model_in_training"][0] == phase["model_in_training"][1]  # DDP: a full replica
         assert phase["steps"] == phase["max_steps"] == 1
+        assert phase["find_unused_parameters"] is False, name  # every trainable LoRA weight is used
         adapters.verify_adapter(ddp.out / name / "adapter")
     dpo = by_phase[0]["dpo-init"]
     assert dpo["ref_model_is_none"] and dpo["adapters"] == ["default", "ref"]

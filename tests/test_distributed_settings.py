@@ -169,7 +169,7 @@ def test_the_crash_hook_is_off_unless_a_test_sets_it(monkeypatch) -> None:
             distributed.test_callbacks()
 
 
-def test_attention_is_flash_only_when_installed_on_cuda(monkeypatch, caplog) -> None:
+def test_attention_is_flash_only_when_installed_on_cuda_in_bf16_or_fp16(monkeypatch, caplog) -> None:
     import importlib.util
 
     import torch
@@ -181,16 +181,20 @@ def test_attention_is_flash_only_when_installed_on_cuda(monkeypatch, caplog) -> 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
-    assert attention_implementation("auto") == "flash_attention_2"
-    assert "attention implementation: flash_attention_2 (requested auto)" in caplog.text
+    assert attention_implementation("auto", "bfloat16") == "flash_attention_2"
+    assert "attention implementation: flash_attention_2 (requested auto, dtype bfloat16" in caplog.text
+    # flash-attention has no float32 kernels: float32 runs sdpa even where flash-attn is importable
+    assert attention_implementation("auto", "float32") == "sdpa"
+    with pytest.raises(ModelError, match="model.dtype is float32"):
+        attention_implementation("flash_attention_2", "float32")
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
-    assert attention_implementation("auto") == "sdpa"  # CUDA without flash-attn installed
+    assert attention_implementation("auto", "bfloat16") == "sdpa"  # CUDA without flash-attn installed
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert attention_implementation("auto") == "sdpa"
-    assert "attention implementation: sdpa (requested auto)" in caplog.text
+    assert attention_implementation("auto", "float32") == "sdpa"
+    assert "attention implementation: sdpa (requested auto, dtype float32, flash-attn not installed)" in caplog.text
     with pytest.raises(ModelError, match="flash_attention_2 needs CUDA"):
-        attention_implementation("flash_attention_2")
+        attention_implementation("flash_attention_2", "bfloat16")
 
 
 def test_leaving_zero3_makes_the_next_load_whole(tiny_experiment: dict) -> None:

@@ -70,7 +70,8 @@ def test_warmup_saves_the_gathered_adapter_once(z3) -> None:
     log = z3.warmup.log
     assert "[distributed] deepspeed: 2 ranks, backend gloo" in log
     assert "global batch 4 = 2 per device x 1 accumulation x 2 ranks" in log
-    assert log.count("attention implementation: sdpa (requested sdpa)") == 2  # logged by each rank
+    assert log.count("attention implementation: sdpa (requested sdpa, dtype float32") == 2  # logged by each rank
+    assert log.count("attention that runs: sdpa") == 2
     assert log.count("[warmup] sft:") == 1  # rank-0 output only
     manifest = adapters.verify_adapter(z3.layout.warmup_adapter)
     assert not list(z3.layout.warmup_dir.glob(".adapter.tmp-*"))  # one writer, renamed into place
@@ -157,20 +158,24 @@ def test_cpu_bf16_is_a_test_only_switch_for_multi_rank_deepspeed(monkeypatch: py
     assert not distributed.cpu_bf16_test_launch(ds)  # one process: use_cpu would drop DeepSpeed
 
 
-@pytest.mark.parametrize("shipped", ["zero3_cpu_test.json", "zero2.json"])
+@pytest.mark.parametrize(("shipped", "phase"), [("zero3_cpu_test.json", "dpo:init"), ("zero2.json", "sft")])
 def test_a_bf16_deepspeed_warmup_saves_the_fp32_masters_not_the_stalled_bf16_copy(
-        shipped: str, tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
+        shipped: str, phase: str, tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
     """The paper's warm-up rate (1e-7) moves lora_A less than bf16 resolves at |A| ~ 0.06: the
     bf16 parameters keep their initial lora_A, the optimizer's fp32 masters move. The saved
     adapter must be those masters, in float32 (a bf16 save keeps the initial lora_A). ZeRO-3
-    all-gathers the masters' partitions, ZeRO-2 all-reduces their fragments."""
+    all-gathers the masters' partitions, ZeRO-2 all-reduces their fragments.
+    Phase 2 (DPO with its `init` reference under ZeRO-3, SFT under ZeRO-2: one phase each keeps the
+    test short) must then start from exactly that float32 file: DeepSpeed builds its masters from the
+    bf16 parameters, which hold it rounded."""
     data = experiment_dict(tiny_model_dir, tiny_data, tmp_path)
     data["warmup"]["n"] = 16  # 4 optimizer steps at global batch 4
     data["warmup"]["train"].update(learning_rate=1e-7, lr_scheduler="constant")
     path = write_experiment(data, tmp_path / "exp.yaml")
     ds = bf16_cpu_deepspeed_config(tmp_path / f"bf16-{shipped}", shipped)
     out = tmp_path / "probe"
-    result = run(launch(ZERO3, [PHASES_SCRIPT, "-c", str(path), "--out", str(out), "--warmup", "--precision"],
+    result = run(launch(ZERO3, [PHASES_SCRIPT, "-c", str(path), "--out", str(out), "--warmup", "--precision",
+                                "--phases", phase],
                         extra=["--deepspeed_config_file", str(ds)]), tmp_path / "bf16.log", D2LORA_TEST_CPU_BF16="1")
     assert result.code == 0, result.tail()
     adapter_dir = RunLayout(load_experiment(path).run_dir).warmup_adapter
@@ -188,6 +193,16 @@ def test_a_bf16_deepspeed_warmup_saves_the_fp32_masters_not_the_stalled_bf16_cop
             assert moved > 0.9, f"{key}: only {moved:.1%} of the saved lora_A differs from its initial bf16 value"
     assert adapters.verify_adapter(adapter_dir)["precision"] == {
         "saved_dtype": "float32", "parameter_dtype": "bfloat16", "values": "fp32 master"}
+    if shipped.startswith("zero3"):  # its checkpoints (steps 2 and 4) gather the adapter, not the frozen base
+        warmup = json.loads((out / "rank-0.json").read_text())["warmup"]
+        assert warmup["checkpoints"]["saves"] == 2, warmup
+        assert warmup["checkpoints"]["gathered_numel"] == 2 * warmup["trainable_numel"], warmup
+    method, _, reference = phase.partition(":")
+    start = torch.load(out / f"precision-{method}-{reference or 'default'}.pt")
+    assert sorted(start["begin_master"]) == sorted(saved), phase
+    for key, tensor in saved.items():
+        assert torch.equal(start["begin_master"][key], tensor), f"{phase} {key}: masters start from a rounded copy"
+        assert not torch.equal(start["begin_params"][key].float(), tensor), f"{key}: bf16 holds it exactly"
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +210,8 @@ def probe(z3) -> SimpleNamespace:
     assert z3.warmup.code == 0, "warm-up failed; see test_warmup_saves_the_gathered_adapter_once"
     out = z3.root / "probe"
     result = run(launch(ZERO3, [PHASES_SCRIPT, "-c", str(z3.config), "--out", str(out), "--logits",
-                                "--phases", "dpo:init,dpo:base,orpo,sft"]), z3.root / "probe.log")
+                                "--phases", "dpo:init,dpo:base,orpo,sft"]), z3.root / "probe.log",
+                 D2LORA_PG_TIMEOUT_S="900")  # not torch's default, so that the groups' timeouts say where theirs came from
     assert result.code == 0, result.tail()
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
     return SimpleNamespace(out=out, ranks=ranks, result=result)
@@ -208,6 +224,14 @@ def test_rank0_reads_the_adapter_once_and_every_rank_gets_the_same_tensors(z3, p
     assert [r["broadcast"]["checksum"] for r in probe.ranks] == [on_disk, on_disk]
     assert adapters.WEIGHTS in probe.ranks[0]["broadcast"]["opened"]
     assert probe.ranks[1]["broadcast"]["opened"] == []  # rank 1 never opened a file of the adapter
+
+
+def test_every_process_group_deepspeed_made_included_gets_the_configured_timeout(probe) -> None:
+    for report in probe.ranks:
+        for phase in report["phases"]:
+            timeouts = phase["group_timeouts_s"]
+            assert len(timeouts) >= 2, f"{phase['phase']}: DeepSpeed made no group of its own? {timeouts}"
+            assert timeouts == [900.0] * len(timeouts), f"{phase['phase']}: {timeouts}"
 
 
 def test_each_rank_holds_half_of_the_base_model(probe) -> None:

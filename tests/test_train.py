@@ -113,6 +113,32 @@ def test_orpo_trains_without_a_reference_and_publishes_an_adapter(warmed) -> Non
     adapters.verify_adapter(phase.out_adapter)
 
 
+def test_a_finished_phase_frees_its_trainer_before_returning(warmed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer (and with it the engine, optimizer states and gradients) sits in reference cycles;
+    evaluation loads right after the phase, so they must be gone then, not when the collector runs."""
+    import gc
+    import weakref
+
+    from d2lora_dist import train
+
+    exp, layout, _ = warmed
+    made: list[weakref.ref] = []
+    original = train.make_trainer
+
+    def remembering(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        made.append(weakref.ref(trainer))
+        return trainer
+
+    monkeypatch.setattr(train, "make_trainer", remembering)
+    gc.disable()  # only train_phase's own collection may free it
+    try:
+        train_phase(exp, _phase(exp, layout, "sft", layout.warmup_adapter))
+        assert len(made) == 1 and made[0]() is None, "the trainer outlived its phase"
+    finally:
+        gc.enable()
+
+
 def test_sft_loss_covers_only_the_response_and_every_adapter_weight_moves(warmed) -> None:
     exp, layout, _ = warmed
     phase = _phase(exp, layout, "sft", None, learning_rate=1e-2)

@@ -10,14 +10,16 @@ per rank, into DIR/rank-R.json what the tests assert:
                the adapter directory each rank opened (Python audit hook: Python-level opens)
   phases       per phase: first/final loss, steps, trainer.ref_model, adapter names, parameters
                held by this rank (after zero.Init load and inside training), checksum of the
-               trained adapter as this rank holds it after training
+               trained adapter as this rank holds it after training, DDP's find_unused_parameters
+               and every process group's timeout at the first step, and (ZeRO-3) the elements
+               gathered while writing checkpoints
   eval_params  after leave_zero3: are the evaluation model's parameters whole on every rank?
 With --logits, rank 0 also saves the logits of the warm-started model on a fixed batch at the
 start of the first phase (inside the training engine, before any update) to DIR/logits.pt.
 With --precision, rank 0 saves for every trained phase (the warm-up included) DIR/precision-NAME.pt:
 the adapter as the parameters hold it at the start and at the end of training (their own dtype,
-bf16 under a bf16 DeepSpeed run) and, under DeepSpeed, the optimizer's fp32 masters at the end
-(`deepspeed.utils.safe_get_full_fp32_param`), all in PEFT's file naming.
+bf16 under a bf16 DeepSpeed run) and, under DeepSpeed, the optimizer's fp32 masters at the first
+step and at the end (`deepspeed.utils.safe_get_full_fp32_param`), all in PEFT's file naming.
 """
 
 from __future__ import annotations
@@ -87,11 +89,42 @@ class Recorder:
             self.records.append({"phase": phase.name, "ref_model_is_none": trainer.ref_model is None
                                  if hasattr(trainer, "ref_model") else None,
                                  "adapters": sorted(unwrapped.peft_config),
-                                 "base_at_load": [local, full]})
+                                 "base_at_load": [local, full],
+                                 "trainable_numel": _numel([p for p in model.parameters() if p.requires_grad])[1],
+                                 "checkpoints": {"saves": 0, "gathered_numel": 0}})
+            self.count_checkpoint_gathers(trainer, self.records[-1]["checkpoints"])
             trainer.add_callback(self.callback(local_shard_numel))
             return trainer
 
         train_module.make_trainer = make_trainer
+
+    def count_checkpoint_gathers(self, trainer, counts: dict) -> None:
+        """Elements ZeRO-3 gathers (GatheredParameters) while the trainer writes a checkpoint."""
+        try:
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+        except ImportError:
+            return
+        if not hasattr(GatheredParameters, "_probe_saving"):
+            enter = GatheredParameters.__enter__
+
+            def counting_enter(context):
+                if GatheredParameters._probe_saving is not None and context.enabled:
+                    GatheredParameters._probe_saving["gathered_numel"] += sum(p.ds_numel for p in context.params)
+                return enter(context)
+
+            GatheredParameters.__enter__ = counting_enter
+        GatheredParameters._probe_saving = None
+        save = trainer._save_checkpoint
+
+        def counting_save(*args, **kwargs):
+            counts["saves"] += 1
+            GatheredParameters._probe_saving = counts
+            try:
+                return save(*args, **kwargs)
+            finally:
+                GatheredParameters._probe_saving = None
+
+        trainer._save_checkpoint = counting_save
 
     def callback(self, local_shard_numel):
         from transformers import TrainerCallback
@@ -109,6 +142,17 @@ class Recorder:
                 if recorder.want_precision:  # collective under ZeRO-3: every rank runs it
                     recorder.precision = {"begin_params": _adapter_as_held(model)}
 
+            def on_step_begin(self, args, state, control, model=None, **kwargs):
+                # the first step, after every on_train_begin: what the optimizer starts from, how DDP
+                # wrapped the model, every process group's timeout
+                record = recorder.records[-1]
+                if "group_timeouts_s" not in record:
+                    wrapped = recorder.trainers[-1].model_wrapped
+                    record["find_unused_parameters"] = getattr(wrapped, "find_unused_parameters", None)
+                    record["group_timeouts_s"] = _group_timeouts()
+                if recorder.want_precision and "begin_master" not in recorder.precision:
+                    recorder.precision["begin_master"] = recorder.masters(model)
+
             def on_train_end(self, args, state, control, model=None, **kwargs):
                 if recorder.want_precision:
                     recorder.save_precision(model)
@@ -119,18 +163,21 @@ class Recorder:
         """The end of training as held and as DeepSpeed's fp32 masters, read here with DeepSpeed's
         own API (not the library's path, which the test checks against it)."""
         import torch
-        from deepspeed.utils import safe_get_full_fp32_param
 
         from d2lora_dist import distributed
 
-        named = _adapter_params(model)
-        masters = {n: safe_get_full_fp32_param(p) for n, p in named}  # collective: all_gather per parameter
-        end = {"end_params": _adapter_as_held(model),
-               "end_master": _peft_names(model, {n: v.detach().cpu().clone() for n, v in masters.items()
-                                                 if v is not None})}
+        end = {"end_params": _adapter_as_held(model), "end_master": self.masters(model)}
         if distributed.is_main_process():
             torch.save({**self.precision, **end}, self.out / f"precision-{self.records[-1]['phase']}.pt")
         self.precision = {}
+
+    @staticmethod
+    def masters(model) -> dict:
+        """DeepSpeed's fp32 masters of the adapter, read with its own API (collective: all_gather per parameter)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters = {n: safe_get_full_fp32_param(p) for n, p in _adapter_params(model)}
+        return _peft_names(model, {n: v.detach().cpu().clone() for n, v in masters.items() if v is not None})
 
     def save_logits(self, model) -> None:
         import torch
@@ -168,6 +215,15 @@ def _peft_names(model, state: dict) -> dict:
     return get_peft_model_state_dict(model, state_dict=state, adapter_name="default")
 
 
+def _group_timeouts() -> list[float]:
+    """Seconds of every process group this rank is in (the backends' own setting)."""
+    import torch
+    from torch.distributed import distributed_c10d as c10d
+
+    return [group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+            for group in list(c10d._world.pg_map) if not c10d._rank_not_in_group(group)]
+
+
 def _numel(params) -> tuple[int, int]:
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
@@ -194,6 +250,7 @@ def main() -> int:
 
     if args.warmup:
         run_warmup(exp, layout)
+        report["warmup"] = recorder.records[-1]
     opened = watch_opens(layout.warmup_adapter)
     state, _ = adapters.load_adapter_state(layout.warmup_adapter)
     report["broadcast"] = {"checksum": adapters.state_checksum(state), "opened": sorted(set(opened))}

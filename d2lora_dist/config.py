@@ -112,6 +112,11 @@ class WarmupConfig:
     train: TrainSettings = _help("Warm-up optimisation settings (paper: lr 1e-7, 1 epoch).")
     n: int | None = _help("Use the first n rows of the seeded permutation; null = all.", default=None)
     seed: int = _help("The warm-up's seed: its data order, fresh LoRA init and dropout.", default=0)
+    seeds: Literal["single", "per_cell"] = _help(
+        "single = one warm-up (of `seed`) that every D2LoRA cell starts from: one warm-up draw; per_cell = one "
+        "warm-up per cell seed s (seed s: its own data order, LoRA init and dropout), which the cells of seed s "
+        "start from, so D2LoRA's seed-to-seed spread includes the warm-up's own. See docs/choices.md.",
+        default="single")
 
 
 @dataclass

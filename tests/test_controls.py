@@ -189,3 +189,32 @@ def test_per_cell_warmups_differ_and_a_cell_of_seed_s_starts_from_warmup_s(tiny_
     assert set(start.state) == set(own)
     assert all(torch.equal(start.state[k], own[k]) for k in own)  # bit for bit
     assert not all(torch.equal(start.state[k], other[k]) for k in other)
+
+
+def test_slurm_submits_each_seeds_warmup_and_placebo_as_a_job_each_array_waiting_for_its_own(tmp_path):
+    from d2lora_dist.sweep import slurm
+    from d2lora_dist.sweep.plan import freeze_plan
+    from tests.slurm_cluster import experiment_dict
+
+    data = experiment_dict("controls", str(tmp_path))
+    data["warmup"]["seeds"] = "per_cell"
+    data["grid"][0]["inits"] = ["lora", "d2lora", "lora_matched", "d2lora_placebo", "random_b"]
+    exp = experiment_from_dict(data)
+    layout = RunLayout(exp.run_dir)
+    cells = freeze_plan(exp, layout)
+    steps, _ = slurm.plan_submission(exp, layout, cells, range(len(cells)))
+    runs = ["warmup-s0", "warmup-s1", "warmup+placebo-s0", "warmup+placebo-s1"]
+    after = {s.name: s.after for s in steps}
+    assert [s.name for s in steps if s.name.startswith("warmup:")] == [f"warmup:{k}" for k in runs]
+    assert all(after[f"array:{k}"] == ("afterok", (f"warmup:{k}",)) for k in runs)
+    by_name = {s.name: s for s in steps}
+    assert {cells[i].id for i in by_name["array:warmup-s1"].indices} == {"math-sft-d2lora-n8-s1",
+                                                                       "math-sft-random_b-n8-s1"}
+    assert {cells[i].id for i in by_name["array:vanilla"].indices} == {  # lora_matched waits for no warm-up
+        f"math-sft-{init}-n8-s{s}" for init in ("lora", "lora_matched") for s in (0, 1)}
+    assert "--warmup warmup+placebo-s1" in by_name["warmup:warmup+placebo-s1"].text
+
+
+def test_a_placebo_of_one_row_is_refused_by_the_experiments_validation(tiny_experiment, tmp_path):
+    with pytest.raises(InputError, match=r"d2lora_placebo shuffles .* needs warmup.n >= 2 \(got 1\)"):
+        _experiment(tiny_experiment, tmp_path, CONTROL_GRID, n=1)

@@ -251,8 +251,10 @@ def _pair_look(spec: TableSpec, pair: Pair, pairs: list[Pair], deltas: Deltas, s
         return {"color": METHOD_COLOR.get(spec.method, "tab:purple"), "label": method_label(spec.method)}
     arms = deltas.coll.arms(spec.task)
     label = pair.label if not several_methods else f"{method_label(spec.method)} {pair.label}"
-    return {"color": arm_style(pair.treatment, arms)["color"], "label": label,
-            "marker": arm_style(pair.treatment, arms)["marker"]}
+    # D2LoRA − control takes the control's look (D2LoRA − LoRA keeps D2LoRA's)
+    styled = pair.baseline if Arm.parse(pair.baseline).from_warmup else pair.treatment
+    look = arm_style(styled, arms)
+    return {"color": look["color"], "label": label, "marker": look["marker"]}
 
 
 def _delta_series(ax: Axes, deltas: list[Delta], color: str, label: str, shift: float, marker: str = "o") -> int:

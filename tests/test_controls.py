@@ -48,7 +48,7 @@ def _experiment(base: dict, root: Path, grid: list[dict], **warmup_extra):
 def controls_run(tiny_model_dir, tiny_data, tmp_path_factory):
     """One experiment with every control; its warm-ups (real and placebo) trained once for the module."""
     root = tmp_path_factory.mktemp("controls")
-    exp = _experiment(tiny_experiment_dict(tiny_model_dir, tiny_data, root), root, CONTROL_GRID)
+    exp = _experiment(tiny_experiment_dict(tiny_model_dir, tiny_data, root), root, CONTROL_GRID, n=4)
     layout = RunLayout(exp.run_dir)
     trained: dict[str, list[dict]] = {}
     real_train = warmup.train_phase
@@ -149,10 +149,10 @@ def test_lora_matched_takes_the_warmups_steps_plus_the_tasks(controls_run):
     exp, layout, _, lora, _ = controls_run
     matched = run_cell(exp, layout, Cell("titles", "sft", "lora_matched", 4, 0))
     warm = adapters.read_manifest(layout.warmup_adapter)["schedule"]["optimizer_steps"]
-    assert warm == 4 and lora["train"]["steps"] == 2  # 8 warm-up rows and 4 task rows at a global batch of 2
+    assert warm == 2 and lora["train"]["steps"] == 2  # 4 warm-up rows and 4 task rows at a global batch of 2
     assert matched["train"]["steps"] == warm + lora["train"]["steps"]  # D2LoRA's task phase takes lora's steps
     assert {k: matched["control"][k] for k in ("control", "warmup", "warmup_steps", "task_steps", "optimizer_steps")} \
-        == {"control": "lora_matched", "warmup": "warmup", "warmup_steps": 4, "task_steps": 2, "optimizer_steps": 6}
+        == {"control": "lora_matched", "warmup": "warmup", "warmup_steps": 2, "task_steps": 2, "optimizer_steps": 4}
     assert matched["adapter"]["parent_sha256"] is None  # a fresh adapter, not the warm-up's
 
 

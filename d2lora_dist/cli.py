@@ -80,11 +80,16 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from d2lora_dist import entries
-    from d2lora_dist.sweep.grid import Cell
+    from d2lora_dist.errors import InputError
+    from d2lora_dist.sweep.grid import Cell, per_seed_warmup
 
     exp, layout, source = _read(args)
     warmup = args.warmup or next(iter(exp.warmup_configs()), "")
-    cell = Cell.requested(args.task, args.method, args.init, args.n, args.seed, warmup, args.lora_init)
+    cell = Cell.requested(args.task, args.method, args.init, args.n, args.seed, warmup, args.lora_init,
+                          per_seed_warmup(exp, warmup))
+    if cell is None:
+        raise InputError(f"--init {args.init} --n 0: a {args.init} cell trains, so it has no n = 0 (its untrained "
+                         "start is not evaluated); give --n > 0")
     return entries.cell(exp, layout, cell, source)
 
 
@@ -143,7 +148,8 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     print(f"{exp.name}: {len(rows)} cells, {sum(r.done for r in rows)} done; run dir {layout.root}")
     for w, cost in zip(warmup_rows(exp, layout), warmups, strict=True):
         size = "all rows" if w["m"] is None else f"m = {w['m']}"
-        print(f"warm-up {w['key']}: {w['dataset']}, {size}, seed {w['seed']}, LoRA init {w['lora_init']}; "
+        placebo = " (placebo: responses shuffled across prompts)" if w["placebo"] else ""
+        print(f"warm-up {w['key']}{placebo}: {w['dataset']}, {size}, seed {w['seed']}, LoRA init {w['lora_init']}; "
               f"{'done' if w['done'] else 'to train'}; {w['cells']} cells start from it; "
               f"{cost.train_examples} train ex., {cost.train_tokens:,} train tokens, {cost.gpu_hours:.2f} GPU-h")
     print(f"GPU-hours at {speed.train:g} training and {speed.eval:g} evaluation tokens per GPU-second "

@@ -112,6 +112,11 @@ class WarmupConfig:
     train: TrainSettings = _help("Warm-up optimisation settings (paper: lr 1e-7, 1 epoch).")
     n: int | None = _help("Use the first n rows of the seeded permutation; null = all.", default=None)
     seed: int = _help("The warm-up's seed: its data order, fresh LoRA init and dropout.", default=0)
+    seeds: Literal["single", "per_cell"] = _help(
+        "single = one warm-up (of `seed`) that every D2LoRA cell starts from: one warm-up draw; per_cell = one "
+        "warm-up per cell seed s (seed s: its own data order, LoRA init and dropout), which the cells of seed s "
+        "start from, so D2LoRA's seed-to-seed spread includes the warm-up's own. See docs/choices.md.",
+        default="single")
 
 
 @dataclass
@@ -536,6 +541,11 @@ def _grid_problems(exp: Experiment, i: int, block: GridBlock) -> list[str]:
             problems.append(f"{key}.inits: unknown init {init!r} (valid: {', '.join(INITS)})")
         elif INITS[init].from_warmup and not exp.warmup_configs():
             problems.append(f"{key}.inits: {init} needs a `warmup` section (or named `warmups`)")
+        elif INITS[init].placebo:  # the placebo moves each response to another prompt: two rows at least
+            problems += [f"{key}.inits: {init} shuffles the responses of warm-up {name!r} across its prompts, which "
+                         f"needs {exp.warmup_settings_key(name)}.n >= 2 (got {cfg.n})"
+                         for name, cfg in exp.warmup_configs().items()
+                         if (block.warmups is None or name in block.warmups) and cfg.n is not None and cfg.n < 2]
     problems += _axes_problems(exp, key, block)
     if block.suites is not None and task is not None:
         problems += [f"{key}.suites: {s!r} is not a suite of task {block.task!r} ({task.suites})"

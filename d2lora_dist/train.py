@@ -52,6 +52,8 @@ class Phase:
     init_adapter: Path | None = None
     # PEFT's factor init of a fresh adapter (lora_inits.py); a warm-started phase keeps its parent's residual base
     lora_init: str = DEFAULT_LORA_INIT
+    # the random_b control: the fresh adapter's B drawn with these per-module norms (controls.py)
+    start_b_norms: dict[str, float] | None = None
     report_to: list[str] = field(default_factory=list)
     callbacks: list[Any] = field(default_factory=list)
     models: FreshBase = field(default_factory=FreshBase)  # tokenizer and base: loaded here, or a worker's shared one
@@ -142,6 +144,10 @@ def train_phase(exp: Experiment, phase: Phase) -> TrainOutcome:
     with phase.models.base(exp.model, training=True) as model:  # given back pristine, also on failure
         set_seed(phase.seed)  # the fresh LoRA's initial A follows the cell's seed, on every rank alike
         model = attach_lora(model, lora, init_state, phase.lora_init, residual, phase.models.before_overwrite)
+        if phase.start_b_norms is not None:
+            from d2lora_dist.controls import draw_random_b
+
+            draw_random_b(model, phase.start_b_norms, phase.seed)
         start_state = adapters.gathered_state_dict(model)  # where this phase starts, for its update size
         trainer = make_trainer(phase, model, args, Dataset.from_list(rows), tokenizer)
         schedule = _replan_for_kept_rows(phase, trainer, cut, schedule, given=len(rows))

@@ -1,7 +1,9 @@
 """Phase 1: LoRA SFT on general data, once per warm-up run, published as a verified artifact.
 
 An experiment has one `warmup` or several named `warmups`; each is trained once per LoRA init its
-D2LoRA cells use (sweep/grid.WarmupRun), into its own directory and W&B artifact.
+D2LoRA cells use (sweep/grid.WarmupRun), into its own directory and W&B artifact; and once more as a
+placebo (responses shuffled across prompts, controls.py) when a `d2lora_placebo` cell uses it, and once
+per cell seed under `seeds: per_cell`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 
 from d2lora_dist import distributed, tracking
 from d2lora_dist.config import SINGLE_WARMUP, Experiment
+from d2lora_dist.controls import placebo_records
 from d2lora_dist.data.selection import warmup_records
 from d2lora_dist.errors import UnknownName
 from d2lora_dist.fileio import read_json, write_json_atomic, writing
@@ -81,18 +84,28 @@ def _train_claimed(exp: Experiment, layout: RunLayout, run: WarmupRun, callbacks
     home, adapter, result_file = layout.warmup_home(run.key), layout.warmup_adapter_of(run.key), \
         layout.warmup_result_of(run.key)
     started = time.time()
-    records, subset = warmup_records(exp, run.name)
+    seed = cfg.seed if run.seed is None else run.seed
+    records, subset = warmup_records(exp, run.name, seed)
+    placebo = None
+    if run.placebo:  # the same rows, each response moved to another prompt
+        records, moved = placebo_records(records, seed)
+        placebo = {"responses_from": moved}
     name = "warmup" if run == SINGLE else f"warmup-{run.key}"
-    described = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, "n": len(records)}
+    described = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, "n": len(records),
+                 "placebo": run.placebo, "seed": seed}
     wandb_run = tracking.start_run(exp, layout, "warmup", f"{exp.name}-{name}", described,
-                                   ["warmup", f"warmup:{run.name}", f"lora_init:{run.lora_init}"])
+                                   ["warmup", f"warmup:{run.name}", f"lora_init:{run.lora_init}",
+                                    *(["placebo"] if run.placebo else [])])
+    data = subset.to_dict() | {"indices": None} | ({"placebo": True} if run.placebo else {})
     phase = Phase(name=name, method="sft", settings=cfg.train, settings_key=f"{settings_key}.train",
-                  records=records, out_adapter=adapter, checkpoint_dir=home / "checkpoints", seed=cfg.seed,
-                  lineage={"phase": "warmup", "warmup": run.name, "data": subset.to_dict() | {"indices": None}},
+                  records=records, out_adapter=adapter, checkpoint_dir=home / "checkpoints", seed=seed,
+                  lineage={"phase": "warmup", "warmup": run.name, "data": data},
                   lora_init=run.lora_init, report_to=["wandb"] if wandb_run is not None else [],
                   callbacks=callbacks or [])
     outcome = train_phase(exp, phase)
-    result = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, "train": outcome.summary(),
+    extra = {"seed": seed} if run.seed is not None else {}
+    result = {"phase": "warmup", "warmup": run.name, "lora_init": run.lora_init, **extra,
+              **({"placebo": placebo} if placebo else {}), "train": outcome.summary(),
               "budget": outcome.budget.to_dict(),  # what D2LoRA cells add to their own (budget.py)
               "data": {"dataset": subset.dataset, "n": subset.n, "subset_sha256": subset.sha256,
                        "dropped": subset.dropped},

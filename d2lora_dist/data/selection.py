@@ -23,10 +23,11 @@ def task_records(exp: Experiment, task: str, form: str, n: int, seed: int) -> tu
     return training_records(cfg.dataset, form, n, exp.data_seed, seed, cfg.holdout)
 
 
-def warmup_records(exp: Experiment, name: str) -> tuple[list[dict[str, Any]], Subset]:
-    """A warm-up's rows: the first n of its seed's permutation (warm-ups of one dataset and seed nest)."""
+def warmup_records(exp: Experiment, name: str, seed: int | None = None) -> tuple[list[dict[str, Any]], Subset]:
+    """A warm-up's rows: the first n of its seed's permutation (warm-ups of one dataset and seed nest);
+    `seed` = a cell's seed for a per-seed warm-up, else the warm-up's own."""
     cfg = exp.warmup_configs()[name]
-    return training_records(cfg.dataset, "sft", cfg.n, exp.data_seed, cfg.seed)
+    return training_records(cfg.dataset, "sft", cfg.n, exp.data_seed, cfg.seed if seed is None else seed)
 
 
 def suite_items(exp: Experiment, suite: str, task: str | None) -> list[dict[str, Any]]:

@@ -3,7 +3,9 @@
 An arm is a cell's init with its axes (sweep/grid.Cell.arm): `lora`, `d2lora`, `d2lora@m384`,
 `lora+pissa`, `d2lora@m64+pissa`. Every D2LoRA arm is paired with the vanilla arm of the same LoRA
 init, so Δ isolates the warm-up: D2LoRA(m, n) − LoRA(n) at one LoRA init. An experiment without the
-axes has the two arms `lora` and `d2lora` and the one pair it always had.
+axes has the two arms `lora` and `d2lora` and the one pair it always had. A control arm (`lora_matched`,
+`d2lora_placebo`, `random_b`) is paired with LoRA like D2LoRA is, and D2LoRA with it (D2LoRA − control)
+at the same warm-up and LoRA init.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from d2lora_dist.config import SINGLE_WARMUP
-from d2lora_dist.inits import BASELINE, INITS, TREATMENT
+from d2lora_dist.inits import BASELINE, CONTROLS, INITS, TREATMENT
 from d2lora_dist.lora_inits import DEFAULT_LORA_INIT, LORA_INITS, is_lora_init, lora_init_label
 from d2lora_dist.sweep.grid import arm_name
 
@@ -81,7 +83,8 @@ def ordered_arms(arms: set[str] | list[str]) -> list[str]:
 
 
 def pairs_of(arms: list[str]) -> list[Pair]:
-    """Each warm-started arm against the vanilla arm of its LoRA init (when that arm exists)."""
+    """Each warm-started arm (D2LoRA, a control) against the vanilla arm of its LoRA init, then D2LoRA
+    against each control of its warm-up and LoRA init (when those arms exist)."""
     present = set(arms)
     out = []
     for name in ordered_arms(arms):
@@ -89,4 +92,9 @@ def pairs_of(arms: list[str]) -> list[Pair]:
         baseline = Arm(BASELINE, "", arm.lora_init).name
         if arm.from_warmup and baseline in present:
             out.append(Pair(baseline, name))
+    for name in ordered_arms(arms):
+        arm = Arm.parse(name)
+        treatment = Arm(TREATMENT, arm.warmup, arm.lora_init).name
+        if arm.init in CONTROLS and treatment in present:
+            out.append(Pair(name, treatment))
     return out or [LEGACY_PAIR]

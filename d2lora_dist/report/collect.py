@@ -133,11 +133,15 @@ class Collection:
 
 def arm_at(arm: str, n: int) -> str:
     """The arm of the cells behind a table's (arm, n): a vanilla n = 0 cell is the base model whatever
-    its LoRA init, so it is planned once, with the default (sweep/grid.Cell.requested)."""
+    its LoRA init, so it is planned once, with the default (sweep/grid.Cell.requested); so is
+    lora_matched's (nothing trained: the base model too)."""
+    from d2lora_dist.inits import BASELINE, INITS
     from d2lora_dist.report.arms import Arm
 
     a = Arm.parse(arm)
-    return Arm(a.init).name if n == 0 and not a.from_warmup else arm
+    if n == 0 and not a.from_warmup:
+        return Arm(a.init).name
+    return Arm(BASELINE).name if n == 0 and a.init in INITS and INITS[a.init].at_n0 == "base" else arm
 
 
 def cell_method(method: str, n: int) -> str:

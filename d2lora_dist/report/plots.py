@@ -29,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from d2lora_dist.fileio import write_atomic as atomic_write
+from d2lora_dist.inits import TREATMENT
 from d2lora_dist.methods import method_label
 from d2lora_dist.report.arms import Arm, Pair
 from d2lora_dist.report.collect import Collection
@@ -44,8 +45,11 @@ UNRESOLVED_COLOR = "0.6"  # grey
 TREND, UNRESOLVED, INTERVAL = "trend", "unresolved", "interval"  # gids of the artists (tests look them up)
 LOW_DATA_MAX_N = 1000
 DODGE = 0.04  # sideways shift between series at one n, in units of the n spacing
-INIT_STYLE = {"lora": {"linestyle": "--", "marker": "o"}, "d2lora": {"linestyle": "-", "marker": "s"}}
-INIT_COLOR = {"lora": "tab:blue", "d2lora": "tab:red"}
+INIT_STYLE = {"lora": {"linestyle": "--", "marker": "o"}, "d2lora": {"linestyle": "-", "marker": "s"},
+              "lora_matched": {"linestyle": "-.", "marker": "o"}, "d2lora_placebo": {"linestyle": ":", "marker": "s"},
+              "random_b": {"linestyle": ":", "marker": "x"}}
+INIT_COLOR = {"lora": "tab:blue", "d2lora": "tab:red", "lora_matched": "tab:cyan", "d2lora_placebo": "tab:gray",
+              "random_b": "tab:olive"}
 METHOD_COLOR = {"sft": "tab:blue", "dpo": "tab:orange", "orpo": "tab:green"}
 WARMUP_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")  # one per warm-up
 LORA_INIT_MARKERS = ("o", "^", "D", "v", "P")  # one per LoRA init, when there are several
@@ -147,9 +151,10 @@ def arm_style(arm: str, arms: list[str]) -> dict:
     parsed = [Arm.parse(a) for a in arms]
     a = Arm.parse(arm)
     style = dict(INIT_STYLE.get(a.init, {"linestyle": "-", "marker": "o"}))
-    warmups = list(dict.fromkeys(p.warmup for p in parsed if p.from_warmup))
-    color = WARMUP_COLORS[warmups.index(a.warmup) % len(WARMUP_COLORS)] if a.from_warmup and a.warmup in warmups \
-        else INIT_COLOR.get(a.init, "tab:gray")
+    # a colour per warm-up for D2LoRA; the controls (also tied to a warm-up) keep their own
+    warmups = list(dict.fromkeys(p.warmup for p in parsed if p.init == TREATMENT))
+    color = WARMUP_COLORS[warmups.index(a.warmup) % len(WARMUP_COLORS)] if a.init == TREATMENT \
+        and a.warmup in warmups else INIT_COLOR.get(a.init, "tab:gray")
     lora_inits = list(dict.fromkeys(p.lora_init for p in parsed))
     if len(lora_inits) > 1:
         style["marker"] = LORA_INIT_MARKERS[lora_inits.index(a.lora_init) % len(LORA_INIT_MARKERS)]
@@ -246,8 +251,10 @@ def _pair_look(spec: TableSpec, pair: Pair, pairs: list[Pair], deltas: Deltas, s
         return {"color": METHOD_COLOR.get(spec.method, "tab:purple"), "label": method_label(spec.method)}
     arms = deltas.coll.arms(spec.task)
     label = pair.label if not several_methods else f"{method_label(spec.method)} {pair.label}"
-    return {"color": arm_style(pair.treatment, arms)["color"], "label": label,
-            "marker": arm_style(pair.treatment, arms)["marker"]}
+    # D2LoRA − control takes the control's look (D2LoRA − LoRA keeps D2LoRA's)
+    styled = pair.baseline if Arm.parse(pair.baseline).from_warmup else pair.treatment
+    look = arm_style(styled, arms)
+    return {"color": look["color"], "label": label, "marker": look["marker"]}
 
 
 def _delta_series(ax: Axes, deltas: list[Delta], color: str, label: str, shift: float, marker: str = "o") -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from d2lora_dist.config import Experiment
 from d2lora_dist.evaluate.suites import SUITES
+from d2lora_dist.inits import BASELINE, TREATMENT
 from d2lora_dist.inits import INITS as INIT_SPECS
 from d2lora_dist.methods import METHODS, method_label
 from d2lora_dist.report.arms import Arm
@@ -25,7 +26,8 @@ from d2lora_dist.report.stats import LEVEL, POWER, mean_std, seeds_to_detect
 from d2lora_dist.sweep.grid import NO_TRAINING
 
 MISSING = "—"
-INITS = tuple((name, spec.label) for name, spec in INIT_SPECS.items())  # table rows, in registry order
+# table rows of an experiment without axes or controls: LoRA and D2LoRA
+INITS = tuple((name, INIT_SPECS[name].label) for name in (BASELINE, TREATMENT))
 ONE_SEED = "1 seed: test-set noise only"
 IDENTICAL = "identical outputs"
 SEED_LEVEL = "seed-level only"
@@ -246,11 +248,14 @@ def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec], d
                     versions: list[str] | None = None, mixed: frozenset[str] = frozenset()) -> str:
     """`versions`: lines about the versions behind the cells (report.versions), shown before the tables;
     `mixed`: suites whose cells come from different prompt or scorer versions (their titles say so)."""
+    from d2lora_dist.report.controls import render_controls, warmup_draw_note  # it imports this module
+
     planned, done, missing = len(coll.planned), len(coll.done), coll.missing
     out = [f"# D2LoRA results: {exp.name}", "",
            f"**{done} of {planned} planned cells done** ({len(missing)} missing"
            + (f"; {len(coll.unplanned)} finished cells are not in the current plan" if coll.unplanned else "")
-           + ").", "", HEADER, "", *([BUDGETS, ""] if coll.budgets else []), *(versions or [])]
+           + ").", "", HEADER, "", *([BUDGETS, ""] if coll.budgets else []), *warmup_draw_note(coll),
+           *(versions or [])]
     task = None
     for spec in specs:
         if spec.task != task:
@@ -259,6 +264,7 @@ def render_markdown(exp: Experiment, coll: Collection, specs: list[TableSpec], d
         metrics = ", ".join(label for _, label in spec.metrics)
         flag = " · MIXED VERSIONS" if spec.suite in mixed else ""
         out += [f"### {spec.title}: {metrics}{flag}", "", render_table(spec, coll, deltas, exp.report.budget_ratio), ""]
+    out += render_controls(coll, specs, deltas)
     out += render_power(exp, specs, deltas)
     if notes := deltas.notes():
         out += ["## Notes on Δ", "", "Missing or unreadable predictions make every Δ that uses the cell "

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from d2lora_dist import adapters, distributed, tracking
+from d2lora_dist import adapters, controls, distributed, tracking
 from d2lora_dist.base_cache import FreshBase
 from d2lora_dist.budget import NOTHING, cell_budget, phase_budget_of, warmup_budget_of
-from d2lora_dist.config import SINGLE_WARMUP, Experiment
+from d2lora_dist.config import SINGLE_WARMUP, Experiment, TrainSettings
 from d2lora_dist.data.loading import DataError
 from d2lora_dist.data.selection import task_records
 from d2lora_dist.errors import MissingInput
@@ -85,6 +85,9 @@ def _run_claimed(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list
         seconds["cell_s"] = round(time.time() - timing["started"], 2)  # also W&B runs, data, loads
         result = _result(exp, layout, cell, metrics, outcome, eval_adapter) | {
             "shared_worker": models.shared, "timing": seconds, "runtime": slot_record()}
+        control = control_record(exp, layout, cell)
+        if control is not None:  # results of lora and d2lora read as before
+            result["control"] = control
         write_json_atomic(layout.cell_result(cell.id), result)
         shutil.rmtree(layout.cell_checkpoints(cell.id), ignore_errors=True)
         print(f"[{cell.id}] done -> {layout.cell_result(cell.id)}", flush=True)
@@ -102,15 +105,17 @@ def _declare_input(exp: Experiment, run: Any, adapter_dir: Path | None, cell: Ce
 
 
 def _starting_adapter(layout: RunLayout, cell: Cell) -> Path | None:
+    """The warm-up adapter the cell starts from (None: fresh); a cell that reads its warm-up (random_b)
+    also needs it done."""
     run = cell.warmup_run
-    if not INITS[cell.init].from_warmup or run is None:
+    if run is None:
         return None
     if not layout.warmup_result_of(run.key).is_file():
         which, command = ("the warm-up adapter", "d2lora warmup") if run.key == SINGLE_WARMUP else (
             f"warm-up {run.key!r}", f"d2lora warmup --warmup {run.key}")
         raise MissingInput(f"[{cell.id}] needs {which}, but {layout.warmup_result_of(run.key)} does not exist; "
                            f"run `{command}` first")
-    return layout.warmup_adapter_of(run.key)
+    return layout.warmup_adapter_of(run.key) if INITS[cell.init].start == "warmup" else None
 
 
 def train_cell(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Path | None, run: Any = None,
@@ -124,15 +129,42 @@ def train_cell(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Pa
     method = get_method(cell.method)
     records, subset = task_records(exp, cell.task, method.form, cell.n, cell.seed)
     _save_subset(layout, cell, subset.to_dict())
-    phase = Phase(name=cell.id, method=cell.method, settings=exp.methods[cell.method],
+    settings, b_norms = _control_settings(exp, layout, cell, len(records))
+    phase = Phase(name=cell.id, method=cell.method, settings=settings,
                   settings_key=f"methods.{cell.method}", records=records,
                   out_adapter=adapter_dir, checkpoint_dir=layout.cell_checkpoints(cell.id), seed=cell.seed,
                   lineage={"phase": "adapt", "cell": cell.to_dict(), "init": cell.init,
                            "data": {k: v for k, v in subset.to_dict().items() if k != "indices"},
                            "shared_worker": models.shared},
                   init_adapter=start_adapter, lora_init=cell.lora_init, report_to=["wandb"] if run is not None else [],
-                  callbacks=callbacks or [], models=models)
+                  callbacks=callbacks or [], models=models, start_b_norms=b_norms)
     return train_phase(exp, phase)
+
+
+def _control_settings(exp: Experiment, layout: RunLayout, cell: Cell,
+                      examples: int) -> tuple[TrainSettings, dict[str, float] | None]:
+    """The method's settings (lora_matched: with the warm-up's steps added) and random_b's B norms."""
+    spec, settings = INITS[cell.init], exp.methods[cell.method]
+    if spec.matched_steps:
+        settings = controls.matched_settings(exp, cell.warmup, settings, examples)[0]
+    run = cell.warmup_run
+    norms = controls.b_norms(layout.warmup_adapter_of(run.key)) if spec.start == "random_b" and run else None
+    return settings, norms
+
+
+def control_record(exp: Experiment, layout: RunLayout, cell: Cell) -> dict[str, Any] | None:
+    """What a control arm changed, for its result (None for lora and d2lora)."""
+    spec = INITS[cell.init]
+    if not spec.rules_out:
+        return None
+    record: dict[str, Any] = {"control": cell.init, "rules_out": spec.rules_out}
+    if spec.matched_steps and cell.trains:
+        record |= controls.matched_settings(exp, cell.warmup, exp.methods[cell.method], cell.n)[1]
+    run = cell.warmup_run
+    if run is not None:
+        manifest = adapters.read_manifest(layout.warmup_adapter_of(run.key))
+        record |= {"warmup_run": run.key, "warmup_sha256": manifest["adapter_sha256"]}
+    return record
 
 
 def _save_subset(layout: RunLayout, cell: Cell, subset: dict[str, Any]) -> None:
@@ -178,12 +210,13 @@ def n_trained(cell: Cell, outcome: TrainOutcome | None, manifest: dict[str, Any]
 def _budget(layout: RunLayout, cell: Cell, outcome: TrainOutcome | None,
             manifest: dict[str, Any] | None) -> dict[str, Any]:
     """The cell's optimisation budget: its phase's (as it ran, or from its adapter's manifest when it trained
-    in an earlier run) and its warm-up's (from the warm-up's result.json) for a warm-started cell."""
+    in an earlier run) and its warm-up's (from the warm-up's result.json) for a cell that starts from one."""
     phase = NOTHING
     if cell.trains:
         phase = outcome.budget if outcome is not None and outcome.budget is not None else phase_budget_of(manifest)
     warmup = None
-    if INITS[cell.init].from_warmup and cell.warmup_run is not None:
+    if INITS[cell.init].start == "warmup" and cell.warmup_run is not None:  # not lora_matched (its extra steps
+        # are its own phase's) nor random_b (it reads the warm-up's B norms, it does not train from them)
         warmup = warmup_budget_of(read_json(layout.warmup_result_of(cell.warmup_run.key)))
     return cell_budget(phase, warmup)
 

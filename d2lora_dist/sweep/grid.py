@@ -7,16 +7,21 @@ function), so it is planned once, with the default.
 
 Ids keep the shape they had before the axes: `task-method-init-nN-sS`, where init grows
 `@warm-up` for a named warm-up (not for an experiment's single `warmup`) and `+lora_init` for a
-LoRA init other than the default: `titles-sft-d2lora@m384+pissa-n16-s0`.
+LoRA init other than the default: `titles-sft-d2lora@m384+pissa-n16-s0`. The controls (inits.py)
+are inits like any other: `titles-sft-random_b-n16-s0`.
+
+A warm-up with `seeds: per_cell` is trained once per cell seed: a D2LoRA cell of seed s starts from
+warm-up s, and its n = 0 cells keep their seed (each evaluates its own warm-up draw).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 from d2lora_dist.config import SINGLE_WARMUP, Experiment, GridBlock
 from d2lora_dist.errors import UnknownName
-from d2lora_dist.inits import INITS
+from d2lora_dist.inits import BASELINE, INITS
 from d2lora_dist.lora_inits import DEFAULT_LORA_INIT
 from d2lora_dist.methods import NO_TRAINING
 
@@ -32,22 +37,38 @@ def arm_name(init: str, warmup: str, lora_init: str) -> str:
     return f"{init}{named}{axis}"
 
 
+PLACEBO = "placebo"
+_SEED_SUFFIX = re.compile(r"^(.*)-s(\d+)$")
+
+
 @dataclass(frozen=True, order=True)
 class WarmupRun:
-    """One warm-up artifact to train: a named warm-up started from one LoRA init."""
+    """One warm-up artifact to train: a named warm-up started from one LoRA init, on its own data or on
+    the placebo (responses shuffled across prompts), with its configured seed or a cell's (`seeds: per_cell`)."""
 
     name: str
     lora_init: str = DEFAULT_LORA_INIT
+    placebo: bool = False
+    seed: int | None = None  # None: the warm-up's own `seed` (one draw shared by every cell)
 
     @property
     def key(self) -> str:
-        """Its directory, job and artifact name: the warm-up's name, `+lora_init` unless the default."""
-        return self.name if self.lora_init == DEFAULT_LORA_INIT else f"{self.name}+{self.lora_init}"
+        """Its directory, job and artifact name: the warm-up's name, `+lora_init` unless the default,
+        `+placebo` for the placebo, `-sS` for the warm-up of cell seed S."""
+        key = self.name if self.lora_init == DEFAULT_LORA_INIT else f"{self.name}+{self.lora_init}"
+        key += f"+{PLACEBO}" if self.placebo else ""
+        return key if self.seed is None else f"{key}-s{self.seed}"
 
     @classmethod
     def parse(cls, key: str) -> WarmupRun:
-        name, _, lora_init = key.partition("+")
-        return cls(name, lora_init or DEFAULT_LORA_INIT)
+        m = _SEED_SUFFIX.match(key)
+        rest, seed = (m.group(1), int(m.group(2))) if m else (key, None)
+        name, *parts = rest.split("+")
+        lora_inits = [p for p in parts if p != PLACEBO]
+        return cls(name, lora_inits[0] if lora_inits else DEFAULT_LORA_INIT, PLACEBO in parts, seed)
+
+    def sort_key(self) -> tuple:
+        return (self.name, self.lora_init, self.placebo, -1 if self.seed is None else self.seed)
 
 
 @dataclass(frozen=True, order=True)
@@ -61,6 +82,8 @@ class Cell:
     lora_init: str = DEFAULT_LORA_INIT  # PEFT's factor init of the fresh adapter (or of its warm-up)
     # The suites a grid block restricts the cell to (empty = the task's); not part of its identity.
     suites: tuple[str, ...] = field(default=(), compare=False)
+    # its warm-up is trained per cell seed (`warmup.seeds: per_cell`): it starts from warm-up `seed`
+    warmup_per_seed: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         # a D2LoRA cell named without its warm-up starts from the experiment's single one
@@ -77,8 +100,12 @@ class Cell:
 
     @property
     def warmup_run(self) -> WarmupRun | None:
-        """The warm-up artifact this cell starts from (None for a vanilla cell)."""
-        return WarmupRun(self.warmup, self.lora_init) if self.warmup else None
+        """The warm-up artifact this cell starts from or reads (None for a vanilla cell, and for
+        lora_matched, which takes only the warm-up's step count from its settings)."""
+        spec = INITS.get(self.init)
+        if not self.warmup or spec is None or not spec.needs_warmup_adapter:
+            return None
+        return WarmupRun(self.warmup, self.lora_init, spec.placebo, self.seed if self.warmup_per_seed else None)
 
     @property
     def trains(self) -> bool:
@@ -95,25 +122,35 @@ class Cell:
             del data["warmup"]
         if self.lora_init == DEFAULT_LORA_INIT:
             del data["lora_init"]
+        if not self.warmup_per_seed:
+            del data["warmup_per_seed"]
         return data
 
     @classmethod
     def requested(cls, task: str, method: str, init: str, n: int, seed: int, warmup: str = SINGLE_WARMUP,
-                  lora_init: str = DEFAULT_LORA_INIT) -> Cell:
-        """The cell a request names: n = 0 trains nothing, so it is method "none", seed 0, for every method;
-        a vanilla cell has no warm-up, and at n = 0 it is the base model whatever its LoRA init."""
-        from_warmup = INITS[init].from_warmup
-        warmup = warmup if from_warmup else ""
+                  lora_init: str = DEFAULT_LORA_INIT, warmup_per_seed: bool = False) -> Cell | None:
+        """The cell a request names: n = 0 trains nothing, so it is method "none", seed 0 (the seed of its
+        warm-up draw when warm-ups are per seed), for every method; a vanilla cell has no warm-up, and at
+        n = 0 it is the base model whatever its LoRA init (lora_matched too); random_b has no n = 0 (None)."""
+        spec = INITS[init]
+        warmup = warmup if spec.from_warmup else ""
+        per_seed = warmup_per_seed and spec.needs_warmup_adapter
         if n == 0:
-            return cls(task, NO_TRAINING, init, 0, 0, warmup, lora_init if from_warmup else DEFAULT_LORA_INIT)
-        return cls(task, method, init, n, seed, warmup, lora_init)
+            if spec.at_n0 == "none":
+                return None
+            if spec.at_n0 == "base":
+                return cls(task, NO_TRAINING, BASELINE, 0, 0)
+            return cls(task, NO_TRAINING, init, 0, seed if per_seed else 0, warmup, lora_init,
+                       warmup_per_seed=per_seed)
+        return cls(task, method, init, n, seed, warmup, lora_init, warmup_per_seed=per_seed)
 
     @classmethod
     def from_dict(cls, data: dict) -> Cell:
         from_warmup = data["init"] in INITS and INITS[data["init"]].from_warmup
         return cls(task=data["task"], method=data["method"], init=data["init"], n=int(data["n"]),
                    seed=int(data["seed"]), warmup=data.get("warmup") or (SINGLE_WARMUP if from_warmup else ""),
-                   lora_init=data.get("lora_init") or DEFAULT_LORA_INIT, suites=tuple(data.get("suites") or ()))
+                   lora_init=data.get("lora_init") or DEFAULT_LORA_INIT, suites=tuple(data.get("suites") or ()),
+                   warmup_per_seed=bool(data.get("warmup_per_seed")))
 
 
 def plan_cells(exp: Experiment) -> list[Cell]:
@@ -125,7 +162,10 @@ def plan_cells(exp: Experiment) -> list[Cell]:
             for n in block.n:
                 for method in block.methods:
                     for seed in block.seeds:
-                        cell = Cell.requested(block.task, method, init, n, seed, warmup, lora_init)
+                        cell = Cell.requested(block.task, method, init, n, seed, warmup, lora_init,
+                                              per_seed_warmup(exp, warmup))
+                        if cell is None:
+                            continue
                         cells.setdefault(cell.id, cell)
                         asked = suites.get(cell.id, set())
                         suites[cell.id] = None if asked is None or block.suites is None else asked | set(block.suites)
@@ -138,6 +178,12 @@ def _arms(exp: Experiment, block: GridBlock) -> list[tuple[str, str, str]]:
     warmups = block.warmups if block.warmups is not None else list(exp.warmup_configs())
     return [(init, warmup, lora_init) for init in block.inits for lora_init in block.lora_inits
             for warmup in (warmups if INITS[init].from_warmup else [""])]
+
+
+def per_seed_warmup(exp: Experiment, warmup: str) -> bool:
+    """Whether warm-up `warmup` is trained once per cell seed (`seeds: per_cell`)."""
+    cfg = exp.warmup_configs().get(warmup) if warmup else None
+    return cfg is not None and cfg.seeds == "per_cell"
 
 
 def _restrict(exp: Experiment, cell: Cell, asked: set[str] | None) -> Cell:
@@ -164,9 +210,9 @@ def find_cell(exp: Experiment, cell_id: str) -> Cell:
 
 
 def needs_warmup(cells: list[Cell]) -> bool:
-    return any(INITS[c.init].from_warmup for c in cells)
+    return any(c.warmup_run is not None for c in cells)
 
 
 def warmup_runs(cells: list[Cell]) -> list[WarmupRun]:
     """The warm-up artifacts these cells start from, each once, in a stable order."""
-    return sorted({c.warmup_run for c in cells if c.warmup_run is not None})
+    return sorted({c.warmup_run for c in cells if c.warmup_run is not None}, key=WarmupRun.sort_key)

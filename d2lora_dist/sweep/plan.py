@@ -163,7 +163,7 @@ def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughp
     for cell in plan_cells(exp):
         if cell.method not in launches:
             launches[cell.method] = cell_launch(exp, [cell.method], packed)
-        examples = trained_examples(exp.methods[cell.method], cell.n) if cell.trains else 0
+        examples = trained_examples(_cell_settings(exp, cell), cell.n) if cell.trains else 0
         tokens = round(examples * work.train_tokens_per_example.get((cell.task, cell.method), 0.0))
         suites = cell_suites(exp, cell)
         items = sum(work.eval_items[s] for s in suites)
@@ -172,6 +172,15 @@ def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughp
         rows.append(CellEstimate(cell, layout.cell_result(cell.id).is_file(), examples, tokens, items, eval_tokens,
                                  launches[cell.method], hours))
     return rows
+
+
+def _cell_settings(exp: Experiment, cell: Cell) -> TrainSettings:
+    """The settings a cell trains with: its method's (lora_matched: with the warm-up's steps added)."""
+    from d2lora_dist.controls import matched_settings
+    from d2lora_dist.inits import INITS
+
+    settings = exp.methods[cell.method]
+    return matched_settings(exp, cell.warmup, settings, cell.n)[0] if INITS[cell.init].matched_steps else settings
 
 
 @dataclass
@@ -207,7 +216,8 @@ def warmup_rows(exp: Experiment, layout: RunLayout) -> list[dict[str, Any]]:
     for run in warmup_runs(cells):
         cfg = exp.warmup_configs()[run.name]
         rows.append({"key": run.key, "warmup": run.name, "lora_init": run.lora_init, "dataset": cfg.dataset.name,
-                     "m": cfg.n, "seed": cfg.seed, "done": layout.warmup_result_of(run.key).is_file(),
+                     "m": cfg.n, "seed": cfg.seed if run.seed is None else run.seed, "placebo": run.placebo,
+                     "done": layout.warmup_result_of(run.key).is_file(),
                      "cells": sum(c.warmup_run == run for c in cells)})
     return rows
 

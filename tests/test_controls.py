@@ -154,12 +154,17 @@ def test_lora_matched_takes_the_warmups_steps_plus_the_tasks(controls_run):
     assert {k: matched["control"][k] for k in ("control", "warmup", "warmup_steps", "task_steps", "optimizer_steps")} \
         == {"control": "lora_matched", "warmup": "warmup", "warmup_steps": 2, "task_steps": 2, "optimizer_steps": 4}
     assert matched["adapter"]["parent_sha256"] is None  # a fresh adapter, not the warm-up's
+    # its budget: all its steps are its own phase's (no warm-up's added), as many in total as D2LoRA's
+    d2lora = run_cell(exp, layout, Cell("titles", "sft", "d2lora", 4, 0))
+    assert matched["budget"]["warmup"] is None and matched["budget"]["phase"]["steps"] == 4
+    assert matched["budget"]["total"]["steps"] == d2lora["budget"]["total"]["steps"] == 4
 
 
 def test_random_b_has_the_warmups_b_norms_and_vanillas_a(controls_run):
     exp, layout, _, _, vanilla_start = controls_run
     vanilla, random_b = type("Vanilla", (), {"state": vanilla_start}), StartState()
-    run_cell(exp, layout, Cell("titles", "sft", "random_b", 4, 0), callbacks=[random_b])
+    result = run_cell(exp, layout, Cell("titles", "sft", "random_b", 4, 0), callbacks=[random_b])
+    assert result["budget"]["warmup"] is None  # it reads the warm-up's B norms; it does not train from it
     norms = controls.b_norms(layout.warmup_adapter)
     warm, _ = adapters.load_adapter_state(layout.warmup_adapter)
     a_keys = [k for k in vanilla.state if "lora_A" in k]

@@ -237,6 +237,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="per-item results as JSON (refused if the file exists)")
     parser.add_argument("--table", type=Path, help="the summary table as markdown (refused if the file exists)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",
+                        help="print the table of earlier --out files (no model, nothing generated)")
     args = parser.parse_args(argv)
     if args.k < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise InputError(f"--k, --max-new-tokens and --batch-size must be >= 1, got {args.k}, "
@@ -287,9 +289,24 @@ def _write(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
+def summarize_files(paths: Sequence[Path]) -> str:
+    """The markdown table of earlier --out files, their settings in file order."""
+    rows = [TABLE_HEAD]
+    for path in paths:
+        try:
+            rows += [table_row(result) for result in json.loads(path.read_text())["settings"]]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise InputError(f"--summarize {path}: not a math_task_search --out file ({error!r})") from None
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        run(parse_args(argv))
+        args = parse_args(argv)
+        if args.summarize:
+            print(summarize_files(args.summarize))
+            return 0
+        run(args)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ extraction + generator scoring of hand-written completions through the pinned re
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -65,6 +66,19 @@ def test_scoring_accepts_written_forms_of_the_same_number(search: ModuleType, ge
                                max_new_tokens=16, seconds=1.0)
     assert (summary["correct"], summary["n"], summary["accuracy_strict"]) == (3, 4, 0.5)
     assert summary["cut_share"] == 0.25 and summary["mean_tokens"] == 9.5
+
+
+def test_summarize_rebuilds_the_table_from_out_files(search: ModuleType, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"correct": c, "correct_strict": c, "tokens": 5} for c in (True, False, False, False)]
+    result = {"generator": "gcd", "config": {"max_value": 20}, "summary": search.summarize(rows, 16, 2.0)}
+    out = tmp_path / "items.json"
+    out.write_text(json.dumps({"meta": {}, "settings": [result]}))
+    assert search.main(["--summarize", str(out)]) == 0
+    assert "| gcd | max_value=20 | 1/4 = 25% | 5%–70% | 25% | 5 | 0% | 2 |" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{}")
+    assert search.main(["--summarize", str(tmp_path / "bad.json")]) == 2
+    assert f"--summarize {tmp_path / 'bad.json'}: not a math_task_search --out file" in capsys.readouterr().err
 
 
 def test_a_bad_knob_names_the_setting(search: ModuleType, generators: object) -> None:

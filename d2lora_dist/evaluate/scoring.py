@@ -22,6 +22,7 @@ from d2lora_dist.evaluate.answers import (
     is_bare_title,
     reference_answer,
 )
+from d2lora_dist.evaluate.lm_eval_gsm8k import LM_EVAL_FILTERS, lm_eval_row_scores
 
 ScoreKind = Literal["gsm8k", "titles", "arc"]
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -50,7 +51,8 @@ def rouge_f1(prediction: str, reference: str) -> dict[str, float]:
 
 def gsm8k_row_scores(completion: str, reference: str, answer_filter: AnswerFilter = "flexible") -> dict[str, Any]:
     """The scored fields of one GSM8K prediction row: `extracted_<filter>` and
-    `correct_<filter>` for every filter, plus `extracted`/`correct` of the headline filter."""
+    `correct_<filter>` for every filter (the project's strict and flexible, and lm-eval's
+    strict_match and flexible_extract), plus `extracted`/`correct` of the headline filter."""
     answer_extractor(answer_filter)  # a bad name is a ValueError that lists the valid ones
     gold = reference_answer(reference)
     fields: dict[str, Any] = {}
@@ -59,7 +61,7 @@ def gsm8k_row_scores(completion: str, reference: str, answer_filter: AnswerFilte
         fields[f"extracted_{name}"] = extracted
         fields[f"correct_{name}"] = extracted is not None and extracted == gold
     return {"extracted": fields[f"extracted_{answer_filter}"], "correct": fields[f"correct_{answer_filter}"],
-            **fields}
+            **fields, **lm_eval_row_scores(completion, reference)}
 
 
 def score_row(kind: ScoreKind, completion: str, reference: str,
@@ -83,18 +85,20 @@ def _require_rows(rows: Sequence[Any], what: str) -> None:
 def score_gsm8k(rows: Iterable[dict[str, Any]], answer_filter: AnswerFilter = "flexible") -> dict[str, float | int]:
     """Exact-match accuracy of extracted vs reference numbers under both answer filters,
     recomputed from `completion` and `reference`; `accuracy` and `correct` (a count) are
-    the `answer_filter` one's."""
+    the `answer_filter` one's. `strict_match` and `flexible_extract` are lm-eval's own
+    (`lm_eval_gsm8k`), for comparison with published lm-eval figures."""
     answer_extractor(answer_filter)  # a bad name fails here, not after scoring every row
     rows = list(rows)
     _require_rows(rows, "score_gsm8k")
-    correct = dict.fromkeys(ANSWER_FILTERS, 0)
+    correct = dict.fromkeys([*ANSWER_FILTERS, *LM_EVAL_FILTERS], 0)
     for row in rows:
         fields = gsm8k_row_scores(row["completion"], row["reference"], answer_filter)
-        for name in ANSWER_FILTERS:
+        for name in correct:
             correct[name] += fields[f"correct_{name}"]
     n = len(rows)
     return {"accuracy": correct[answer_filter] / n, "strict_accuracy": correct["strict"] / n,
-            "flexible_accuracy": correct["flexible"] / n, "items": n, "correct": correct[answer_filter]}
+            "flexible_accuracy": correct["flexible"] / n,
+            **{name: correct[name] / n for name in LM_EVAL_FILTERS}, "items": n, "correct": correct[answer_filter]}
 
 
 def score_titles(rows: Iterable[dict[str, Any]]) -> dict[str, float | int]:
@@ -146,7 +150,8 @@ SCORERS = {"gsm8k": score_gsm8k, "titles": score_titles, "arc": score_arc}
 ITEM_SCORES: dict[str, dict[str, Any]] = {
     "gsm8k": {"accuracy": lambda row: float(row["correct"]),
               "strict_accuracy": lambda row: float(row["correct_strict"]),
-              "flexible_accuracy": lambda row: float(row["correct_flexible"])},
+              "flexible_accuracy": lambda row: float(row["correct_flexible"]),
+              **{name: (lambda row, name=name: float(row[f"correct_{name}"])) for name in LM_EVAL_FILTERS}},
     "titles": {**{name: (lambda row, name=name: float(row["score"][name])) for name in ROUGE_TYPES},
                "bare_title": lambda row: float(row["bare_title"])},
     "arc": {"accuracy": lambda row: float(row["correct"]), "accuracy_norm": lambda row: float(row["correct_norm"])},

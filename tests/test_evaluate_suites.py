@@ -40,7 +40,7 @@ ROW_KEYS = {
 }
 ITEMS = {"gsm8k": GSM8K_ITEMS, "titles": TITLE_ITEMS, "arc": ARC_ITEMS}
 # String entries of run_suite's metrics besides the numbers, per kind.
-LABELS = {"gsm8k": {"prompt_version", "answer_filter", "answer_rules", "scorer_version"},
+LABELS = {"gsm8k": {"prompt_version", "answer_filter", "answer_rules", "scorer_version", "lm_eval_rules"},
           "titles": {"prompt_version", "scorer_version"}, "arc": {"prompt_version", "scorer_version"}}
 
 
@@ -293,7 +293,8 @@ def test_gsm8k_rows_and_metrics_carry_both_filters_and_the_setting_picks_the_hea
                        "strict_match": 0.0, "flexible_extract": 0.5, "items": 2,
                        "prompt_version": suites.GSM8K_PROMPT_VERSION, "answer_filter": answer_filter,
                        "answer_rules": ANSWER_RULES_VERSION,
-                       "scorer_version": f"{ANSWER_RULES_VERSION}/{answer_filter}"}
+                       "scorer_version": f"{ANSWER_RULES_VERSION}/{answer_filter}",
+                       "lm_eval_rules": "lm-eval-0.4/gsm8k-3.0/v1"}
     # the file alone reproduces every number, given the headline filter
     rescored = score_file("gsm8k", out, answer_filter=answer_filter)
     assert {k: rescored[k] for k in suites.SUITES["gsm8k"].metrics} == {

@@ -20,6 +20,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+# Which lm-eval rules these are: reported with the gsm8k metrics (`lm_eval_rules`). Bump the suffix
+# if a fix here changes what a completion scores.
+LM_EVAL_RULES = "lm-eval-0.4/gsm8k-3.0/v1"
 LM_EVAL_INVALID = "[invalid]"  # lm-eval's fallback when a filter's pattern finds nothing
 
 _STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")

@@ -26,6 +26,7 @@ from d2lora_dist import distributed, prompts
 from d2lora_dist.errors import InputError
 from d2lora_dist.evaluate.answers import ANSWER_RULES_VERSION, TITLE_RULES_VERSION, answer_extractor
 from d2lora_dist.evaluate.generation import generate
+from d2lora_dist.evaluate.lm_eval_gsm8k import LM_EVAL_RULES
 from d2lora_dist.evaluate.loglik import choice_logliks
 from d2lora_dist.evaluate.scoring import arc_predictions, score_arc, score_gsm8k, score_row, score_titles
 from d2lora_dist.evaluate.sharding import gather_in_order, shard
@@ -134,7 +135,7 @@ def gsm8k_labels(settings: SuiteConfig) -> dict[str, str]:
     # they are the scorer (the same rules with the other headline give another `accuracy`).
     answer_extractor(settings.answer_filter)  # a bad name is an error before anything is generated
     return {"answer_filter": settings.answer_filter, "answer_rules": ANSWER_RULES_VERSION,
-            "scorer_version": f"{ANSWER_RULES_VERSION}/{settings.answer_filter}"}
+            "scorer_version": f"{ANSWER_RULES_VERSION}/{settings.answer_filter}", "lm_eval_rules": LM_EVAL_RULES}
 
 
 def gsm8k_scorer_before_labels(labels: dict[str, str]) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
+from d2lora_dist.errors import InputError
 from d2lora_dist.evaluate.scoring import (
     ITEM_SCORES,
     arc_predictions,
@@ -205,3 +207,18 @@ def test_item_scores_leave_out_a_metric_whose_field_older_predictions_lack() -> 
     assert item_scores("gsm8k", old_rows) == {"accuracy": {"a": 1.0, "b": 0.0}}
     with pytest.raises(ValueError, match="row 1 has no 'id'"):
         item_scores("gsm8k", [{"id": "a", "correct": True}, {"correct": True}])
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"choices": ["a", "b", "c"], "logliks": [-1.0, -2.0], "gold": 0}, "2 'logliks' for 3 'choices'"),
+    ({"choices": ["a", "b"], "logliks": [-1.0, "x"], "gold": 0}, "'logliks' must hold numbers only"),
+    ({"choices": ["a", "b"], "logliks": [-1.0, -2.0], "gold": 2}, "'gold' 2 is not the index of one of its 2 choices"),
+    ({"choices": ["a", "b"], "logliks": [-1.0, -2.0], "gold": -1}, "'gold' -1 is not the index"),
+    ({"choices": [], "logliks": [], "gold": 0}, "'choices' must be a non-empty list of strings"),
+    ({"choices": ["a", 3], "logliks": [-1.0, -2.0], "gold": 0}, "'choices' must be a non-empty list of strings"),
+])
+def test_score_file_arc_names_the_line_of_an_unscorable_row(tmp_path, row, problem):
+    good = {"choices": ["a", "b"], "logliks": [-1.0, -2.0], "gold": 0}
+    path = write_jsonl(tmp_path / "arc.jsonl", [good, row])
+    with pytest.raises(InputError, match=f"{path}:2: {re.escape(problem)}"):
+        score_file("arc", path)

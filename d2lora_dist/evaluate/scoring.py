@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,24 @@ REQUIRED_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "titles": {"completion": str, "reference": str},
     "arc": {"choices": list, "logliks": list, "gold": int},
 }
+
+
+def _arc_row_problem(row: dict[str, Any]) -> str | None:
+    """What makes a multiple-choice row unscorable (None when it is scorable)."""
+    choices, logliks, gold = row["choices"], row["logliks"], row["gold"]
+    if not choices or not all(isinstance(c, str) for c in choices):
+        return "'choices' must be a non-empty list of strings"
+    if len(logliks) != len(choices):
+        return f"{len(logliks)} 'logliks' for {len(choices)} 'choices'"
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in logliks):
+        return "'logliks' must hold numbers only"
+    if isinstance(gold, bool) or not 0 <= gold < len(choices):
+        return f"'gold' {gold!r} is not the index of one of its {len(choices)} choices"
+    return None
+
+
+# A check per kind beyond the keys' types: the problem of a row, None when the row can be scored.
+ROW_CHECKS: dict[str, Callable[[dict[str, Any]], str | None]] = {"arc": _arc_row_problem}
 
 
 @functools.lru_cache(maxsize=1)
@@ -178,9 +196,10 @@ def item_scores(kind: ScoreKind, rows: Iterable[dict[str, Any]]) -> dict[str, di
     return out
 
 
-def read_predictions(path: str | Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
-    """Rows of a predictions JSONL; blank lines are skipped, anything else bad raises
-    ValueError naming the file, the line number and the problem."""
+def read_predictions(path: str | Path, required: dict[str, type | tuple[type, ...]],
+                     check: Callable[[dict[str, Any]], str | None] | None = None) -> list[dict[str, Any]]:
+    """Rows of a predictions JSONL; blank lines are skipped, anything else bad (a row `check`
+    finds a problem in, too) raises InputError naming the file, the line number and the problem."""
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"{path}: no such predictions file")
@@ -204,6 +223,9 @@ def read_predictions(path: str | Path, required: dict[str, type | tuple[type, ..
                     names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
                     raise InputError(f"{path}:{lineno}: key {key!r} is a {type(row[key]).__name__}, "
                                      f"expected {names}")
+            problem = check(row) if check else None
+            if problem:
+                raise InputError(f"{path}:{lineno}: {problem}")
             rows.append(row)
     if not rows:
         raise InputError(f"{path}: empty predictions file (no rows to score)")
@@ -220,7 +242,7 @@ def score_file(kind: ScoreKind, path: str | Path, answer_filter: AnswerFilter | 
         raise ValueError(f"score_file: kind must be one of {sorted(SCORERS)}, got {kind!r}")
     if answer_filter is not None and kind != "gsm8k":
         raise InputError(f"score_file: answer_filter applies to gsm8k only, got it for kind {kind!r}")
-    rows = read_predictions(path, REQUIRED_KEYS[kind])
+    rows = read_predictions(path, REQUIRED_KEYS[kind], ROW_CHECKS.get(kind))
     if kind == "gsm8k":
         return score_gsm8k(rows, answer_filter or "flexible")
     return SCORERS[kind](rows)

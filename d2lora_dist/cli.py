@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from d2lora_dist.evaluate.scoring import SCORERS  # every suite kind rescores; light (no torch)
+
 EXIT_BAD_INPUT = 2
 
 
@@ -292,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="re-score a predictions JSONL without a model")
-    p.add_argument("kind", choices=["gsm8k", "titles"])
+    p.add_argument("kind", choices=sorted(SCORERS), help="suite kind of the predictions")
     p.add_argument("predictions", type=Path)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_score)

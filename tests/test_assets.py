@@ -32,7 +32,8 @@ from tests.assets_fixtures import private_copy
 def test_asset_path_is_the_documented_layout_and_fetches_nothing(tmp_path: Path) -> None:
     expected = {
         "smollm2": "models/SmolLM2-135M-Instruct", "gsm8k": "data/gsm8k/test.jsonl",
-        "arc_easy": "data/arc_easy/test.jsonl", "titles": "data/titles/abstracts.jsonl",
+        "arc_easy": "data/arc_easy/test.jsonl", "arc_challenge": "data/arc_challenge/test.jsonl",
+        "titles": "data/titles/abstracts.jsonl",
         "alpaca_demo": "data/alpaca_demo/train.jsonl", "dpo_demo": "data/dpo_demo/train.jsonl",
         "math_synthetic": "data/math_synthetic/train.jsonl"}
     assert set(expected) == set(ASSET_NAMES)

@@ -36,6 +36,24 @@ def test_arc_easy_has_the_ai2_arc_schema(data: dict[str, Path]) -> None:
         assert r["question"] and not r["question"].startswith("Question:")
 
 
+def test_arc_challenge_is_the_whole_test_split_in_the_ai2_arc_schema(data: dict[str, Path]) -> None:
+    from d2lora_dist.config import DatasetRef
+    from d2lora_dist.data.loading import normalize
+
+    table = rows(data["arc_challenge"])
+    assert len(table) == len({r["id"] for r in table}) == 1172
+    assert not {r["id"] for r in table} & {r["id"] for r in rows(data["arc_easy"])}  # another set of questions
+    assert table[0]["question"].startswith("An astronomer observes that a planet rotates faster")
+    assert table[0]["answerKey"] == "C" and table[0]["choices"]["text"][2] == "Planetary days will become shorter."
+    for r in table:
+        assert set(r) == {"id", "question", "choices", "answerKey"}
+        assert len(r["choices"]["text"]) == len(r["choices"]["label"]) >= 3
+        assert r["answerKey"] in r["choices"]["label"] and not r["question"].startswith("Question:")
+    # the registered dataset reads it as suite items, every row usable
+    items = normalize(DatasetRef(name="arc_challenge", data_files=[str(data["arc_challenge"])]), "eval")
+    assert items.total_rows == len(items.records) == 1172
+
+
 def test_titles_are_distinct_papers(data: dict[str, Path]) -> None:
     table = rows(data["titles"])
     assert len({r["id"] for r in table}) == len(table) >= 200

@@ -62,6 +62,8 @@ def test_score_reads_predictions_without_a_model(tmp_path: Path, capsys: pytest.
     assert main(["score", "gsm8k", str(path), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["items"] == 3
+    # lm-eval's own filters beside ours: no "#### " for strict-match; flexible-extract reads "18." and "$1,250."
+    assert metrics["strict_match"] == 0.0 and metrics["flexible_extract"] == pytest.approx(2 / 3)
     titles = tmp_path / "titles.jsonl"
     titles.write_text(json.dumps({"completion": "Low rank adapters", "reference": "Low rank adapters"}) + "\n")
     assert main(["score", "titles", str(titles)]) == 0
@@ -74,6 +76,22 @@ def test_score_reads_predictions_without_a_model(tmp_path: Path, capsys: pytest.
     (tmp_path / "bad.jsonl").write_text(json.dumps({"completion": "x"}) + "\n")
     assert main(["score", "gsm8k", str(tmp_path / "bad.jsonl")]) == 2
     assert "reference" in capsys.readouterr().err
+
+
+def test_score_rescores_every_suite_kind(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # a multiple-choice predictions file is rescored from its stored log-likelihoods
+    arc = tmp_path / "arc_challenge.jsonl"
+    arc.write_text("".join(json.dumps({"id": i, "choices": ["ab", "abcdefghijkl"], "logliks": [-3.0, -6.0],
+                                       "gold": gold}) + "\n" for i, gold in enumerate([0, 1])))
+    assert main(["score", "arc", str(arc), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"accuracy": 0.5, "accuracy_norm": 0.5, "items": 2}
+    arc.write_text(json.dumps({"id": 0, "choices": ["a"], "logliks": [-1.0]}) + "\n")
+    assert main(["score", "arc", str(arc)]) == 2
+    assert f"{arc}:1: missing key 'gold'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "arc_challenge", str(arc)])  # a suite's name is not its kind
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'arc_challenge' (choose from" in capsys.readouterr().err
 
 
 def test_data_check_reports_counts_reasons_and_an_example(tiny_data: dict, capsys: pytest.CaptureFixture) -> None:

@@ -147,7 +147,7 @@ def test_an_unregistered_dataset_name_is_named_by_its_key(tiny_experiment: dict)
     tiny_experiment["suites"]["gsm8k"]["dataset"]["name"] = "gsm"
     with pytest.raises(ConfigError) as err:
         experiment_from_dict(tiny_experiment)
-    registered = "alpaca, arc_easy, econ_abstracts, gsm8k, math_step_dpo, orpo_dpo_mix"
+    registered = "alpaca, arc_challenge, arc_easy, econ_abstracts, gsm8k, math_step_dpo, orpo_dpo_mix"
     assert f"tasks.math.dataset.name: unknown dataset 'math_stepdpo' (registered: {registered})" in err.value.problems
     assert f"suites.gsm8k.dataset.name: unknown dataset 'gsm' (registered: {registered})" in err.value.problems
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
+from d2lora_dist.errors import InputError
 from d2lora_dist.evaluate.scoring import (
     ITEM_SCORES,
     arc_predictions,
@@ -59,7 +61,8 @@ def test_score_titles_scores_the_title_after_a_preamble_not_the_preamble():
                                   for i, row in enumerate(rows)])["bare_title"] == {"0": 0.0, "1": 1.0}
 
 
-# strict: 2 of 4 (rows 0 and 1); flexible: 3 of 4 (row 2 has no marker but ends on the answer)
+# strict: 2 of 4 (rows 0 and 1); flexible: 3 of 4 (row 2 has no marker but ends on the answer);
+# lm-eval's strict-match: 0 (no "#### "); its flexible-extract: 2 ("1,234.0" is not the string "1234")
 GSM8K_ROWS = [
     {"id": "q0", "completion": "The answer is 18.", "reference": "x\n#### 18"},
     {"id": "q1", "completion": "The answer is 1,234.0", "reference": "#### 1,234"},
@@ -70,12 +73,13 @@ GSM8K_ROWS = [
 
 def test_score_gsm8k_reports_both_filters_and_the_flexible_headline_by_default():
     assert score_gsm8k(GSM8K_ROWS) == {"accuracy": 3 / 4, "strict_accuracy": 2 / 4, "flexible_accuracy": 3 / 4,
-                                       "items": 4, "correct": 3}
+                                       "strict_match": 0.0, "flexible_extract": 2 / 4, "items": 4, "correct": 3}
 
 
 def test_score_gsm8k_strict_filter_makes_the_strict_accuracy_the_headline():
     assert score_gsm8k(GSM8K_ROWS, "strict") == {"accuracy": 2 / 4, "strict_accuracy": 2 / 4,
-                                                 "flexible_accuracy": 3 / 4, "items": 4, "correct": 2}
+                                                 "flexible_accuracy": 3 / 4, "strict_match": 0.0,
+                                                 "flexible_extract": 2 / 4, "items": 4, "correct": 2}
 
 
 def test_score_gsm8k_unknown_filter_is_an_error():
@@ -84,12 +88,15 @@ def test_score_gsm8k_unknown_filter_is_an_error():
 
 
 def test_score_row_gsm8k_gives_both_filters_and_the_headline():
-    both = {"extracted_strict": None, "correct_strict": False, "extracted_flexible": "17", "correct_flexible": True}
+    both = {"extracted_strict": None, "correct_strict": False, "extracted_flexible": "17", "correct_flexible": True,
+            "extracted_strict_match": "[invalid]", "correct_strict_match": False,
+            "extracted_flexible_extract": "17.0", "correct_flexible_extract": False}
     assert score_row("gsm8k", "so 17.0", "#### 17") == {"extracted": "17", "correct": True, **both}
     assert score_row("gsm8k", "so 17.0", "#### 17", "strict") == {"extracted": None, "correct": False, **both}
     assert score_row("gsm8k", "nothing", "#### 17") == {
         "extracted": None, "correct": False, "extracted_strict": None, "correct_strict": False,
-        "extracted_flexible": None, "correct_flexible": False}
+        "extracted_flexible": None, "correct_flexible": False, "extracted_strict_match": "[invalid]",
+        "correct_strict_match": False, "extracted_flexible_extract": "[invalid]", "correct_flexible_extract": False}
 
 
 def test_score_row_titles_and_unknown_kind():
@@ -105,18 +112,23 @@ def test_gsm8k_item_scores_average_to_the_metrics(answer_filter):
     rows = [{**row, **score_row("gsm8k", row["completion"], row["reference"], answer_filter)} for row in GSM8K_ROWS]
     per_item = item_scores("gsm8k", rows)
     metrics = score_gsm8k(GSM8K_ROWS, answer_filter)
-    assert set(per_item) == set(ITEM_SCORES["gsm8k"]) == {"accuracy", "strict_accuracy", "flexible_accuracy"}
+    assert set(per_item) == set(ITEM_SCORES["gsm8k"]) == {"accuracy", "strict_accuracy", "flexible_accuracy",
+                                                          "strict_match", "flexible_extract"}
     for metric, scores in per_item.items():
         assert list(scores) == ["q0", "q1", "q2", "q3"]
         assert math.isclose(sum(scores.values()) / len(scores), metrics[metric]), metric
 
 
 def test_gsm8k_item_scores_read_each_metrics_own_row_field():
-    row = {"id": 7, "correct": True, "correct_strict": False, "correct_flexible": True}
+    row = {"id": 7, "correct": True, "correct_strict": False, "correct_flexible": True,
+           "correct_strict_match": True, "correct_flexible_extract": False}
     assert item_scores("gsm8k", [row]) == {"accuracy": {"7": 1.0}, "strict_accuracy": {"7": 0.0},
-                                           "flexible_accuracy": {"7": 1.0}}
+                                           "flexible_accuracy": {"7": 1.0}, "strict_match": {"7": 1.0},
+                                           "flexible_extract": {"7": 0.0}}
     row = {"id": 7, "correct": False, "correct_strict": False, "correct_flexible": True}
     assert item_scores("gsm8k", [row])["accuracy"] == {"7": 0.0}
+    # a file written before lm-eval's filters were scored has no per-item value for them
+    assert set(item_scores("gsm8k", [row])) == {"accuracy", "strict_accuracy", "flexible_accuracy"}
 
 
 def test_arc_normalised_prediction_divides_by_choice_characters():
@@ -139,7 +151,7 @@ def test_score_file_gsm8k_and_titles(tmp_path):
         {"id": "b", "completion": "The answer is 4", "reference": "#### 5"},
     ])
     assert score_file("gsm8k", gsm) == {"accuracy": 0.5, "strict_accuracy": 0.5, "flexible_accuracy": 0.5,
-                                        "items": 2, "correct": 1}
+                                        "strict_match": 0.0, "flexible_extract": 0.5, "items": 2, "correct": 1}
     titles = write_jsonl(tmp_path / "titles.jsonl", [{"completion": "a b", "reference": "a b"}])
     assert score_file("titles", titles)["rougeL"] == 1.0
 
@@ -195,3 +207,18 @@ def test_item_scores_leave_out_a_metric_whose_field_older_predictions_lack() -> 
     assert item_scores("gsm8k", old_rows) == {"accuracy": {"a": 1.0, "b": 0.0}}
     with pytest.raises(ValueError, match="row 1 has no 'id'"):
         item_scores("gsm8k", [{"id": "a", "correct": True}, {"correct": True}])
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"choices": ["a", "b", "c"], "logliks": [-1.0, -2.0], "gold": 0}, "2 'logliks' for 3 'choices'"),
+    ({"choices": ["a", "b"], "logliks": [-1.0, "x"], "gold": 0}, "'logliks' must hold numbers only"),
+    ({"choices": ["a", "b"], "logliks": [-1.0, -2.0], "gold": 2}, "'gold' 2 is not the index of one of its 2 choices"),
+    ({"choices": ["a", "b"], "logliks": [-1.0, -2.0], "gold": -1}, "'gold' -1 is not the index"),
+    ({"choices": [], "logliks": [], "gold": 0}, "'choices' must be a non-empty list of strings"),
+    ({"choices": ["a", 3], "logliks": [-1.0, -2.0], "gold": 0}, "'choices' must be a non-empty list of strings"),
+])
+def test_score_file_arc_names_the_line_of_an_unscorable_row(tmp_path, row, problem):
+    good = {"choices": ["a", "b"], "logliks": [-1.0, -2.0], "gold": 0}
+    path = write_jsonl(tmp_path / "arc.jsonl", [good, row])
+    with pytest.raises(InputError, match=f"{path}:2: {re.escape(problem)}"):
+        score_file("arc", path)

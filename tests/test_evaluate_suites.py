@@ -17,7 +17,7 @@ from d2lora_dist.evaluate import suites
 from d2lora_dist.evaluate.answers import ANSWER_RULES_VERSION
 from d2lora_dist.evaluate.generation import encode_prompt, generate, stop_token_ids
 from d2lora_dist.evaluate.loglik import choice_logliks
-from d2lora_dist.evaluate.scoring import score_file
+from d2lora_dist.evaluate.scoring import ITEM_SCORES, REQUIRED_KEYS, SCORERS, score_file
 from d2lora_dist.evaluate.sharding import gather_in_order, shard
 from d2lora_dist.evaluate.suites import run_suite
 
@@ -33,13 +33,14 @@ ARC_ITEMS = [{"id": f"a{i}", "question": q, "choices": c, "answer_index": g} for
 ])]
 ROW_KEYS = {
     "gsm8k": {"id", "prompt", "completion", "extracted", "reference", "correct", "extracted_strict",
-              "extracted_flexible", "correct_strict", "correct_flexible"},
+              "extracted_flexible", "correct_strict", "correct_flexible", "extracted_strict_match",
+              "correct_strict_match", "extracted_flexible_extract", "correct_flexible_extract"},
     "titles": {"id", "prompt", "completion", "extracted", "reference", "score", "bare_title"},
     "arc": {"id", "prompt", "choices", "logliks", "pred", "pred_norm", "gold", "correct", "correct_norm"},
 }
 ITEMS = {"gsm8k": GSM8K_ITEMS, "titles": TITLE_ITEMS, "arc": ARC_ITEMS}
 # String entries of run_suite's metrics besides the numbers, per kind.
-LABELS = {"gsm8k": {"prompt_version", "answer_filter", "answer_rules", "scorer_version"},
+LABELS = {"gsm8k": {"prompt_version", "answer_filter", "answer_rules", "scorer_version", "lm_eval_rules"},
           "titles": {"prompt_version", "scorer_version"}, "arc": {"prompt_version", "scorer_version"}}
 
 
@@ -203,6 +204,25 @@ def test_run_suite_writes_one_row_per_item_and_metrics_in_range(kind, model, tok
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
 
 
+def test_every_suite_kind_is_rescored_and_scored_per_item():
+    # `d2lora score` offers the kinds of scoring.SCORERS; a kind missing there could not be rescored
+    assert set(suites.SUITES) == set(SCORERS) == set(REQUIRED_KEYS) == set(ITEM_SCORES)
+    for kind, suite in suites.SUITES.items():
+        assert set(ITEM_SCORES[kind]) == set(suite.metrics) - {"items"}, kind
+
+
+def test_item_tokens_count_what_each_kind_runs_through_the_model(tokenizer):
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    gsm8k = suites.SUITES["gsm8k"].item_tokens(GSM8K_ITEMS[0], tokenizer, settings("gsm8k", max_new_tokens=16))
+    assert gsm8k == count(suites.gsm8k_prompt(GSM8K_ITEMS[0], tokenizer)) + 16  # the prompt + the whole budget
+    titles = suites.SUITES["titles"].item_tokens(TITLE_ITEMS[0], tokenizer, settings("titles", max_new_tokens=5))
+    assert titles == count(suites.titles_prompt(TITLE_ITEMS[0], tokenizer)) + 5
+    arc = suites.SUITES["arc"].item_tokens(ARC_ITEMS[1], tokenizer, settings("arc", max_new_tokens=99))
+    assert arc == count("Question: What is 2 + 2?\nAnswer:") + count(" 3") + count(" 4") + count(" five")
+
+
 def test_run_suite_rows_hold_what_the_prompts_and_scores_say(model, tokenizer, tmp_path):
     out = tmp_path / "gsm8k.jsonl"
     run_suite("gsm8k", GSM8K_ITEMS[:2], model, tokenizer, settings("gsm8k"), out, progress=False)
@@ -263,12 +283,18 @@ def test_gsm8k_rows_and_metrics_carry_both_filters_and_the_setting_picks_the_hea
     assert [r["completion"] for r in rows] == [TAUGHT_COMPLETION] * 2  # the model says what it was taught
     assert [(r["extracted_strict"], r["correct_strict"]) for r in rows] == [(None, False), (None, False)]
     assert [(r["extracted_flexible"], r["correct_flexible"]) for r in rows] == [("4", True), ("4", False)]
+    # lm-eval's own filters: no "#### " for strict-match; flexible-extract's last number is the 4
+    assert [(r["extracted_strict_match"], r["correct_strict_match"]) for r in rows] == [("[invalid]", False)] * 2
+    assert [(r["extracted_flexible_extract"], r["correct_flexible_extract"]) for r in rows] == [
+        ("4", True), ("4", False)]
     assert [(r["extracted"], r["correct"]) for r in rows] == [
         (r[f"extracted_{answer_filter}"], r[f"correct_{answer_filter}"]) for r in rows]
-    assert metrics == {"accuracy": accuracy, "strict_accuracy": 0.0, "flexible_accuracy": 0.5, "items": 2,
+    assert metrics == {"accuracy": accuracy, "strict_accuracy": 0.0, "flexible_accuracy": 0.5,
+                       "strict_match": 0.0, "flexible_extract": 0.5, "items": 2,
                        "prompt_version": suites.GSM8K_PROMPT_VERSION, "answer_filter": answer_filter,
                        "answer_rules": ANSWER_RULES_VERSION,
-                       "scorer_version": f"{ANSWER_RULES_VERSION}/{answer_filter}"}
+                       "scorer_version": f"{ANSWER_RULES_VERSION}/{answer_filter}",
+                       "lm_eval_rules": "lm-eval-0.4/gsm8k-3.0/v1"}
     # the file alone reproduces every number, given the headline filter
     rescored = score_file("gsm8k", out, answer_filter=answer_filter)
     assert {k: rescored[k] for k in suites.SUITES["gsm8k"].metrics} == {

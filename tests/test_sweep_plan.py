@@ -229,3 +229,20 @@ def test_each_warmup_run_is_costed_by_its_size_and_a_done_one_leaves_the_total(t
     layout.warmup_home("m4").mkdir(parents=True)
     layout.warmup_result_of("m4").write_text("{}")
     assert [w.key for w in warmup_estimates(exp, layout, work, Throughput(10.0, 5.0)) if w.done] == ["m4"]
+
+
+def test_the_eval_estimate_asks_each_suite_kind_for_its_own_item_cost(tiny_experiment: dict,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A suite kind the plan has never heard of is costed by its registry entry, not read as multiple choice."""
+    from dataclasses import replace
+
+    from d2lora_dist.evaluate import suites
+    from d2lora_dist.sweep.plan import measure_workload
+
+    monkeypatch.setitem(suites.SUITES, "gsm8k_fixed_cost",
+                        replace(suites.SUITES["gsm8k"], item_tokens=lambda item, tokenizer, settings: 7))
+    tiny_experiment["suites"]["gsm8k"]["kind"] = "gsm8k_fixed_cost"  # items without choices
+    tiny_experiment["grid"] = [{"task": "math", "methods": ["sft"], "n": [4]}]
+    work = measure_workload(experiment_from_dict(tiny_experiment))
+    assert work.eval_tokens_per_item["gsm8k"] == 7
+    assert work.eval_tokens_per_item["arc_easy"] > 7  # the context and every choice of a multiple-choice item

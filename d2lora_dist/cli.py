@@ -164,6 +164,10 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
         memory = f"{r.memory_gib:.1f}" if r.memory_gib is not None else "-"
         print(f"{r.cell.id:<{width}} {'yes' if r.done else '-':<5} {launch:<16} {memory:>8} {r.train_examples:>10} "
               f"{r.train_tokens:>13,} {r.eval_tokens:>12,} {r.gpu_hours:>8.2f}")
+    from d2lora_dist.sweep.tuning import plan_lines
+
+    for line in plan_lines(exp, [r.cell for r in rows]):
+        print(line)
     for method, reason in {r.cell.method: r.launch.describe() for r in rows}.items():
         print(f"launch of {method} cells: {reason}")
     todo = [r for r in rows if not r.done]

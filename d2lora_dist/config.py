@@ -124,6 +124,10 @@ class TaskConfig:
     dataset: DatasetRef = _help("Task data; SFT and preference methods read it through the registry.")
     suites: list[str] = _help("Evaluation suites: the task metric first, then forgetting suites.")
     holdout: int = _help("Rows reserved for evaluation and never trained on (titles: 100).", default=0)
+    validation: int = _help(
+        "Rows of the training pool held out as a validation split (seeded by data_seed, the same for every "
+        "cell, never trained on, disjoint from the holdout): what `split: validation` suites evaluate and "
+        "a grid block's `tune` chooses its settings on. 0 = none.", default=0)
 
     def role(self, suite: str) -> str:
         """The one rule of suite roles: a task's first suite is its task metric, the rest measure forgetting."""
@@ -138,11 +142,28 @@ class SuiteConfig:
     kind: str = _help("Metric family of the suite (d2lora_dist.evaluate.suites.SUITES: gsm8k, titles, arc).")
     dataset: DatasetRef | None = _help("Evaluation data; null = the task's holdout rows.", default=None)
     limit: int | None = _help("Evaluate only the first k items (null = all).", default=None)
+    split: Literal["test", "validation"] = _help(
+        "test = the suite's dataset or the task's holdout; validation = the task's validation rows "
+        "(tasks.<name>.validation; dataset must be null), with this suite's own limit.", default="test")
     batch_size: int = _help("Prompts per generation / scoring batch per rank.", default=8)
     max_new_tokens: int = _help("Generation budget (gsm8k, titles).", default=256)
     answer_filter: Literal["strict", "flexible"] = _help(
         "gsm8k: which answer filter's accuracy is the headline `accuracy` (both are always reported as "
         "strict_accuracy and flexible_accuracy; see docs/evaluation.md).", default="flexible")
+
+
+@dataclass
+class TuneConfig:
+    """Hyper-parameter axes a grid block chooses per arm on the validation split (sweep/tuning.py)."""
+
+    suite: str = _help("The suite (split: validation) whose metric chooses the setting.")
+    learning_rate: list[float] | None = _help("Learning rates to try (null = the method's own).", default=None)
+    epochs: list[float] | None = _help("Epochs to try (null = the method's own).", default=None)
+    min_steps: list[int] | None = _help("min_steps values to try (null = the method's own).", default=None)
+    seeds: list[int] = _help("Seeds each setting is trained on for the choice (their mean decides).",
+                             default_factory=lambda: [0])
+    metric: str | None = _help("Metric of the suite that decides (higher is better); null = the suite kind's "
+                               "headline (accuracy, rougeL).", default=None)
 
 
 @dataclass
@@ -165,6 +186,10 @@ class GridBlock:
         "How a fresh adapter's factors are drawn (d2lora_dist.lora_inits: default, gaussian, pissa, olora, "
         "pissa_niter_K), one cell each. A D2LoRA cell starts from a warm-up that began with the same one.",
         default_factory=lambda: [DEFAULT_LORA_INIT])
+    tune: TuneConfig | None = _help(
+        "Choose each arm's learning rate / epochs / min_steps on the validation split: every setting is trained "
+        "on tune.seeds and scored on tune.suite, then the best (docs/choices.md) runs on `seeds` and the test "
+        "suites. null = the method's settings as they are.", default=None)
 
 
 @dataclass
@@ -489,19 +514,32 @@ def _suite_problems(exp: Experiment) -> list[str]:
             problems.append(f"suites.{name}.max_new_tokens: must be >= 1, got {suite.max_new_tokens}")
         if suite.limit is not None and suite.limit < 1:
             problems.append(f"suites.{name}.limit: must be >= 1 or null (all items), got {suite.limit}")
+    problems += [f"suites.{name}.dataset: a split: validation suite evaluates the task's validation rows; "
+                 "leave dataset out" for name, suite in exp.suites.items()
+                 if suite.split == "validation" and suite.dataset is not None]
     return problems + [
         f"suites.{name}.dataset: null means the task holdout, but no task with holdout > 0 lists suite {name!r}"
-        for name, suite in exp.suites.items()
-        if suite.dataset is None and not any(name in t.suites and t.holdout > 0 for t in exp.tasks.values())]
+        for name, suite in exp.suites.items() if suite.dataset is None and suite.split == "test"
+        and not any(name in t.suites and t.holdout > 0 for t in exp.tasks.values())]
 
 
 def _task_problems(exp: Experiment) -> list[str]:
+    from d2lora_dist.data.registry import supports  # late: data imports config types
+
     problems = []
     for tname, task in exp.tasks.items():
         problems += [f"tasks.{tname}.suites: unknown suite {s!r} (defined: {sorted(exp.suites)})"
                      for s in task.suites if s not in exp.suites]
         if task.holdout < 0:
             problems.append(f"tasks.{tname}.holdout: must be >= 0, got {task.holdout}")
+        if task.validation < 0:
+            problems.append(f"tasks.{tname}.validation: must be >= 0, got {task.validation}")
+        elif task.validation > 0 and not supports(task.dataset.name, "eval"):
+            problems.append(f"tasks.{tname}.validation: dataset {task.dataset.name!r} has no eval form, so its rows "
+                            "cannot be evaluated; use 0")
+        problems += [f"tasks.{tname}.suites: {s!r} evaluates the validation split, but tasks.{tname}.validation is 0"
+                     for s in task.suites if s in exp.suites and exp.suites[s].split == "validation"
+                     and task.validation <= 0]
     return problems
 
 
@@ -547,12 +585,46 @@ def _grid_problems(exp: Experiment, i: int, block: GridBlock) -> list[str]:
                          for name, cfg in exp.warmup_configs().items()
                          if (block.warmups is None or name in block.warmups) and cfg.n is not None and cfg.n < 2]
     problems += _axes_problems(exp, key, block)
+    if block.tune is not None:
+        problems += _tune_problems(exp, f"{key}.tune", block.tune, task, block.task)
     if block.suites is not None and task is not None:
         problems += [f"{key}.suites: {s!r} is not a suite of task {block.task!r} ({task.suites})"
                      for s in block.suites if s not in task.suites]
         if task.suites and task.suites[0] not in block.suites:
             problems.append(f"{key}.suites: must keep the task metric {task.suites[0]!r} of task {block.task!r}")
     return problems + [f"{key}.n: {n} must be >= 0" for n in block.n if n < 0]
+
+
+def _tune_problems(exp: Experiment, key: str, tune: TuneConfig, task: TaskConfig | None, name: str) -> list[str]:
+    """A block's tuning axes: something to try, a validation suite of a task that holds rows out for it."""
+    from d2lora_dist.evaluate.suites import SUITES  # late: evaluation imports torch
+
+    axes = {"learning_rate": tune.learning_rate, "epochs": tune.epochs, "min_steps": tune.min_steps}
+    problems = [f"{key}.{axis}: empty; leave it out for the method's own value"
+                for axis, values in axes.items() if values is not None and not values]
+    problems += [f"{key}.{axis}: {values} repeats a value" for axis, values in axes.items()
+                 if values and len(set(values)) != len(values)]
+    if all(values is None for values in axes.values()):
+        problems.append(f"{key}: no axis to tune; give learning_rate, epochs and/or min_steps")
+    problems += [f"{key}.learning_rate: {v} must be > 0" for v in tune.learning_rate or [] if not v > 0]
+    problems += [f"{key}.epochs: {v} must be > 0" for v in tune.epochs or [] if not v > 0]
+    problems += [f"{key}.min_steps: {v} must be >= 0" for v in tune.min_steps or [] if v < 0]
+    if not tune.seeds:
+        problems.append(f"{key}.seeds: empty; name at least one seed to tune on")
+    elif len(set(tune.seeds)) != len(tune.seeds):
+        problems.append(f"{key}.seeds: {tune.seeds} repeats a seed")
+    suite = exp.suites.get(tune.suite)
+    if suite is None:
+        return problems + [f"{key}.suite: unknown suite {tune.suite!r} (defined: {sorted(exp.suites)})"]
+    if suite.split != "validation":
+        problems.append(f"{key}.suite: {tune.suite!r} evaluates the test split; choosing on it would read the test "
+                        "items (give the suite split: validation)")
+    if task is not None and task.validation <= 0:
+        problems.append(f"{key}.suite: task {name!r} holds out no validation rows (set tasks.{name}.validation)")
+    metrics = [m for m in SUITES[suite.kind].metrics if m != "items"] if suite.kind in SUITES else []
+    if tune.metric is not None and metrics and tune.metric not in metrics:
+        problems.append(f"{key}.metric: suite {tune.suite!r} reports no {tune.metric!r} (valid: {', '.join(metrics)})")
+    return problems
 
 
 def _axes_problems(exp: Experiment, key: str, block: GridBlock) -> list[str]:

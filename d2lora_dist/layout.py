@@ -71,6 +71,14 @@ class RunLayout:
     def warmup_lock(self, key: str) -> Path:
         return self.root / "locks" / "warmups" / f"{key}.lock"
 
+    def validation_file(self, task: str) -> Path:
+        """The task's validation split: source row ids and checksum (data/validation.py)."""
+        return self.root / "validation" / f"{task}.json"
+
+    def tuning_file(self, group: str) -> Path:
+        """One tuned arm's choice: validation scores per setting and the setting chosen (sweep/tuning.py)."""
+        return self.root / "tuning" / f"{group}.json"
+
     @property
     def cells_dir(self) -> Path:
         return self.root / "cells"

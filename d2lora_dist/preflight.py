@@ -147,7 +147,7 @@ def _row_problems(exp: Experiment, checks: Checks, dropped: dict[str, str]) -> l
         if (cell.task, form) not in usable:
             try:
                 data = normalize(task.dataset, form)
-                usable[cell.task, form] = usable_rows(data, exp.data_seed, task.holdout)
+                usable[cell.task, form] = usable_rows(data, exp.data_seed, task.holdout + task.validation)
                 if data.bad:
                     dropped[f"tasks.{cell.task}.dataset ({form})"] = data.describe_dropped()
             except UnknownName:  # config validation names it
@@ -160,7 +160,9 @@ def _row_problems(exp: Experiment, checks: Checks, dropped: dict[str, str]) -> l
         have = usable[cell.task, form]
         if have is not None and cell.n > have:
             problems.append(f"{cell.id}: n={cell.n} but task {cell.task!r} has only {have} usable {form} rows "
-                            f"({task.dataset.name}, {task.holdout} held out); lower n in the grid or add data")
+                            f"({task.dataset.name}, {task.holdout} held out"
+                            + (f", {task.validation} for validation" if task.validation else "")
+                            + "); lower n in the grid or add data")
     for name in dict.fromkeys(checks.warmup_names(exp)):
         cfg, key = exp.warmup_configs()[name], exp.warmup_settings_key(name)
         if cfg.n is None or cfg.n < 1:  # all rows (the dataset loads when the warm-up starts); below 1 config names it

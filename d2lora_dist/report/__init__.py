@@ -22,8 +22,10 @@ from d2lora_dist.report.items import read_items_csv, render_items_csv
 from d2lora_dist.report.paired import Deltas, ItemScores, load_item_scores, render_deltas_csv
 from d2lora_dist.report.plots import write_plots
 from d2lora_dist.report.tables import render_csv, render_markdown, table_specs
+from d2lora_dist.report.tuning import tuning_section
 from d2lora_dist.report.verdicts import Judging, judging_of
 from d2lora_dist.report.versions import check_versions, version_lines
+from d2lora_dist.sweep.grid import plan_cells
 
 __all__ = ["ReportResult", "report", "report_from_items"]
 
@@ -56,8 +58,11 @@ def report(exp: Experiment, layout: RunLayout, wandb_report: bool = False, allow
     kinds = {name: suite.kind for name, suite in exp.suites.items()}
     judging = judging_of(exp)
     items = render_items_csv(exp.name, kinds, list(exp.tasks), coll, scores, judging)
+    tuned, tuning_plots = tuning_section(exp, layout, plan_cells(exp), layout.report_dir / "plots")
     result, specs = _write(exp, judging, coll, scores, conflicts, layout.report_dir,
-                           {name: w.n for name, w in exp.warmup_configs().items()}, _warmup_labels(exp, layout))
+                           {name: w.n for name, w in exp.warmup_configs().items()}, _warmup_labels(exp, layout),
+                           tuned)
+    result.plots += tuning_plots
     result.items_path = atomic_write_text(layout.report_dir / "items.csv", items)
     _announce(result)
     if wandb_report:
@@ -81,13 +86,17 @@ def report_from_items(items_csv: Path, out_dir: Path, allow_mixed: bool = False)
 
 
 def _write(exp: Any, judging: Judging, coll: Collection, scores: ItemScores, conflicts: dict[str, list[str]],
-           out: Path, warmup_sizes: dict[str, int | None], warmup_labels: dict[str, str]) -> tuple[ReportResult, list]:
+           out: Path, warmup_sizes: dict[str, int | None], warmup_labels: dict[str, str],
+           appendix: list[str] | None = None) -> tuple[ReportResult, list]:
     """The tables and plots of these cells into `out`; `exp` is an Experiment or an items.csv's StudyView,
-    `judging` how their Δs are judged (report.min_seeds, the primary comparisons, report.target_effect)."""
+    `judging` how their Δs are judged (report.min_seeds, the primary comparisons, report.target_effect);
+    `appendix`: markdown lines after the tables (the tuned settings)."""
     specs = table_specs(exp, coll)
     deltas = Deltas(coll, scores, judging.min_seeds, judging.primary)
     every = deltas.every([(s.task, s.method, s.suite, s.ns) for s in specs])
     markdown = render_markdown(exp, coll, specs, deltas, version_lines(coll.rows, conflicts), frozenset(conflicts))
+    if appendix:
+        markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(appendix)
     csv_path = atomic_write_text(out / "results.csv", render_csv(coll.rows))
     deltas_path = atomic_write_text(out / "deltas.csv", render_deltas_csv(every, coll))
     md_path = atomic_write_text(out / "results.md", markdown)

@@ -150,16 +150,20 @@ def cell_method(method: str, n: int) -> str:
 
 
 def collect(exp: Experiment, layout: RunLayout) -> Collection:
-    planned = plan_cells(exp)
+    cells = plan_cells(exp)
+    planned = [c for c in cells if not c.selects]  # selection cells are scored on validation: report/tuning.py
+    selection = {c.id for c in cells if c.selects}
     finished: dict[str, Cell] = {}
     rows: list[Row] = []
     budgets: dict[str, CellBudget] = {}
     cells_dir = layout.cells_dir
     for cell_dir in sorted(cells_dir.iterdir()) if cells_dir.is_dir() else []:
         path = cell_dir / "result.json"
-        if not path.is_file():
+        if not path.is_file() or cell_dir.name in selection:
             continue  # not done (yet): the plan lists it as missing
         cell, cell_rows, budget = read_result(path, exp)
+        if cell.selects:
+            continue  # scored on the validation split: the tuned-settings section reads it, not the tables
         finished[cell.id] = cell
         rows.extend(cell_rows)
         if budget is not None:

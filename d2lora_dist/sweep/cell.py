@@ -21,7 +21,8 @@ from d2lora_dist.base_cache import FreshBase
 from d2lora_dist.budget import NOTHING, cell_budget, phase_budget_of, warmup_budget_of
 from d2lora_dist.config import SINGLE_WARMUP, Experiment, TrainSettings
 from d2lora_dist.data.loading import DataError
-from d2lora_dist.data.selection import task_records
+from d2lora_dist.data.selection import task_records, validation_items
+from d2lora_dist.data.validation import save_validation
 from d2lora_dist.errors import MissingInput
 from d2lora_dist.evaluate.adapter_eval import evaluate_suites
 from d2lora_dist.fileio import read_json, write_json_atomic, writing
@@ -32,6 +33,7 @@ from d2lora_dist.provenance import code_version
 from d2lora_dist.sweep.claims import claimed
 from d2lora_dist.sweep.grid import Cell, cell_suites
 from d2lora_dist.sweep.slots import slot_record
+from d2lora_dist.sweep.tuning import cell_settings
 from d2lora_dist.train import Phase, TrainOutcome, train_phase
 from d2lora_dist.warmup import warmup_artifact
 
@@ -62,11 +64,14 @@ def _run_claimed(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list
     tags = [f"task:{cell.task}", f"method:{cell.method}", f"init:{cell.init}", f"n:{cell.n}", f"seed:{cell.seed}",
             f"lora_init:{cell.lora_init}", *([f"warmup:{cell.warmup}"] if cell.warmup else [])]
     outcome = None
+    # a final tuned cell's settings are its selection cells' choice (n = 0 trains nothing: no settings)
+    settings, tuning = cell_settings(exp, layout, cell) if cell.trains else (None, None)
+    _record_selection(exp, layout, cell, tuning)
     if cell.trains:
         run = tracking.start_run(exp, layout, "adapt", cell.id, cell.to_dict() | {"arm": cell.arm}, tags)
         _declare_input(exp, run, start_adapter, cell, own=False)
         timing["train"] = time.time()
-        outcome = train_cell(exp, layout, cell, start_adapter, run, callbacks or [], models)
+        outcome = train_cell(exp, layout, cell, start_adapter, run, callbacks or [], models, settings)
         timing["train"] = time.time() - timing["train"]
         if distributed.is_main_process():
             tracking.log_adapter_artifact(run, layout.cell_adapter(cell.id), tracking.artifact_name(exp.name, cell.id),
@@ -88,6 +93,8 @@ def _run_claimed(exp: Experiment, layout: RunLayout, cell: Cell, callbacks: list
         control = control_record(exp, layout, cell)
         if control is not None:  # results of lora and d2lora read as before
             result["control"] = control
+        if tuning is not None:
+            result["tuning"] = tuning
         write_json_atomic(layout.cell_result(cell.id), result)
         shutil.rmtree(layout.cell_checkpoints(cell.id), ignore_errors=True)
         print(f"[{cell.id}] done -> {layout.cell_result(cell.id)}", flush=True)
@@ -118,9 +125,22 @@ def _starting_adapter(layout: RunLayout, cell: Cell) -> Path | None:
     return layout.warmup_adapter_of(run.key) if INITS[cell.init].start == "warmup" else None
 
 
+def _record_selection(exp: Experiment, layout: RunLayout, cell: Cell, tuning: dict[str, Any] | None) -> None:
+    """The run directory's record of a validation split this cell keeps out of training (written once, the
+    same for every cell), and of a final tuned cell's choice."""
+    if not distributed.is_main_process():
+        return
+    if exp.tasks[cell.task].validation > 0:
+        save_validation(layout.validation_file(cell.task), validation_items(exp, cell.task)[1])
+    if tuning is not None and tuning["role"] == "final":
+        write_json_atomic(layout.tuning_file(tuning["group"]), tuning)
+
+
 def train_cell(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Path | None, run: Any = None,
-               callbacks: list[Any] | None = None, models: FreshBase | None = None) -> TrainOutcome | None:
-    """The cell's training phase: its seed draws its rows; None when its adapter already exists."""
+               callbacks: list[Any] | None = None, models: FreshBase | None = None,
+               settings: TrainSettings | None = None) -> TrainOutcome | None:
+    """The cell's training phase: its seed draws its rows; None when its adapter already exists. `settings`:
+    the method's unless tuning chose others (sweep/tuning.cell_settings)."""
     models = models or FreshBase()
     adapter_dir = layout.cell_adapter(cell.id)
     if (adapter_dir / adapters.MANIFEST).is_file():  # trained before an interruption in evaluation
@@ -129,7 +149,7 @@ def train_cell(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Pa
     method = get_method(cell.method)
     records, subset = task_records(exp, cell.task, method.form, cell.n, cell.seed)
     _save_subset(layout, cell, subset.to_dict())
-    settings, b_norms = _control_settings(exp, layout, cell, len(records))
+    settings, b_norms = _control_settings(exp, layout, cell, settings or exp.methods[cell.method], len(records))
     phase = Phase(name=cell.id, method=cell.method, settings=settings,
                   settings_key=f"methods.{cell.method}", records=records,
                   out_adapter=adapter_dir, checkpoint_dir=layout.cell_checkpoints(cell.id), seed=cell.seed,
@@ -141,10 +161,11 @@ def train_cell(exp: Experiment, layout: RunLayout, cell: Cell, start_adapter: Pa
     return train_phase(exp, phase)
 
 
-def _control_settings(exp: Experiment, layout: RunLayout, cell: Cell,
+def _control_settings(exp: Experiment, layout: RunLayout, cell: Cell, settings: TrainSettings,
                       examples: int) -> tuple[TrainSettings, dict[str, float] | None]:
-    """The method's settings (lora_matched: with the warm-up's steps added) and random_b's B norms."""
-    spec, settings = INITS[cell.init], exp.methods[cell.method]
+    """The cell's settings (the method's, or tuning's choice; lora_matched: with the warm-up's steps added)
+    and random_b's B norms."""
+    spec = INITS[cell.init]
     if spec.matched_steps:
         settings = controls.matched_settings(exp, cell.warmup, settings, examples)[0]
     run = cell.warmup_run

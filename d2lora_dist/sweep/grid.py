@@ -24,9 +24,11 @@ from d2lora_dist.errors import UnknownName
 from d2lora_dist.inits import BASELINE, INITS
 from d2lora_dist.lora_inits import DEFAULT_LORA_INIT
 from d2lora_dist.methods import NO_TRAINING
+from d2lora_dist.schema import ConfigError
+from d2lora_dist.sweep.tune_axes import tune_settings
 
 __all__ = ["NO_TRAINING", "Cell", "WarmupRun", "arm_name", "plan_cells", "find_cell", "needs_warmup", "warmup_runs",
-           "cell_suites"]
+           "cell_suites", "selection_cells"]
 
 
 def arm_name(init: str, warmup: str, lora_init: str) -> str:
@@ -84,6 +86,11 @@ class Cell:
     suites: tuple[str, ...] = field(default=(), compare=False)
     # its warm-up is trained per cell seed (`warmup.seeds: per_cell`): it starts from warm-up `seed`
     warmup_per_seed: bool = field(default=False, compare=False)
+    # A tuned block's cells (sweep/tuning.py): `setting` labels a selection cell (trained at that point of
+    # the block's axes, scored on the validation split only); a final cell has none and takes the setting
+    # its selection cells chose. `tune` is the index of the grid block whose axes these are.
+    setting: str = ""
+    tune: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # a D2LoRA cell named without its warm-up starts from the experiment's single one
@@ -92,7 +99,18 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return f"{self.task}-{self.method}-{self.arm}-n{self.n}-s{self.seed}"
+        tried = f"-tune-{self.setting}" if self.setting else ""
+        return f"{self.task}-{self.method}-{self.arm}-n{self.n}{tried}-s{self.seed}"
+
+    @property
+    def selects(self) -> bool:
+        """A selection cell: trained at one tuning setting, evaluated on the validation split only."""
+        return bool(self.setting)
+
+    @property
+    def tuned(self) -> bool:
+        """A final cell of a tuned block: its settings are chosen by its selection cells."""
+        return self.tune is not None and not self.setting
 
     @property
     def arm(self) -> str:
@@ -124,6 +142,9 @@ class Cell:
             del data["lora_init"]
         if not self.warmup_per_seed:
             del data["warmup_per_seed"]
+        for key in ("setting", "tune"):  # untuned cells read as before
+            if data[key] in ("", None):
+                del data[key]
         return data
 
     @classmethod
@@ -150,14 +171,16 @@ class Cell:
         return cls(task=data["task"], method=data["method"], init=data["init"], n=int(data["n"]),
                    seed=int(data["seed"]), warmup=data.get("warmup") or (SINGLE_WARMUP if from_warmup else ""),
                    lora_init=data.get("lora_init") or DEFAULT_LORA_INIT, suites=tuple(data.get("suites") or ()),
-                   warmup_per_seed=bool(data.get("warmup_per_seed")))
+                   warmup_per_seed=bool(data.get("warmup_per_seed")), setting=data.get("setting") or "",
+                   tune=data.get("tune"))
 
 
 def plan_cells(exp: Experiment) -> list[Cell]:
     """Every cell of the experiment, deduplicated, in a stable order."""
     cells: dict[str, Cell] = {}
     suites: dict[str, set[str] | None] = {}  # None: some block asks for every suite of the task
-    for block in exp.grid:
+    blocks: dict[str, int] = {}  # the first block that asks for each cell
+    for i, block in enumerate(exp.grid):
         for init, warmup, lora_init in _arms(exp, block):
             for n in block.n:
                 for method in block.methods:
@@ -166,11 +189,36 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                                               per_seed_warmup(exp, warmup))
                         if cell is None:
                             continue
+                        if block.tune is not None and cell.trains:
+                            cell = replace(cell, tune=i)
+                        _one_source(cells, blocks, cell, i)
                         cells.setdefault(cell.id, cell)
+                        blocks.setdefault(cell.id, i)
                         asked = suites.get(cell.id, set())
                         suites[cell.id] = None if asked is None or block.suites is None else asked | set(block.suites)
     restricted = [_restrict(exp, cell, suites[cell.id]) for cell in cells.values()]
-    return sorted(restricted, key=_order)
+    selection = [c for cell in restricted if cell.tuned for c in selection_cells(exp, cell)]
+    return sorted([*restricted, *{c.id: c for c in selection}.values()], key=_order)
+
+
+def _one_source(cells: dict[str, Cell], blocks: dict[str, int], cell: Cell, i: int) -> None:
+    """A cell's settings come from one place: a tuned block's trained cells are in no other block."""
+    other = cells.get(cell.id)
+    if other is None or blocks[cell.id] == i or (other.tune is None and cell.tune is None):
+        return
+    tuned, plain = (i, blocks[cell.id]) if cell.tune is not None else (blocks[cell.id], i)
+    raise ConfigError([f"grid[{tuned}].tune: cell {cell.id} is also planned by grid[{plain}]; a tuned cell takes "
+                       "its settings from its own block only (give the blocks different n or seeds)"])
+
+
+def selection_cells(exp: Experiment, cell: Cell) -> list[Cell]:
+    """The cells that choose a final cell's setting: every point of its block's axes at every tune seed,
+    evaluated on the tune suite alone (their ids name the setting)."""
+    if not cell.tuned:
+        return []
+    tune = exp.grid[cell.tune].tune
+    return [replace(cell, seed=seed, setting=setting.label, suites=(tune.suite,))
+            for setting in tune_settings(tune) for seed in tune.seeds]
 
 
 def _arms(exp: Experiment, block: GridBlock) -> list[tuple[str, str, str]]:
@@ -199,7 +247,8 @@ def cell_suites(exp: Experiment, cell: Cell) -> list[str]:
 
 
 def _order(cell: Cell) -> tuple:
-    return (cell.task, cell.n, cell.method, cell.lora_init, cell.init, cell.warmup, cell.seed)
+    # a tuned block's final cells after every other: a run in plan order meets their selection cells first
+    return (cell.tuned, cell.task, cell.n, cell.method, cell.lora_init, cell.init, cell.warmup, cell.seed, cell.setting)
 
 
 def find_cell(exp: Experiment, cell_id: str) -> Cell:

@@ -186,5 +186,5 @@ def run_sweep(exp: Experiment, layout: RunLayout, cells: list[Cell], experiment_
     held = run_on_slots(exp, layout, todo, plan, config, cell_worker, runner, worker_command,
                         pending if beside else None)
     if held:
-        print(f"{len(held)} cell(s) held back by a failed warm-up: {', '.join(c.id for c in held)}", flush=True)
+        print(f"{len(held)} cell(s) held back by a failed warm-up or selection cell: {', '.join(c.id for c in held)}", flush=True)
     return failed + [c.id for c in todo if not layout.cell_result(c.id).is_file()]  # result.json = done

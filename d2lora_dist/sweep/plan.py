@@ -19,6 +19,7 @@ from d2lora_dist.layout import RunLayout
 from d2lora_dist.memory_estimate import GIB
 from d2lora_dist.strategy import Launch, cell_launch, requested_strategy
 from d2lora_dist.sweep.grid import Cell, cell_suites, plan_cells, warmup_runs
+from d2lora_dist.sweep.tune_axes import setting_named
 
 
 class PlanError(InputError):
@@ -175,11 +176,14 @@ def estimate(exp: Experiment, layout: RunLayout, work: Workload, speed: Throughp
 
 
 def _cell_settings(exp: Experiment, cell: Cell) -> TrainSettings:
-    """The settings a cell trains with: its method's (lora_matched: with the warm-up's steps added)."""
+    """The settings a cell trains with: its method's, a selection cell's point of the tuning axes (a final
+    tuned cell's is chosen later: the method's here); lora_matched: with the warm-up's steps added."""
     from d2lora_dist.controls import matched_settings
     from d2lora_dist.inits import INITS
 
     settings = exp.methods[cell.method]
+    if cell.selects and cell.tune is not None and exp.grid[cell.tune].tune is not None:
+        settings = setting_named(exp.grid[cell.tune].tune, cell.setting).applied(settings)
     return matched_settings(exp, cell.warmup, settings, cell.n)[0] if INITS[cell.init].matched_steps else settings
 
 
@@ -280,6 +284,10 @@ def _suite_items(exp: Experiment, suite: str) -> list[dict[str, Any]]:
     from d2lora_dist.data.selection import suite_items
 
     task = next((t for t, tc in exp.tasks.items() if suite in tc.suites), None)
+    if exp.suites[suite].split == "validation":  # the rows of a task whose tuned block chooses on it
+        task = task or next((b.task for b in exp.grid if b.tune is not None and b.tune.suite == suite), None)
+        if task is None:
+            return []
     return suite_items(exp, suite, task)
 
 

@@ -34,7 +34,7 @@ from d2lora_dist.methods import get_method
 from d2lora_dist.strategy import Launch, cell_launch, warmup_launch
 from d2lora_dist.sweep.claims import EXIT_BUSY, held_elsewhere
 from d2lora_dist.sweep.claims import POLL_S as CLAIM_POLL_S
-from d2lora_dist.sweep.grid import Cell, WarmupRun
+from d2lora_dist.sweep.grid import Cell, WarmupRun, selection_cells
 from d2lora_dist.sweep.slots import Slot, SlotPlan
 from d2lora_dist.sweep.worker import BUSY, FULL, REPORT_FD_ENV
 
@@ -131,19 +131,28 @@ def _not_done(cell: Cell) -> bool:
     return False
 
 
+def _no_cells(cell: Cell) -> list[str]:
+    return []
+
+
 class JobQueue:
     """The warm-ups, then the cells, in order. A cell that starts from a warm-up still to end waits for it (a
     free slot takes the next cell that can run instead); the cells of a warm-up that failed are held back.
 
     Another run on the same run directory (sweep/claims.py): a cell it is on (`elsewhere` names who) is left
     for later, and a free slot takes the next one; a cell it has finished (`done`) leaves the queue; when only
-    such cells are left, the slots wait for them, and take over any that the other run leaves undone."""
+    such cells are left, the slots wait for them, and take over any that the other run leaves undone.
+
+    A cell may also wait for other cells (`after`: the ids of a final tuned cell's selection cells): it starts
+    once those of them in this queue have ended (`cell_ended`), and is held back when one of them failed."""
 
     def __init__(self, warmups: list[WarmupRun], cells: list[Cell], stop: threading.Event,
                  elsewhere: Callable[[Cell], str | None] = _nobody_else, done: Callable[[Cell], bool] = _not_done,
-                 say: Callable[[str], None] = print) -> None:
+                 say: Callable[[str], None] = print, after: Callable[[Cell], list[str]] = _no_cells) -> None:
         self._jobs: list[WarmupRun | Cell] = [*warmups, *cells]
         self._unfinished = set(warmups)
+        self._after = after
+        self._open = {c.id for c in cells}  # cells of this queue that have not ended
         self._changed = threading.Condition()
         self._stop = stop
         self._elsewhere, self._done, self._say = elsewhere, done, say
@@ -181,7 +190,7 @@ class JobQueue:
             if isinstance(job, WarmupRun):
                 self._jobs.remove(job)
                 return job, False
-            if job.warmup_run in self._unfinished:
+            if job.warmup_run in self._unfinished or any(i in self._open for i in self._after(job)):
                 continue
             holder = self._elsewhere(job)
             if holder is not None:
@@ -193,6 +202,7 @@ class JobQueue:
             self._jobs.remove(job)
             if not self._done(job):
                 return job, False
+            self._open.discard(job.id)
             self.done_elsewhere.append(job)
             self._say(f"[{job.id}] done by another run")
         return None, waits_elsewhere
@@ -207,11 +217,32 @@ class JobQueue:
         """Its cells can start, or (failed) are held back: returns those held back."""
         with self._changed:
             self._unfinished.discard(run)
-            held = [] if ok else [j for j in self._jobs if isinstance(j, Cell) and j.warmup_run == run]
-            self._jobs = [j for j in self._jobs if j not in held]
-            self.held_back += held
+            held = [] if ok else self._hold([j for j in self._jobs if isinstance(j, Cell) and j.warmup_run == run])
             self._changed.notify_all()
             return held
+
+    def cell_ended(self, cell: Cell, ok: bool) -> list[Cell]:
+        """The cells waiting for it can start, or (failed) are held back: returns those held back."""
+        with self._changed:
+            self._open.discard(cell.id)
+            held = [] if ok else self._hold([], cell)
+            self._changed.notify_all()
+            return held
+
+    def _hold(self, cells: list[Cell], failed: Cell | None = None) -> list[Cell]:
+        """Hold back `cells` and every queued cell that waits for them or for `failed`, on and on."""
+        held: list[Cell] = []
+        ended = {failed.id} if failed is not None else set()
+        while True:
+            ended |= {c.id for c in cells}
+            held += cells
+            self._jobs = [j for j in self._jobs if j not in cells]
+            self._open -= {c.id for c in cells}
+            cells = [j for j in self._jobs if isinstance(j, Cell) and ended & set(self._after(j))]
+            if not cells:
+                break
+        self.held_back += held
+        return held
 
 
 NOT_TAKEN = "not taken"
@@ -320,7 +351,8 @@ def run_on_slots(exp: Experiment, layout: RunLayout, cells: list[Cell], plan: Sl
         return finished
 
     queue = JobQueue(list(warmups or []), expected_work_first(cells) if shared else cells, children.stop,
-                     lambda cell: held_elsewhere(layout.cell_lock(cell.id)), done, progress.say)
+                     lambda cell: held_elsewhere(layout.cell_lock(cell.id)), done, progress.say,
+                     lambda cell: [c.id for c in selection_cells(exp, cell)])
     run = SlotRun(exp, layout, plan, config, cell_worker, runner, worker_command, queue, progress, children)
     if shared:
         layout.local_logs_dir.mkdir(parents=True, exist_ok=True)
@@ -425,6 +457,8 @@ def _slot_loop(run: SlotRun, slot: Slot) -> None:
                 ok = run.layout.cell_result(job.id).is_file()
                 full = None if ok else _disk_full(run, why)
                 run.progress.end(job, slot, ok, time.time() - start, log, full or why)
+                for cell in run.queue.cell_ended(job, ok):
+                    run.progress.say(f"[{cell.id}] held back: {job.id}, whose result it waits for, failed")
                 if full:
                     run.queue.halt(full)
         finally:

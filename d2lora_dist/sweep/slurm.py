@@ -28,7 +28,7 @@ import re
 import shlex
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from string import Template
@@ -445,7 +445,7 @@ def plan_submission(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], i
         for label, part in launch_groups(exp, cells, groups[run]):
             name = f"{key}-{label}" if label else key
             arrays.append(PlannedArray(f"array:{name}", d / f"cell_array-{name}.sbatch", name, after, tuple(part)))
-    return _with_arrays_and_report(exp, layout, cells, commands, steps, arrays), skipped
+    return _with_arrays_and_report(exp, layout, cells, commands, steps, _finals_after(cells, arrays)), skipped
 
 
 def _one_warmup(exp: Experiment, cells: Sequence[Cell]) -> bool:
@@ -468,7 +468,7 @@ def _single_warmup_steps(exp: Experiment, layout: RunLayout, cells: Sequence[Cel
     arrays = [PlannedArray(f"array:{label}", d / f"cell_array-{label}.sbatch", label, after, tuple(part)) if label
               else PlannedArray("array", d / ARRAY_SCRIPT, None, after, tuple(part))
               for label, part in launch_groups(exp, cells, indices)]  # one array, unless launches differ
-    return _with_arrays_and_report(exp, layout, cells, commands, steps, arrays), skipped
+    return _with_arrays_and_report(exp, layout, cells, commands, steps, _finals_after(cells, arrays)), skipped
 
 
 @dataclass(frozen=True)
@@ -480,6 +480,42 @@ class PlannedArray:
     group: str | None
     after: tuple[str, tuple[str, ...]] | None
     indices: tuple[int, ...]
+
+
+def _finals_after(cells: Sequence[Cell], arrays: list[PlannedArray]) -> list[PlannedArray]:
+    """A tuned block's selection cells and final cells (sweep/tuning.py) each in an array of their own, the
+    final one after the selection one (afterok: a failed selection holds its final cells back, as a failed
+    warm-up holds back its cells). Arrays without tuned cells stay as they are."""
+    out: list[PlannedArray] = []
+    for array in arrays:
+        parts = {stage: tuple(i for i in array.indices if _stage(cells[i]) == stage) for stage in ("", "select", "final")}
+        if not parts["select"] and not parts["final"]:
+            out.append(array)
+            continue
+        if parts[""]:
+            out.append(replace(array, indices=parts[""]))
+        after = array.after
+        for stage in ("select", "final"):
+            if not parts[stage]:
+                continue
+            staged = _staged(array, stage, after, parts[stage])
+            out.append(staged)
+            kind, names = after or ("afterok", ())
+            after = (kind, (*names, staged.name))
+    return out
+
+
+def _stage(cell: Cell) -> str:
+    return "select" if cell.selects else "final" if cell.tuned else ""
+
+
+def _staged(array: PlannedArray, stage: str, after: tuple[str, tuple[str, ...]] | None,
+            indices: tuple[int, ...]) -> PlannedArray:
+    """The array's `stage` cells: `array:<group>-<stage>` in `cell_array-<group>-<stage>.sbatch`."""
+    stem = array.script.name.removesuffix(".sbatch")
+    name = f"{array.name}-{stage}" if ":" in array.name else f"array:{stage}"
+    return PlannedArray(name, array.script.with_name(f"{stem}-{stage}.sbatch"),
+                        f"{array.group}-{stage}" if array.group else stage, after, indices)
 
 
 def _with_arrays_and_report(exp: Experiment, layout: RunLayout, cells: Sequence[Cell], commands: dict[str, str],

@@ -131,3 +131,45 @@ def test_a_failed_warmup_holds_back_only_its_own_cells(cluster: LocalSlurm, tiny
     assert all(rows[c].state == "cancelled" and f"warm-up job {jobs['warmup:bad']} failed" in rows[c].detail
                for c in held)
     assert all(rows[c].state == "done" for c in done)
+
+
+def test_a_tuned_block_with_controls_and_per_seed_warmups_runs_through_slurm(cluster: LocalSlurm, tiny_experiment: dict,
+                                                                            tmp_path: Path) -> None:
+    """The fair-comparison grid on the real cluster: a warm-up (and its placebo) per seed, each arm's learning
+    rate chosen by selection cells on the validation split, the final cells after them, the controls beside
+    LoRA and D2LoRA, then the report with the tuned settings, the budgets and D2LoRA against each control."""
+    tiny_experiment["warmup"] |= {"n": 4, "seeds": "per_cell"}
+    tiny_experiment["tasks"]["titles"] |= {"validation": 4, "suites": ["titles"]}
+    tiny_experiment["suites"]["titles_val"] = {"kind": "titles", "split": "validation", "limit": 2, "batch_size": 4,
+                                               "max_new_tokens": 2}
+    tiny_experiment["suites"]["titles"] |= {"limit": 2, "max_new_tokens": 2}
+    tiny_experiment["grid"] = [{"task": "titles", "methods": ["sft"], "n": [2], "seeds": [0, 1],
+                                "inits": ["lora", "d2lora", "lora_matched", "d2lora_placebo", "random_b"],
+                                "tune": {"suite": "titles_val", "learning_rate": [1e-4, 1e-3], "seeds": [0]}}]
+    tiny_experiment["slurm"] = {"time": "00:20:00", "signal_seconds": 60, "max_parallel": 4,
+                                "setup": [f"export PATH={Path(sys.executable).parent}:$PATH"]}
+    path = write_experiment(tiny_experiment, tmp_path / "exp.yaml")
+    run_dir = tmp_path / "runs" / "tiny"
+    submitted = _d2lora("sweep", "submit", "-c", str(path))
+    jobs = read_records(RunLayout(run_dir))[0]["jobs"]
+    assert any(k.startswith("warmup:") and "placebo" in k for k in jobs), jobs
+    assert "--dependency=afterok:" in submitted.stdout
+    cluster.wait_until("every job to finish", lambda: not cluster.queued_ids(), timeout=900)
+
+    plan = json.loads((run_dir / "plan.json").read_text())["cells"]
+    ids = [c["id"] for c in plan]
+    missing = [c for c in ids if not (run_dir / "cells" / c / "result.json").is_file()]
+    logs = "".join(p.read_text()[-2000:] for p in (run_dir / "slurm" / "logs").glob("*.err"))
+    assert not missing, (missing, logs[-4000:])
+    selection = [c for c in plan if c.get("setting")]
+    assert len(selection) == 5 * 2  # five arms x two learning rates x one tune seed
+    for init in ("lora", "d2lora", "lora_matched", "d2lora_placebo", "random_b"):
+        final = json.loads((run_dir / "cells" / f"titles-sft-{init}-n2-s1" / "result.json").read_text())
+        assert final["tuning"]["role"] == "final" and final["budget"]["total"]["steps"] > 0, init
+    for seed in (0, 1):  # each seed's D2LoRA cell starts from its own warm-up
+        cell = json.loads((run_dir / "cells" / f"titles-sft-d2lora-n2-s{seed}" / "adapter" / "manifest.json")
+                          .read_text())
+        warm = json.loads((run_dir / "warmups" / f"warmup-s{seed}" / "adapter" / "manifest.json").read_text())
+        assert cell["parent"]["adapter_sha256"] == warm["adapter_sha256"]
+    report = (run_dir / "report" / "results.md").read_text()
+    assert "Tuned settings" in report and "D2LoRA against each control" in report and "budget" in report

@@ -183,3 +183,23 @@ def test_slurm_runs_the_final_cells_in_an_array_after_the_selection_array(tiny_e
         write_json_atomic(layout.cell_result(cells[i].id), {})
     steps, _ = slurm.plan_submission(exp, layout, cells, slurm.unfinished_indices(layout, cells))
     assert [(s.name, s.after) for s in steps][0] == ("array:final", None)  # its selection is done
+
+
+def test_with_a_warmup_per_seed_each_final_array_waits_for_the_select_array_of_its_tune_seeds(tiny_experiment,
+                                                                                              tmp_path):
+    """Selection cells train from their own seed's warm-up, so they sit in that warm-up's select array; the
+    final cells of every other seed wait for it too, and it is submitted before them (sbatch needs its id)."""
+    data = tuned_dict(tiny_experiment, tmp_path)
+    data["warmup"] |= {"seeds": "per_cell"}
+    data["grid"][0] |= {"inits": ["d2lora"], "seeds": [0, 1]}
+    data["grid"][0]["tune"] |= {"seeds": [1], "learning_rate": [1e-4, 1e-3]}  # tune seed 1: ahead of seed 0
+    exp = experiment_from_dict(data)
+    layout = RunLayout(exp.run_dir)
+    cells = freeze_plan(exp, layout)
+    steps, _ = slurm.plan_submission(exp, layout, cells, range(len(cells)))
+    order = [s.name for s in steps]
+    finals = [s for s in steps if s.name.endswith("-final")]
+    assert {s.name for s in finals} == {"array:warmup-s0-final", "array:warmup-s1-final"}
+    for final in finals:
+        assert "array:warmup-s1-select" in final.after[1], (final.name, final.after)
+        assert all(order.index(dep) < order.index(final.name) for dep in final.after[1] if dep in order)

@@ -502,7 +502,43 @@ def _finals_after(cells: Sequence[Cell], arrays: list[PlannedArray]) -> list[Pla
             out.append(staged)
             kind, names = after or ("afterok", ())
             after = (kind, (*names, staged.name))
-    return out
+    return _after_every_selection(cells, out)
+
+
+def _after_every_selection(cells: Sequence[Cell], arrays: list[PlannedArray]) -> list[PlannedArray]:
+    """A final array also waits for the select arrays of other groups that hold its cells' selection cells:
+    with a warm-up per seed, the final cell of seed 1 is chosen by selection cells of tune seed 0, which
+    train from warm-up 0 and so sit in that warm-up's select array."""
+    def arm(cell: Cell) -> tuple:
+        return cell.tune, cell.task, cell.method, cell.init, cell.n, cell.warmup, cell.lora_init
+
+    holding: dict[tuple, set[str]] = {}
+    for array in arrays:
+        for i in array.indices:
+            if cells[i].selects:
+                holding.setdefault(arm(cells[i]), set()).add(array.name)
+    out = []
+    for array in arrays:
+        needed = sorted({name for i in array.indices if cells[i].tuned and not cells[i].selects
+                         for name in holding.get(arm(cells[i]), ())})
+        kind, names = array.after or ("afterok", ())
+        missing = tuple(n for n in needed if n not in names)
+        out.append(replace(array, after=(kind, (*names, *missing))) if missing else array)
+    return _dependencies_first(out)
+
+
+def _dependencies_first(arrays: list[PlannedArray]) -> list[PlannedArray]:
+    """The arrays in their order, except that one is submitted only after the arrays it waits for (sbatch
+    needs their job ids): a final array of seed 0 may wait for a select array of tune seed 1."""
+    names = {a.name for a in arrays}
+    placed: list[PlannedArray] = []
+    waiting = list(arrays)
+    while waiting:
+        done = {a.name for a in placed}
+        ready = next(a for a in waiting if all(n in done or n not in names for n in (a.after or ("", ()))[1]))
+        placed.append(ready)
+        waiting.remove(ready)
+    return placed
 
 
 def _stage(cell: Cell) -> str:

@@ -89,7 +89,7 @@ def test_parquet_and_saved_dataset_dir_load_like_jsonl(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_name_lists_registered_ones() -> None:
-    with pytest.raises(KeyError, match="registered: alpaca, arc_easy"):
+    with pytest.raises(KeyError, match="registered: alpaca, arc_challenge, arc_easy, econ_abstracts"):
         normalize(DatasetRef("mmlu"), "eval")
 
 

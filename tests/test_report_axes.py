@@ -55,18 +55,23 @@ def item_scores(cell, seed_shift: int) -> list[float]:
     return scores
 
 
+def write_titles_cell(exp, layout: RunLayout, cell, scores: list[float]) -> None:
+    """A finished titles cell as the sweep leaves it: per-item predictions and a result.json with their means
+    (the same scores for ROUGE-1, -2 and -L)."""
+    rows = prediction_rows("titles", {k: scores for k in ("rouge1", "rouge2", "rougeL")})
+    path = layout.cell_predictions(cell.id, "titles")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mean, items = sum(scores) / len(scores), len(scores)
+    layout.cell_result(cell.id).write_text(json.dumps({
+        "cell": cell.to_dict(), "experiment": exp.name, "suites": {"titles": "task"},
+        "metrics": {"titles": {"rouge1": mean, "rouge2": mean, "rougeL": mean, "items": items}}}))
+
+
 def write_results(exp) -> RunLayout:
     layout = RunLayout(exp.run_dir)
     for cell in plan_cells(exp):
-        scores = item_scores(cell, cell.seed)
-        rows = prediction_rows("titles", {k: scores for k in ("rouge1", "rouge2", "rougeL")})
-        path = layout.cell_predictions(cell.id, "titles")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        mean = sum(scores) / M
-        layout.cell_result(cell.id).write_text(json.dumps({
-            "cell": cell.to_dict(), "experiment": exp.name, "suites": {"titles": "task"},
-            "metrics": {"titles": {"rouge1": mean, "rouge2": mean, "rougeL": mean, "items": M}}}))
+        write_titles_cell(exp, layout, cell, item_scores(cell, cell.seed))
     return layout
 
 

@@ -4,7 +4,6 @@ the control rules out."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,7 @@ from d2lora_dist.layout import RunLayout
 from d2lora_dist.report import report
 from d2lora_dist.report.arms import Pair, pairs_of
 from d2lora_dist.sweep.grid import plan_cells
-from tests.test_report import prediction_rows
-from tests.test_report_axes import table
+from tests.test_report_axes import table, write_titles_cell
 
 M = 40
 BASE = 0.30
@@ -50,14 +48,7 @@ def write_results(exp) -> None:
         if cell.n > 0:  # the gain, plus ±0.03 noise that cancels over items and differs by seed
             scores = [s + GAIN[cell.init] + (0.03 if (i + cell.seed + INITS.index(cell.init)) % 4 < 2 else -0.03)
                       for i, s in enumerate(scores)]
-        rows = prediction_rows("titles", {k: scores for k in ("rouge1", "rouge2", "rougeL")})
-        path = layout.cell_predictions(cell.id, "titles")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        mean = sum(scores) / M
-        layout.cell_result(cell.id).write_text(json.dumps({
-            "cell": cell.to_dict(), "experiment": exp.name, "suites": {"titles": "task"},
-            "metrics": {"titles": {"rouge1": mean, "rouge2": mean, "rougeL": mean, "items": M}}}))
+        write_titles_cell(exp, layout, cell, scores)
 
 
 def test_controls_are_paired_with_lora_and_d2lora_with_each_control():
